@@ -1,0 +1,37 @@
+"""Shared fixtures: small random GPT-2s (HF model + HookedTransformer with the same weights), fixed seeds."""
+
+import pytest
+import torch
+
+from tl_patching.models import random_gpt2
+from tl_patching.word_tokenizer import word_tokenizer
+
+TEXTS = [
+    "Sam and Sally went to the park. Sam gave a gift to Sally",
+    "Tom and Anna went to the shop. Anna gave a book to Tom",
+    "I love pizza with pineapple and cheese .",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_tokenizer(TEXTS)
+
+
+@pytest.fixture(scope="session")
+def pair(tokenizer):
+    """(hf_model, tl_model), raw weights: 3 layers, 4 heads of 8, fp32."""
+    return random_gpt2(n_layers=3, n_heads=4, d_head=8, seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tokens(pair):
+    """Batch of 3 prompts of 9 token ids, seeded."""
+    _, tl = pair
+    return torch.randint(2, tl.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def donor_tokens(pair):
+    _, tl = pair
+    return torch.randint(2, tl.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(2))
