@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import GPT2LMHeadModel
 
-from tl_patching.hooks import Edit, HookNameError
+from tl_patching.hooks import Edit, HookNameError, check_finite
 
 ReadFn = Callable[[Tensor, GPT2LMHeadModel], Tensor]  # (raw HF tensor, model) -> TL layout
 WriteFn = Callable[[Tensor, Tensor, GPT2LMHeadModel], Tensor]  # (raw HF tensor, new TL-layout value, model) -> new raw
@@ -77,8 +76,7 @@ def _qkv_site(which: int) -> Site:
     """Q, K or V: one third of the fused ``c_attn`` output (HF ``Conv1D``; order Q, K, V)."""
 
     def read(qkv: Float[Tensor, "batch pos 3*d_model"], hf: GPT2LMHeadModel) -> Tensor:
-        d = hf.config.n_embd
-        return _split_heads(qkv[..., which * d : (which + 1) * d], hf)
+        return split_qkv(qkv, hf.config.n_head)[which]
 
     def write(qkv: Tensor, new: Tensor, hf: GPT2LMHeadModel) -> Tensor:
         d = hf.config.n_embd
@@ -89,18 +87,31 @@ def _qkv_site(which: int) -> Site:
     return Site(lambda m, l: m.transformer.h[l].attn.c_attn, "output", read, write)
 
 
+def split_qkv(
+    qkv: Float[Tensor, "batch pos 3*d_model"], n_heads: int
+) -> tuple[Float[Tensor, "batch pos head d_head"], ...]:
+    """The fused ``c_attn`` output as (Q, K, V) in TL layout: thirds in order Q, K, V, each split into heads."""
+    return tuple(einops.rearrange(t, "b p (h dh) -> b p h dh", h=n_heads) for t in qkv.chunk(3, dim=-1))
+
+
+def causal_scores(
+    q: Float[Tensor, "batch pos head d_head"], k: Float[Tensor, "batch pos head d_head"], scale: float | None = None
+) -> Float[Tensor, "batch head query_pos key_pos"]:
+    """Q·Kᵀ·scale (default 1/√d_head) with future keys set to −inf, as TL's ``hook_attn_scores`` holds them."""
+    scores = einops.einsum(q, k, "b q h dh, b k h dh -> b h q k") * (scale if scale is not None else q.shape[-1] ** -0.5)
+    n = scores.shape[-1]
+    future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=scores.device), diagonal=1)
+    return scores.masked_fill(future, float("-inf"))
+
+
 def _attn_scores_read(layer: int) -> ReadFn:
     def read(qkv: Tensor, hf: GPT2LMHeadModel) -> Float[Tensor, "batch head query_pos key_pos"]:
         config = hf.config
-        q, k = (_split_heads(t, hf) for t in qkv.split(config.n_embd, dim=-1)[:2])
-        scores = einops.einsum(q, k, "b q h dh, b k h dh -> b h q k")
-        if config.scale_attn_weights:
-            scores = scores / math.sqrt(config.n_embd // config.n_head)
-        if config.scale_attn_by_inverse_layer_idx:
-            scores = scores / (layer + 1)
-        n = scores.shape[-1]
-        future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=scores.device), diagonal=1)
-        return scores.masked_fill(future, float("-inf"))
+        q, k, _ = split_qkv(qkv, config.n_head)
+        scale = (q.shape[-1] ** -0.5 if config.scale_attn_weights else 1.0) / (
+            layer + 1 if config.scale_attn_by_inverse_layer_idx else 1
+        )
+        return causal_scores(q, k, scale)
 
     return read
 
@@ -246,6 +257,7 @@ def run(
     tokens: Int[Tensor, "batch pos"],
     edits: Sequence[Edit] = (),
     cache: Sequence[str] = (),
+    cache_device: str | torch.device | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """Forward ``tokens`` with ``edits`` applied; return the logits and the activations named in ``cache``.
 
@@ -254,7 +266,7 @@ def run(
     acts: dict[str, Tensor] = {}
     with torch.no_grad(), hooks(hf_model, edits, acts, cache):
         logits = hf_model(tokens).logits
-    return logits, acts
+    return check_finite(logits, edits), {n: a.to(cache_device) if cache_device else a for n, a in acts.items()}
 
 
 def block_output_structure(hf_model: GPT2LMHeadModel, tokens: Int[Tensor, "batch pos"]) -> dict[str, str]:

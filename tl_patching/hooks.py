@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens import utils as tl_utils
@@ -180,24 +180,55 @@ def gaussian_noise(name: str, mean: float = 0.0, std: float = 1.0, seed: int = 0
     return Edit(name, rewrite, **where)
 
 
+def _donor_activation(name: str, donor: ActivationCache | dict[str, Tensor] | Tensor) -> Tensor:
+    if isinstance(donor, Tensor):
+        return donor
+    if name not in donor:
+        raise KeyError(f"the donor cache holds no {name!r}; cache it (names_filter / cache=[{name!r}]) first")
+    return donor[name]
+
+
+def _check_donor(name: str, source: Tensor, act: Tensor) -> None:
+    if source.shape[1:] != act.shape[1:] or source.shape[0] not in (1, act.shape[0]):
+        raise ValueError(
+            f"{name}: donor activation {tuple(source.shape)} does not match the recipient's {tuple(act.shape)} "
+            "(donor and recipient need the same token length, and the same batch or a batch of 1)"
+        )
+
+
 def patch(name: str, donor: ActivationCache | dict[str, Tensor] | Tensor, **where) -> Edit:
     """Copy the selected values from the donor's activation at the same hook and index.
 
     ``donor``: a cache holding ``name`` or the activation itself, TL layout, batch equal to the recipient's or 1.
     """
-    if not isinstance(donor, Tensor) and name not in donor:
-        raise KeyError(f"the donor cache holds no {name!r}; cache it (names_filter / cache=[{name!r}]) first")
-    source = donor if isinstance(donor, Tensor) else donor[name]
+    source = _donor_activation(name, donor)
 
     def rewrite(act: Tensor, i: tuple) -> Tensor:
-        if source.shape[1:] != act.shape[1:] or source.shape[0] not in (1, act.shape[0]):
-            raise ValueError(
-                f"{name}: donor activation {tuple(source.shape)} does not match the recipient's {tuple(act.shape)} "
-                "(donor and recipient need the same token length, and the same batch or a batch of 1)"
-            )
+        _check_donor(name, source, act)
         return source.to(act.device)[i]
 
     return Edit(name, rewrite, **where)
+
+
+def patch_where(name: str, donor: ActivationCache | dict[str, Tensor] | Tensor, mask: Bool[Tensor, "batch pos"]) -> Edit:
+    """Copy the donor's activation at the positions where ``mask`` is true, row by row (e.g. ``tokens != donor_tokens``)."""
+    source = _donor_activation(name, donor)
+
+    def rewrite(act: Tensor, i: tuple) -> Tensor:
+        _check_donor(name, source, act)
+        if mask.shape != act.shape[:2]:
+            raise ValueError(f"{name}: mask {tuple(mask.shape)} does not match [batch, pos] = {tuple(act.shape[:2])}")
+        m = mask.to(act.device).reshape(*mask.shape, *[1] * (act.ndim - 2))
+        return torch.where(m, source.to(act.device), act)
+
+    return Edit(name, rewrite)
+
+
+def check_finite(logits: Tensor, edits: Sequence[Edit]) -> Tensor:
+    """Raise `FloatingPointError` naming the edits if they made the logits NaN or infinite."""
+    if edits and not torch.isfinite(logits).all():
+        raise FloatingPointError(f"the edits at {[e.name for e in edits]} produced NaN/inf logits")
+    return logits
 
 
 def run(
@@ -205,11 +236,13 @@ def run(
     tokens: Int[Tensor, "batch pos"],
     edits: Sequence[Edit] = (),
     cache: Sequence[str] = (),
+    cache_device: str | torch.device | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """Forward ``tokens`` with ``edits`` applied; return the logits and the (edited) activations named in ``cache``.
 
     Mirrors `tl_patching.hf_hooks.run` argument for argument. Caching happens after the edits at the
-    same hook point, so a cached edited activation shows the edit.
+    same hook point, so a cached edited activation shows the edit. Only the named hooks are kept;
+    ``cache_device="cpu"`` keeps them off the GPU while the model runs there.
     """
     for edit in edits:
         check_hook_name(model, edit.name)
@@ -217,6 +250,6 @@ def run(
         check_hook_name(model, name)
     with torch.no_grad(), model.hooks(fwd_hooks=[e.hook() for e in edits]):
         if cache:
-            logits, acts = model.run_with_cache(tokens, names_filter=list(cache))
-            return logits, dict(acts.items())
-        return model(tokens), {}
+            logits, acts = model.run_with_cache(tokens, names_filter=list(cache), device=cache_device)
+            return check_finite(logits, edits), dict(acts.items())
+        return check_finite(model(tokens), edits), {}

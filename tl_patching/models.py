@@ -142,15 +142,20 @@ def load_hf(name_or_path: str | os.PathLike, device: str | torch.device = "cpu")
     )
 
 
+def display_name(name_or_path: str | os.PathLike) -> str:
+    """A hub name as given; a directory by its last component."""
+    path = Path(str(name_or_path))
+    return path.name if path.is_dir() else str(name_or_path)
+
+
 def load_model(
     name_or_path: str | os.PathLike = SHIPPED_MODEL_NAME,
     weights: WeightMode = "raw",
     device: str | torch.device = "cpu",
 ) -> HookedTransformer:
     """A GPT-2-family `HookedTransformer` by hub name or local directory, in the given weight mode."""
-    hf_model, tokenizer = load_hf(name_or_path, device="cpu")
-    name = Path(str(name_or_path)).name if Path(str(name_or_path)).is_dir() else str(name_or_path)
-    return hooked_from_hf(hf_model, tokenizer, weights=weights, device=device, name=name)
+    hf_model, tokenizer = load_hf(name_or_path, device="cpu")  # the HF copy is dropped: keep it off the GPU
+    return hooked_from_hf(hf_model, tokenizer, weights=weights, device=device, name=display_name(name_or_path))
 
 
 def load_pair(
@@ -158,8 +163,7 @@ def load_pair(
 ) -> tuple[GPT2LMHeadModel, HookedTransformer]:
     """The HF model and the `HookedTransformer` with the same weights, for cross-checks."""
     hf_model, tokenizer = load_hf(name_or_path, device=device)
-    name = Path(str(name_or_path)).name if Path(str(name_or_path)).is_dir() else str(name_or_path)
-    return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, device=device, name=name)
+    return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, device=device, name=display_name(name_or_path))
 
 
 def random_gpt2(
@@ -193,6 +197,6 @@ def random_gpt2(
     with torch.no_grad():
         for name, param in hf_model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * weight_std
-            is_ln_weight = ".ln_" in name and name.endswith("weight") or name.startswith("transformer.ln_f.weight")
+            is_ln_weight = ".ln_" in name and name.endswith("weight")  # ln_1, ln_2, ln_f
             param.copy_(1.0 + noise if is_ln_weight else noise)
     return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, name=f"random-gpt2-L{n_layers}H{n_heads}")

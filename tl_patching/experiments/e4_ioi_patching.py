@@ -1,0 +1,114 @@
+"""E4 — patching attention heads vs hidden states in IOI (seed 001).
+
+Recipient "Sam and Sally went to the park. Sam gave a gift to" (answer " Sally"); donor of the same
+token length with the other name repeated (answer " Sam"). Cache the donor's per-head outputs
+``blocks.l.attn.hook_z`` (HF: the input of ``h[l].attn.c_proj``, split into heads) and its
+``blocks.l.hook_resid_post`` (HF: the output of ``h[l]``). For every layer, run the recipient with
+(a) all heads of that layer replaced by the donor's (all positions, as the seed), (b) the block output
+replaced at the position where donor and recipient differ (the repeated name, S2), (c) the block output
+replaced at the final position; read the logit difference correct − wrong (and the probability ratio,
+its exponential). Replacing the block output at *every* position would reproduce the donor run
+exactly at every layer, which localises nothing.
+
+Seed (GPT-2 small and medium): hidden-state patching flips the answer at some layers; patching all
+heads of a layer moves it only a little. Sanity check, asserted in code: the patched z equals the donor's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformers import GPT2LMHeadModel
+
+from tl_patching import hf_hooks, hooks
+from tl_patching.hooks import act_name, patch, patch_where
+from tl_patching.metrics import Summary, logit_diff, summarize
+from tl_patching.prompts import IOIBatch, ioi_pair
+from tl_patching.results import Result, RunInfo
+
+SEED_RECIPIENT = "Sam and Sally went to the park. Sam gave a gift to"
+SEED_DONOR = "Sam and Sally went to the park. Sally gave a gift to"
+
+
+def seed_pair(model: HookedTransformer) -> IOIBatch:
+    return ioi_pair(model, SEED_RECIPIENT, SEED_DONOR, " Sally", " Sam")
+
+
+@dataclass
+class E4Result(Result):
+    clean: Float[Tensor, " prompt"]  # recipient's logit difference, unpatched
+    donor: Float[Tensor, " prompt"]  # donor run's logit difference (same correct/wrong ids: negative if it flips)
+    heads_patched: Float[Tensor, "layer prompt"]  # all heads of the layer patched, all positions
+    resid_s2_patched: Float[Tensor, "layer prompt"]  # hook_resid_post patched where donor ≠ recipient
+    resid_final_patched: Float[Tensor, "layer prompt"]  # hook_resid_post patched at the final position
+    clean_summary: Summary
+    donor_summary: Summary
+    heads_summary: list[Summary]
+    resid_s2_summary: list[Summary]
+    resid_final_summary: list[Summary]
+
+    def prob_ratio(self, which: str = "heads_patched") -> Tensor:
+        """Mean P(correct)/P(wrong) per layer (the exponential of the logit difference)."""
+        return getattr(self, which).exp().mean(-1)
+
+    def reading(self) -> str:
+        flips = lambda s: [l for l, x in enumerate(s) if x.mean < 0]  # noqa: E731
+        heads_move = max(abs(s.mean - self.clean_summary.mean) for s in self.heads_summary)
+        return (f"clean logit diff {self.clean_summary.mean:.2f} [{self.clean_summary.ci_low:.2f}, {self.clean_summary.ci_high:.2f}], "
+                f"donor {self.donor_summary.mean:.2f}; resid_post patched at S2 flips the mean at layers {flips(self.resid_s2_summary)}, "
+                f"at the final position at layers {flips(self.resid_final_summary)}; patching all heads of one layer moves it "
+                f"by at most {heads_move:.2f} (flips at {flips(self.heads_summary)})")
+
+
+def patch_layer_sweep(
+    model: HookedTransformer, batch: IOIBatch, hf_model: GPT2LMHeadModel | None = None,
+    donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
+) -> tuple[Tensor, ...]:
+    """Logit differences for one batch: clean [N], donor [N], then per layer [L, N]: heads, resid at S2, resid at final."""
+    side, target = (hooks, model) if hf_model is None else (hf_hooks, hf_model)
+    L = model.cfg.n_layers
+    names = [act_name(kind, l) for l in range(L) for kind in ("z", "resid_post")]
+    ld = lambda logits: logit_diff(logits, batch.correct, batch.wrong)  # noqa: E731
+    differs = batch.tokens != batch.donor_tokens
+    final = torch.zeros_like(differs)
+    final[:, -1] = True
+    donor_logits, fresh_cache = side.run(target, batch.donor_tokens, cache=[] if donor_cache else names)
+    donor_cache = donor_cache or fresh_cache
+    heads, resid_s2, resid_final = [], [], []
+    for l in tqdm(range(L), desc="E4 layers", disable=not progress, leave=False):
+        z, resid = act_name("z", l), act_name("resid_post", l)
+        logits, patched = side.run(target, batch.tokens, [patch(z, donor_cache)], cache=[z])
+        assert torch.equal(patched[z], donor_cache[z].expand_as(patched[z])), f"patched {z} is not the donor's"
+        heads.append(ld(logits))
+        resid_s2.append(ld(side.run(target, batch.tokens, [patch_where(resid, donor_cache, differs)])[0]))
+        resid_final.append(ld(side.run(target, batch.tokens, [patch_where(resid, donor_cache, final)])[0]))
+    clean = ld(side.run(target, batch.tokens)[0])
+    return clean, ld(donor_logits), torch.stack(heads), torch.stack(resid_s2), torch.stack(resid_final)
+
+
+def run(
+    model: HookedTransformer, data: IOIBatch | Sequence[IOIBatch] | None = None, hf_model: GPT2LMHeadModel | None = None,
+    donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
+) -> E4Result:
+    """Per-layer patching curves over one prompt pair (default: the seed's) or a dataset of batches.
+
+    ``donor_cache``: the donor's hook_z and hook_resid_post for every layer (e.g. loaded from disk); one batch only.
+    """
+    batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
+    if donor_cache is not None and len(batches) != 1:
+        raise ValueError("a donor cache belongs to one batch of donor prompts; pass a single IOIBatch")
+    parts = [patch_layer_sweep(model, b, hf_model, donor_cache, progress) for b in batches]
+    clean, donor, heads, resid_s2, resid_final = (torch.cat([p[i] for p in parts], dim=-1) for i in range(5))
+    return E4Result(
+        info=RunInfo.of(model, batches[0].tokens[:1], batches[0].prepend_bos, hf_model, n_prompts=len(clean),
+                        n_batches=len(batches), texts=[t for b in batches for t in b.texts][:10]),
+        clean=clean, donor=donor, heads_patched=heads, resid_s2_patched=resid_s2, resid_final_patched=resid_final,
+        clean_summary=summarize(clean), donor_summary=summarize(donor), heads_summary=[summarize(x) for x in heads],
+        resid_s2_summary=[summarize(x) for x in resid_s2], resid_final_summary=[summarize(x) for x in resid_final],
+    )

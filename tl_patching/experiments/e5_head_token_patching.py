@@ -1,0 +1,95 @@
+"""E5 — one head at one token: patching each head alone, at the final position only (seed 000).
+
+For every layer × head, replace only that head's output z (TL ``blocks.l.attn.hook_z[:, -1, head]``;
+HF: that head's d_head slice of the input of ``h[l].attn.c_proj``, last position) with the donor's,
+and map the change in logit difference (patched − clean) as a layer × head heatmap.
+
+Why the effects are small: a block computes x_out = x_in + Σ_heads attn_h(x) + MLP(…). One head at
+one position is one of n_heads terms of one summand at one of the positions that later layers read,
+so each patch moves the residual stream by a 1/n_heads share of one term. Seed (GPT-2 large):
+effects tiny, larger in late layers, some heads raise the score and some lower it.
+
+The sweep runs through `tl_patching.patching.final_position_head_sweep` (exact, recomputes only the
+final position); ``method="plain"`` runs one full forward per head, through HF hooks with ``hf_model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformers import GPT2LMHeadModel
+
+from tl_patching import hf_hooks, hooks, patching
+from tl_patching.experiments.e4_ioi_patching import seed_pair
+from tl_patching.hooks import act_name
+from tl_patching.metrics import logit_diff
+from tl_patching.prompts import IOIBatch
+from tl_patching.results import Result, RunInfo
+
+
+@dataclass
+class E5Result(Result):
+    clean: Float[Tensor, " prompt"]  # recipient's logit difference
+    effect: Float[Tensor, "layer head prompt"]  # patched − clean logit difference, per prompt
+    method: str
+
+    @property
+    def heatmap(self) -> Float[Tensor, "layer head"]:
+        return self.effect.mean(-1)
+
+    def layer_summary(self) -> dict[str, Tensor]:
+        """Per layer: mean |effect|, the largest rise and fall, and how many heads raise the score."""
+        m = self.heatmap
+        return {"mean_abs": m.abs().mean(-1), "max": m.max(-1).values, "min": m.min(-1).values, "n_positive": (m > 0).sum(-1)}
+
+    def reading(self) -> str:
+        m = self.heatmap
+        H = m.shape[1]
+        top, bottom = int(m.argmax()), int(m.argmin())
+        mean_abs = self.layer_summary()["mean_abs"]
+        return (f"clean logit diff {self.clean.mean():.2f}; largest rise {m.max():+.3f} (layer {top // H}, head {top % H}), "
+                f"largest fall {m.min():+.3f} (layer {bottom // H}, head {bottom % H}); {int((m > 0).sum())} of {m.numel()} heads "
+                f"raise the score; mean |effect| {mean_abs[: len(mean_abs) // 2].mean():.3f} in the first half of the layers, "
+                f"{mean_abs[len(mean_abs) // 2:].mean():.3f} in the second")
+
+
+def run(
+    model: HookedTransformer, data: IOIBatch | Sequence[IOIBatch] | None = None, method: str = "fast",
+    hf_model: GPT2LMHeadModel | None = None, donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
+) -> E5Result:
+    """Single-head, final-position patching sweep over all layers × heads.
+
+    ``donor_cache``: the donor's ``hook_z`` for every layer (e.g. loaded from disk); one batch only.
+    """
+    if method not in ("fast", "plain"):
+        raise ValueError("method must be 'fast' or 'plain'")
+    if hf_model is not None and method == "fast":
+        method = "plain"  # the fast path is TL-only; HF runs one hooked forward per head
+    batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
+    if donor_cache is not None and len(batches) != 1:
+        raise ValueError("a donor cache belongs to one batch of donor prompts; pass a single IOIBatch")
+    side, target = (hooks, model) if hf_model is None else (hf_hooks, hf_model)
+    z_names = [act_name("z", l) for l in range(model.cfg.n_layers)]
+    cleans, effects = [], []
+    for b in batches:
+        cache = donor_cache or side.run(target, b.donor_tokens, cache=z_names)[1]
+        clean = logit_diff(side.run(target, b.tokens)[0], b.correct, b.wrong)
+        if method == "fast":
+            patched = patching.final_position_head_sweep(model, b.tokens, cache, b.correct, b.wrong, progress=progress)
+        else:
+            patched = patching.plain_head_sweep(model, b.tokens, cache, b.correct, b.wrong, progress=progress, hf_model=hf_model)
+        cleans.append(clean)
+        effects.append(patched - clean)
+    clean, effect = torch.cat(cleans), torch.cat(effects, dim=-1)
+    if not torch.isfinite(effect).all():
+        raise FloatingPointError("the sweep produced NaN/inf logit differences")
+    return E5Result(
+        info=RunInfo.of(model, batches[0].tokens[:1], batches[0].prepend_bos, hf_model, n_prompts=len(clean),
+                        texts=[t for b in batches for t in b.texts][:10]),
+        clean=clean, effect=effect, method=method,
+    )
