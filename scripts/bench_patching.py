@@ -7,16 +7,11 @@ Prints a table per size and, last, one line per size:
 """
 
 import argparse
-import os
 import sys
 
-# Large blocks straight from/to the OS, so resident memory follows what torch holds (read at exec).
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+import torch
 
-import torch  # noqa: E402
-
-from tl_patching.benchmark import SIZES, bench_size, report  # noqa: E402
+from tl_patching.benchmark import SIZES, bench_size, report
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

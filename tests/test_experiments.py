@@ -107,6 +107,7 @@ def test_e4_dataset_and_json(models):
     batches = ioi_batches(tl, ioi_prompts(12, seed=5))
     r = e4.run(tl, batches, progress=False)
     assert r.clean.shape == (12,) and r.heads_patched.shape == (4, 12) and r.info.settings["n_prompts"] == 12
+    assert sorted(r.info.token_ids) == sorted(row for b in batches for row in b.tokens.tolist())  # every prompt recorded
     assert r.heads_summary[0].ci_low <= r.heads_summary[0].mean <= r.heads_summary[0].ci_high
     back = e4.E4Result.from_json(r.to_json())
     assert back.heads_summary[0] == r.heads_summary[0] and torch.equal(back.heads_patched, r.heads_patched)

@@ -141,6 +141,11 @@ class IOIBatch:
         return len(self.correct)
 
 
+def token_rows(batches: Sequence[IOIBatch]) -> list[list[int]]:
+    """Every recipient prompt's token ids, batch after batch (rows may differ in length)."""
+    return [row for b in batches for row in b.tokens.tolist()]
+
+
 def ioi_pair(
     model: HookedTransformer, recipient: str, donor: str, correct: str, wrong: str, prepend_bos: bool = True
 ) -> IOIBatch:

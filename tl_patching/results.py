@@ -32,10 +32,13 @@ class RunInfo:
     settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: HookedTransformer, tokens: Tensor, prepend_bos: bool, hf_model=None, seed: int = 0, **settings) -> RunInfo:
+    def of(cls, model: HookedTransformer, tokens: Tensor | list[list[int]], prepend_bos: bool, hf_model=None, seed: int = 0,
+           **settings) -> RunInfo:
+        """``tokens``: ``[batch, pos]`` ids, or a list of rows of any lengths (a dataset of several batches)."""
         return cls(
             model_name=model.cfg.model_name, weight_mode=getattr(model, "weight_mode", "unknown"),
-            n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, token_ids=tokens.tolist(), prepend_bos=prepend_bos,
+            n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
+            token_ids=tokens.tolist() if isinstance(tokens, Tensor) else tokens, prepend_bos=prepend_bos,
             backend="transformer_lens" if hf_model is None else "hf_hooks", seed=seed, settings=settings,
         )
 

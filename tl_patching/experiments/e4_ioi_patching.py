@@ -29,7 +29,7 @@ from transformers import GPT2LMHeadModel
 from tl_patching import hf_hooks, hooks
 from tl_patching.hooks import act_name, patch, patch_where
 from tl_patching.metrics import Summary, logit_diff, summarize
-from tl_patching.prompts import IOIBatch, ioi_pair
+from tl_patching.prompts import IOIBatch, ioi_pair, token_rows
 from tl_patching.results import Result, RunInfo
 
 SEED_RECIPIENT = "Sam and Sally went to the park. Sam gave a gift to"
@@ -106,7 +106,7 @@ def run(
     parts = [patch_layer_sweep(model, b, hf_model, donor_cache, progress) for b in batches]
     clean, donor, heads, resid_s2, resid_final = (torch.cat([p[i] for p in parts], dim=-1) for i in range(5))
     return E4Result(
-        info=RunInfo.of(model, batches[0].tokens[:1], batches[0].prepend_bos, hf_model, n_prompts=len(clean),
+        info=RunInfo.of(model, token_rows(batches), batches[0].prepend_bos, hf_model, n_prompts=len(clean),
                         n_batches=len(batches), texts=[t for b in batches for t in b.texts][:10]),
         clean=clean, donor=donor, heads_patched=heads, resid_s2_patched=resid_s2, resid_final_patched=resid_final,
         clean_summary=summarize(clean), donor_summary=summarize(donor), heads_summary=[summarize(x) for x in heads],

@@ -28,7 +28,7 @@ from tl_patching import hf_hooks, hooks, patching
 from tl_patching.experiments.e4_ioi_patching import seed_pair
 from tl_patching.hooks import act_name
 from tl_patching.metrics import logit_diff
-from tl_patching.prompts import IOIBatch
+from tl_patching.prompts import IOIBatch, token_rows
 from tl_patching.results import Result, RunInfo
 
 
@@ -89,7 +89,7 @@ def run(
     if not torch.isfinite(effect).all():
         raise FloatingPointError("the sweep produced NaN/inf logit differences")
     return E5Result(
-        info=RunInfo.of(model, batches[0].tokens[:1], batches[0].prepend_bos, hf_model, n_prompts=len(clean),
+        info=RunInfo.of(model, token_rows(batches), batches[0].prepend_bos, hf_model, n_prompts=len(clean),
                         texts=[t for b in batches for t in b.texts][:10]),
         clean=clean, effect=effect, method=method,
     )
