@@ -27,7 +27,12 @@ def save(fig: go.Figure, out_dir: Path, name: str, png: bool = True) -> list[Pat
     """Write ``name.html`` (and ``name.png`` if a browser is available); returns the files written."""
     global _png_ok
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig.update_layout(template="plotly_white", font=dict(size=13))
+    fig.update_layout(template="plotly_white", font=dict(size=13), legend=dict(orientation="h", y=-0.18))
+    title = fig.layout.title.text or ""
+    if len(title) > 80 and "<br>" not in title and ": " in title:  # long titles: headline + subtitle, readable in a PNG
+        head, rest = title.split(": ", 1)
+        fig.update_layout(title_text=f"{head}<br><sup>{rest}</sup>")
+    fig.for_each_xaxis(lambda axis: axis.update(dtick=1) if "layer" in (axis.title.text or "") else None)
     html = out_dir / f"{name}.html"
     fig.write_html(html, include_plotlyjs="directory")
     written = [html]
