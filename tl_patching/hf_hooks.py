@@ -28,6 +28,7 @@ transformers' own ``output_hidden_states`` recorder) and always removed, even wh
 from __future__ import annotations
 
 import contextlib
+import functools
 import difflib
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import GPT2LMHeadModel
 
+from tl_patching import hooks as tl_hooks
 from tl_patching.hooks import Edit, HookNameError, check_finite
 
 ReadFn = Callable[[Tensor, GPT2LMHeadModel], Tensor]  # (raw HF tensor, model) -> TL layout
@@ -267,6 +269,12 @@ def run(
     with torch.no_grad(), hooks(hf_model, edits, acts, cache):
         logits = hf_model(tokens).logits
     return check_finite(logits, edits), {n: a.to(cache_device) if cache_device else a for n, a in acts.items()}
+
+
+def runner(model, hf_model: GPT2LMHeadModel | None = None) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    """``run`` bound to the HF model if one is given, else `tl_patching.hooks.run` bound to the TL model:
+    experiments call it as ``forward(tokens, edits, cache)`` and are written once for both sides."""
+    return functools.partial(run, hf_model) if hf_model is not None else functools.partial(tl_hooks.run, model)
 
 
 def block_output_structure(hf_model: GPT2LMHeadModel, tokens: Int[Tensor, "batch pos"]) -> dict[str, str]:

@@ -72,13 +72,13 @@ def plain_head_sweep(
     """Reference: one full forward per (layer, head), patching that head's z at ``pos``; through HF hooks
     on ``hf_model`` if given (``model`` then only supplies the config)."""
     _check_pair(model, tokens, correct, wrong)
-    side, target = (hooks, model) if hf_model is None else (hf_hooks, hf_model)
+    forward = hf_hooks.runner(model, hf_model)
     layers = _layers(model, layers)
     heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
     out = torch.empty(len(layers), len(heads), len(tokens))
     for i, l in enumerate(tqdm(layers, desc="plain head sweep", disable=not progress, leave=False)):
         for j, h in enumerate(heads):
-            logits, _ = side.run(target, tokens, [patch(act_name("z", l), donor_cache, head=h, pos=pos)])
+            logits, _ = forward(tokens, [patch(act_name("z", l), donor_cache, head=h, pos=pos)])
             out[i, j] = logit_diff(logits, correct, wrong)
     return out
 

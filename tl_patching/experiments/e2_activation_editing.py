@@ -25,7 +25,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks, hooks
+from tl_patching import hf_hooks
 from tl_patching.hooks import Edit, act_name, gaussian_noise, scale, zero
 from tl_patching.results import Result, RunInfo
 
@@ -90,10 +90,10 @@ def run(
     edits = interventions(model, layer, head, noise_mean, seed)
     tokens = model.to_tokens(text, prepend_bos=prepend_bos)
     resid = [act_name("resid_post", l) for l in range(model.cfg.n_layers)]
-    forward = (lambda e: hooks.run(model, tokens, e, resid)) if hf_model is None else (lambda e: hf_hooks.run(hf_model, tokens, e, resid))
+    forward = hf_hooks.runner(model, hf_model)
 
     def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
-        logits, cache = forward(e)
+        logits, cache = forward(tokens, e, resid)
         return torch.stack([cache[n].std() for n in resid]), logits[0, -1].log_softmax(-1)
 
     clean_std, clean_logp = spread_and_probs([])

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks, hooks
+from tl_patching import hf_hooks
 from tl_patching.hooks import act_name, zero
 from tl_patching.prompts import PIZZA_SENTENCE
 from tl_patching.results import Result, RunInfo
@@ -81,9 +81,9 @@ def run(
     if tokens.shape[1] < 3:
         raise ValueError("E3 needs a sentence of at least 3 tokens")
     resid = [act_name("resid_post", l) for l in range(model.cfg.n_layers)]
-    side, target = (hooks, model) if hf_model is None else (hf_hooks, hf_model)
-    clean = side.run(target, tokens, cache=resid)[1]
-    silenced = side.run(target, tokens, [edit], cache=resid)[1]
+    forward = hf_hooks.runner(model, hf_model)
+    clean = forward(tokens, cache=resid)[1]
+    silenced = forward(tokens, [edit], cache=resid)[1]
     clean_pairs = torch.stack([unique_pair_similarities(clean[n][0]) for n in resid])
     silenced_pairs = torch.stack([unique_pair_similarities(silenced[n][0]) for n in resid])
     tests = [paired_t_test(c, s) for c, s in zip(clean_pairs, silenced_pairs)]

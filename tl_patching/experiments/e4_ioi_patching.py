@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks, hooks
+from tl_patching import hf_hooks
 from tl_patching.hooks import act_name, patch, patch_where
 from tl_patching.metrics import Summary, logit_diff, summarize
 from tl_patching.prompts import IOIBatch, ioi_pair, token_rows
@@ -38,6 +38,14 @@ SEED_DONOR = "Sam and Sally went to the park. Sally gave a gift to"
 
 def seed_pair(model: HookedTransformer) -> IOIBatch:
     return ioi_pair(model, SEED_RECIPIENT, SEED_DONOR, " Sally", " Sam")
+
+
+def as_batches(model: HookedTransformer, data: IOIBatch | Sequence[IOIBatch] | None, donor_cache=None) -> list[IOIBatch]:
+    """E4/E5 input as a list of batches (default: the seed's pair); a donor cache fits one batch only."""
+    batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
+    if donor_cache is not None and len(batches) != 1:
+        raise ValueError("a donor cache belongs to one batch of donor prompts; pass a single IOIBatch")
+    return batches
 
 
 @dataclass
@@ -71,24 +79,24 @@ def patch_layer_sweep(
     donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
 ) -> tuple[Tensor, ...]:
     """Logit differences for one batch: clean [N], donor [N], then per layer [L, N]: heads, resid at S2, resid at final."""
-    side, target = (hooks, model) if hf_model is None else (hf_hooks, hf_model)
+    forward = hf_hooks.runner(model, hf_model)
     L = model.cfg.n_layers
     names = [act_name(kind, l) for l in range(L) for kind in ("z", "resid_post")]
     ld = lambda logits: logit_diff(logits, batch.correct, batch.wrong)  # noqa: E731
     differs = batch.tokens != batch.donor_tokens
     final = torch.zeros_like(differs)
     final[:, -1] = True
-    donor_logits, fresh_cache = side.run(target, batch.donor_tokens, cache=[] if donor_cache else names)
+    donor_logits, fresh_cache = forward(batch.donor_tokens, cache=[] if donor_cache else names)
     donor_cache = donor_cache or fresh_cache
     heads, resid_s2, resid_final = [], [], []
     for l in tqdm(range(L), desc="E4 layers", disable=not progress, leave=False):
         z, resid = act_name("z", l), act_name("resid_post", l)
-        logits, patched = side.run(target, batch.tokens, [patch(z, donor_cache)], cache=[z])
+        logits, patched = forward(batch.tokens, [patch(z, donor_cache)], cache=[z])
         assert torch.equal(patched[z], donor_cache[z].expand_as(patched[z])), f"patched {z} is not the donor's"
         heads.append(ld(logits))
-        resid_s2.append(ld(side.run(target, batch.tokens, [patch_where(resid, donor_cache, differs)])[0]))
-        resid_final.append(ld(side.run(target, batch.tokens, [patch_where(resid, donor_cache, final)])[0]))
-    clean = ld(side.run(target, batch.tokens)[0])
+        resid_s2.append(ld(forward(batch.tokens, [patch_where(resid, donor_cache, differs)])[0]))
+        resid_final.append(ld(forward(batch.tokens, [patch_where(resid, donor_cache, final)])[0]))
+    clean = ld(forward(batch.tokens)[0])
     return clean, ld(donor_logits), torch.stack(heads), torch.stack(resid_s2), torch.stack(resid_final)
 
 
@@ -100,9 +108,7 @@ def run(
 
     ``donor_cache``: the donor's hook_z and hook_resid_post for every layer (e.g. loaded from disk); one batch only.
     """
-    batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
-    if donor_cache is not None and len(batches) != 1:
-        raise ValueError("a donor cache belongs to one batch of donor prompts; pass a single IOIBatch")
+    batches = as_batches(model, data, donor_cache)
     parts = [patch_layer_sweep(model, b, hf_model, donor_cache, progress) for b in batches]
     clean, donor, heads, resid_s2, resid_final = (torch.cat([p[i] for p in parts], dim=-1) for i in range(5))
     return E4Result(

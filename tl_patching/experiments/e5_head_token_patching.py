@@ -24,8 +24,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks, hooks, patching
-from tl_patching.experiments.e4_ioi_patching import seed_pair
+from tl_patching import hf_hooks, patching
+from tl_patching.experiments.e4_ioi_patching import as_batches
 from tl_patching.hooks import act_name
 from tl_patching.metrics import logit_diff
 from tl_patching.prompts import IOIBatch, token_rows
@@ -70,15 +70,13 @@ def run(
         raise ValueError("method must be 'fast' or 'plain'")
     if hf_model is not None and method == "fast":
         method = "plain"  # the fast path is TL-only; HF runs one hooked forward per head
-    batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
-    if donor_cache is not None and len(batches) != 1:
-        raise ValueError("a donor cache belongs to one batch of donor prompts; pass a single IOIBatch")
-    side, target = (hooks, model) if hf_model is None else (hf_hooks, hf_model)
+    batches = as_batches(model, data, donor_cache)
+    forward = hf_hooks.runner(model, hf_model)
     z_names = [act_name("z", l) for l in range(model.cfg.n_layers)]
     cleans, effects = [], []
     for b in batches:
-        cache = donor_cache or side.run(target, b.donor_tokens, cache=z_names)[1]
-        clean = logit_diff(side.run(target, b.tokens)[0], b.correct, b.wrong)
+        cache = donor_cache or forward(b.donor_tokens, cache=z_names)[1]
+        clean = logit_diff(forward(b.tokens)[0], b.correct, b.wrong)
         if method == "fast":
             patched = patching.final_position_head_sweep(model, b.tokens, cache, b.correct, b.wrong, progress=progress)
         else:
