@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tl_patching.models import SHIPPED_MODEL_DIR
-from tl_patching.training import TrainConfig, train
+from tl_patching.recipe.training import TrainConfig, train
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tl_patching.models import random_gpt2
-from tl_patching.word_tokenizer import word_tokenizer
+from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 TEXTS = [
     "Sam and Sally went to the park. Sam gave a gift to Sally",
@@ -35,3 +35,12 @@ def tokens(pair):
 def donor_tokens(pair):
     _, tl = pair
     return torch.randint(2, tl.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="session")
+def forwards(pair):
+    """The same model on both backends: {"tl": TransformerLens hooks, "hf": raw HF hooks}."""
+    from tl_patching.forward import Forward
+
+    hf, tl = pair
+    return {"tl": Forward(tl), "hf": Forward(tl, hf)}

@@ -87,7 +87,7 @@ def test_failed_write_leaves_no_file(pair, tokens, tmp_path, monkeypatch):
 
 def test_e4_e5_from_a_saved_donor_cache_give_identical_results(tmp_path):
     from tl_patching.prompts import NAMES
-    from tl_patching.word_tokenizer import word_tokenizer
+    from tl_patching.recipe.word_tokenizer import word_tokenizer
 
     hf, tl = random_gpt2(n_layers=3, tokenizer=word_tokenizer([e4.SEED_RECIPIENT, e4.SEED_DONOR] + [" " + n for n in NAMES]))
     batch = e4.seed_pair(tl)

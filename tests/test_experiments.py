@@ -12,7 +12,7 @@ from tl_patching.experiments import (
 )
 from tl_patching.models import random_gpt2
 from tl_patching.prompts import NAMES, PIZZA_SENTENCES, TEMPLATES, PromptError, ioi_batches, ioi_pair, ioi_prompts
-from tl_patching.word_tokenizer import word_tokenizer
+from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 ATOL = 1e-4
 

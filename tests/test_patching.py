@@ -1,10 +1,12 @@
-"""The fast patching paths equal the plain loop; attribution patching is in the units of exact patching."""
+"""The sweep driver equals one forward per variant, on both backends; every fast path equals the driver;
+attribution patching is in the units of exact patching."""
 
 import pytest
 import torch
 
-from tl_patching import hooks, patching
-from tl_patching.hooks import act_name, patch
+from tl_patching import attribution, fast, patching
+from tl_patching.edits import act_name, patch, scale, zero
+from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
 from tl_patching.models import hooked_from_hf, random_gpt2
 
@@ -15,78 +17,117 @@ ATOL = 1e-4
 def setup(request):
     hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
     model = tl if request.param == "raw" else hooked_from_hf(hf, weights="processed")
+    forward = Forward(model)
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, 64, (3, 10), generator=g)
     donor_tokens = tokens.clone()
     donor_tokens[:, 4] = torch.randint(0, 64, (3,), generator=g)  # one differing position, as in IOI
     correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
-    _, donor = hooks.run(model, donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
-    plain = patching.plain_head_sweep(model, tokens, donor, correct, wrong, progress=False)
-    return model, tokens, donor_tokens, donor, correct, wrong, plain
+    _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
+    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
+    reference = patching.head_sweep(forward, tokens, donor, metric)
+    return forward, tokens, donor_tokens, donor, correct, wrong, metric, reference
 
 
-def test_plain_sweep_moves_the_metric(setup):
-    model, tokens, _, _, correct, wrong, plain = setup
-    clean = logit_diff(hooks.run(model, tokens)[0], correct, wrong)
-    assert (plain - clean).abs().max() > 1e-2
+@pytest.mark.parametrize("max_rows", [64, 3, 1])
+def test_sweep_equals_one_forward_per_variant(setup, max_rows):
+    forward, tokens, _, donor, _, _, metric, _ = setup
+    variants = [[], [zero(act_name("z", 1), head=2)], [patch(act_name("resid_post", 2), donor, pos=4)],
+                [scale(act_name("post", 0), 0.5), zero(act_name("k", 3), head=0)]]
+    swept = patching.sweep(forward, tokens, variants, metric, max_rows=max_rows)
+    one_by_one = torch.stack([metric(forward(tokens, v)) for v in variants])
+    assert swept.shape == (4, 3) and (swept - one_by_one).abs().max() < ATOL
+    assert (swept[1:] - swept[0]).abs().amax(-1).min() > 1e-3  # every variant moved the metric
 
 
-@pytest.mark.parametrize("max_rows", [256, 5])
-def test_batched_start_at_layer_equals_plain(setup, max_rows):
-    model, tokens, _, donor, correct, wrong, plain = setup
-    fast = patching.batched_head_sweep(model, tokens, donor, correct, wrong, max_rows=max_rows, progress=False)
-    assert (fast - plain).abs().max() < ATOL
+def test_head_sweep_by_hand(setup):
+    """Known answer: patching head h of layer l at the final position, with a hand-written TL hook."""
+    forward, tokens, _, donor, _, _, metric, reference = setup
+    assert reference.shape == (4, 4, 3)
+    for l, h in [(0, 1), (2, 3), (3, 0)]:
+        def hook(z, hook, l=l, h=h):
+            z = z.clone()
+            z[:, -1, h] = donor[act_name("z", l)][:, -1, h]
+            return z
+        by_hand = metric(forward.model.run_with_hooks(tokens, fwd_hooks=[(act_name("z", l), hook)]))
+        assert (reference[l, h] - by_hand).abs().max() < ATOL
+
+
+def test_head_sweep_same_on_hf():
+    hf, tl = random_gpt2(n_layers=3, n_heads=4, d_head=8, seed=5)
+    tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    donor_tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    metric = lambda logits: logits[:, -1, 3] - logits[:, -1, 4]  # noqa: E731
+    out = {}
+    for backend, forward in {"tl": Forward(tl), "hf": Forward(tl, hf)}.items():
+        _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(3)])
+        out[backend] = patching.head_sweep(forward, tokens, donor, metric, pos=3)
+    assert (out["tl"] - out["hf"]).abs().max() < ATOL
 
 
 @pytest.mark.parametrize("layers, max_rows", [(None, 8192), (None, 12), ([3, 0], 8192), ([2], 1)])
-def test_final_position_equals_plain(setup, layers, max_rows):
-    model, tokens, _, donor, correct, wrong, plain = setup
-    fast = patching.final_position_head_sweep(model, tokens, donor, correct, wrong, layers=layers, max_rows=max_rows, progress=False)
-    expected = plain if layers is None else plain[layers]
-    assert fast.shape == expected.shape and (fast - expected).abs().max() < ATOL
+def test_final_position_fast_path_equals_the_driver(setup, layers, max_rows):
+    forward, tokens, _, donor, correct, wrong, _, reference = setup
+    out = fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, layers=layers, max_rows=max_rows, progress=False)
+    expected = reference if layers is None else reference[layers]
+    assert out.shape == expected.shape and (out - expected).abs().max() < ATOL
 
 
-def test_batched_sweep_at_another_position(setup):
-    model, tokens, _, donor, correct, wrong, _ = setup
-    plain = patching.plain_head_sweep(model, tokens, donor, correct, wrong, pos=4, layers=[1], progress=False)
-    fast = patching.batched_head_sweep(model, tokens, donor, correct, wrong, pos=4, layers=[1], progress=False)
-    assert (fast - plain).abs().max() < ATOL
+def test_donor_equal_to_recipient_has_no_effect(setup):
+    forward, tokens, _, _, correct, wrong, metric, _ = setup
+    _, same = forward.run(tokens, cache=[act_name("z", l) for l in range(4)])
+    out = fast.final_position_head_sweep(forward, tokens, same, correct, wrong, progress=False)
+    assert (out - metric(forward(tokens))).abs().max() < ATOL
+
+
+def test_fast_path_refuses_the_hf_backend_and_other_blocks(setup):
+    forward, tokens, _, donor, correct, wrong, _, _ = setup
+    hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
+    with pytest.raises(NotImplementedError, match="tl backend"):
+        fast.final_position_head_sweep(Forward(tl, hf), tokens, donor, correct, wrong)
+    tl.cfg.positional_embedding_type = "rotary"  # a block this path does not compute must be refused by name
+    with pytest.raises(NotImplementedError, match="rotary position embeddings"):
+        fast.final_position_head_sweep(Forward(tl), tokens, donor, correct, wrong)
 
 
 def test_attribution_is_the_first_order_term_of_exact_patching(setup):
     """Same units and indexing: with the donor difference scaled by ε, exact effect / ε → attribution."""
-    model, tokens, _, donor, correct, wrong, _ = setup
+    forward, tokens, _, donor, correct, wrong, metric, _ = setup
     names = list(donor)
-    _, clean = hooks.run(model, tokens, cache=names)
+    _, clean = forward.run(tokens, cache=names)
     eps = 1e-3
     near = {n: clean[n] + eps * (donor[n] - clean[n]) for n in names}
-    attr = patching.attribution_patch(model, tokens, near, correct, wrong)
-    base = logit_diff(hooks.run(model, tokens)[0], correct, wrong)
+    attr = attribution.attribution_patch(forward, tokens, near, correct, wrong)
+    base = metric(forward(tokens))
     for layer, pos, head in [(0, 4, 1), (2, 9, 3), (3, 9, 0)]:
-        z = act_name("z", layer)
-        exact = logit_diff(hooks.run(model, tokens, [patch(z, near, head=head, pos=pos)])[0], correct, wrong) - base
+        exact = metric(forward(tokens, [patch(act_name("z", layer), near, head=head, pos=pos)])) - base
         assert torch.allclose(exact / eps, attr["z"][layer, pos, head] / eps, rtol=0.05, atol=1e-3)
-    exact = logit_diff(hooks.run(model, tokens, [patch(act_name("resid_post", 1), near, pos=4)])[0], correct, wrong) - base
+    exact = metric(forward(tokens, [patch(act_name("resid_post", 1), near, pos=4)])) - base
     assert torch.allclose(exact / eps, attr["resid_post"][1, 4] / eps, rtol=0.05, atol=1e-3)
 
 
 def test_attribution_shapes_and_donor_tokens(setup):
-    model, tokens, donor_tokens, donor, correct, wrong, _ = setup
-    from_tokens = patching.attribution_patch(model, tokens, donor_tokens, correct, wrong)
-    from_cache = patching.attribution_patch(model, tokens, donor, correct, wrong)
+    forward, tokens, donor_tokens, donor, correct, wrong, _, _ = setup
+    from_tokens = attribution.attribution_patch(forward, tokens, donor_tokens, correct, wrong)
+    from_cache = attribution.attribution_patch(forward, tokens, donor, correct, wrong)
     assert from_tokens["z"].shape == (4, 10, 4, 3) and from_tokens["resid_post"].shape == (4, 10, 3)
     assert torch.allclose(from_tokens["z"], from_cache["z"], atol=1e-6)
-    # Positions before the differing one have zero activation difference, so zero attribution.
-    assert from_tokens["z"][:, :4].abs().max() == 0
-    assert all(p.grad is None for p in model.parameters())  # gradients cleaned up
+    assert from_tokens["z"][:, :4].abs().max() == 0  # before the differing position: no difference, no attribution
+    assert all(p.grad is None for p in forward.model.parameters())  # gradients cleaned up
 
 
 def test_bad_sweep_input(setup):
-    model, tokens, _, donor, correct, wrong, _ = setup
+    forward, tokens, _, donor, correct, wrong, metric, _ = setup
     with pytest.raises(ValueError, match="one correct and one wrong"):
-        patching.final_position_head_sweep(model, tokens, donor, correct[:2], wrong, progress=False)
+        fast.final_position_head_sweep(forward, tokens, donor, correct[:2], wrong, progress=False)
     with pytest.raises(IndexError, match="layer 4 out of range"):
-        patching.final_position_head_sweep(model, tokens, donor, correct, wrong, layers=[4], progress=False)
+        fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, layers=[4], progress=False)
     short = {n: t[:, :5] for n, t in donor.items()}
     with pytest.raises(ValueError, match="same token length"):
-        patching.final_position_head_sweep(model, tokens, short, correct, wrong, progress=False)
+        fast.final_position_head_sweep(forward, tokens, short, correct, wrong, progress=False)
+    with pytest.raises(ValueError, match="no variants"):
+        patching.sweep(forward, tokens, [], metric)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        patching.sweep(forward, tokens[:0], [[]], metric)
+    with pytest.raises(IndexError, match="layer 9 out of range"):
+        patching.head_sweep(forward, tokens, donor, metric, layers=[9])

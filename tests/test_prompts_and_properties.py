@@ -9,7 +9,7 @@ from tl_patching import hooks
 from tl_patching.hooks import HookNameError, zero
 from tl_patching.metrics import logit_diff, prob_ratio, summarize
 from tl_patching.prompts import HELD_OUT_TEMPLATES, NAMES, TEMPLATES, IOIPrompt, ioi_batches, ioi_prompts
-from tl_patching.word_tokenizer import word_tokenizer
+from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from tl_patching.cli import main, run_experiment
 from tl_patching.metrics import logit_diff, summarize
 from tl_patching.models import SHIPPED_MODEL_DIR, load_pair
 from tl_patching.prompts import ioi_batches
-from tl_patching.training import eval_prompts
+from tl_patching.recipe.training import eval_prompts
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="shipped model not trained yet")
 

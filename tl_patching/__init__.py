@@ -1,10 +1,26 @@
-"""tl_patching: activation editing and patching on TransformerLens, cross-checked against raw HF hooks."""
+"""tl_patching: activation editing and patching on TransformerLens, cross-checked against raw HF hooks.
 
-from tl_patching import hf_hooks, hooks, metrics, prompts
-from tl_patching.hooks import Edit, act_name, gaussian_noise, patch, patch_where, replace, scale, zero
-from tl_patching.models import hooked_from_hf, load_hf, load_model, load_pair, random_gpt2
+Names are imported on first use (PEP 562), so ``tl-patching --help`` needs neither torch nor transformers.
+"""
 
-__all__ = [
-    "Edit", "act_name", "gaussian_noise", "hf_hooks", "hooked_from_hf", "hooks", "load_hf", "load_model", "load_pair",
-    "metrics", "patch", "patch_where", "prompts", "random_gpt2", "replace", "scale", "zero",
-]
+import importlib
+
+_EXPORTS = {
+    "Edit": "edits", "act_name": "edits", "gaussian_noise": "edits", "patch": "edits", "patch_where": "edits",
+    "replace": "edits", "scale": "edits", "zero": "edits",
+    "Forward": "forward", "load_forward": "forward",
+    "hooked_from_hf": "models", "load_hf": "models", "load_model": "models", "load_pair": "models", "random_gpt2": "models",
+    "sweep": "patching", "head_sweep": "patching",
+}
+_MODULES = ("attribution", "backends", "cache_store", "edits", "experiments", "fast", "forward", "metrics", "models",
+            "patching", "plotting", "prompts", "results")
+
+__all__ = sorted(_EXPORTS) + list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tl_patching.{_EXPORTS[name]}"), name)
+    if name in _MODULES:
+        return importlib.import_module(f"tl_patching.{name}")
+    raise AttributeError(f"module 'tl_patching' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""Activation caches on disk: safetensors with a JSON header, loaded back as a TransformerLens `ActivationCache`.
+"""Activation caches on disk: safetensors with a JSON header, loaded back as ``{hook name: tensor}``.
 
-One file per cache. The header (stored in the safetensors metadata) records the model name and weight
-mode, its shape, the exact token ids, the BOS choice, dtype, hook names, package versions and a SHA-256
+One file per cache. The header (stored in the safetensors metadata) records the model name, weight
+mode, sizes and a SHA-256 fingerprint of its weights, the exact token ids, the BOS choice, dtype, hook names, package versions and a SHA-256
 per tensor. Loading against a model or tokens refuses any mismatch with an error naming it; a truncated
 or altered file is detected. Writes go to a temporary file that replaces the target only when complete,
 so a crash never leaves a half file that later loads. Nothing is unpickled.
@@ -24,7 +24,9 @@ from jaxtyping import Int
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_patching.models import weight_mode
 
 FORMAT = "tl_patching.cache/1"
 
@@ -37,11 +39,22 @@ class CorruptCacheError(ValueError):
     """A cache file that is truncated, altered, or not a tl_patching cache."""
 
 
+def weights_fingerprint(model: HookedTransformer) -> str:
+    """SHA-256 over every parameter (name, shape, bytes): two checkpoints of the same shape and name differ here."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _model_identity(model: HookedTransformer) -> dict:
     cfg = model.cfg
     return {
-        "model_name": cfg.model_name, "weight_mode": getattr(model, "weight_mode", "unknown"),
+        "model_name": cfg.model_name, "weight_mode": weight_mode(model),
         "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
+        "weights_sha256": weights_fingerprint(model),
     }
 
 
@@ -50,7 +63,7 @@ def _digest(t: Tensor) -> str:
 
 
 def save_cache(
-    path: str | Path, cache: ActivationCache | Mapping[str, Tensor], model: HookedTransformer,
+    path: str | Path, cache: Mapping[str, Tensor], model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"], prepend_bos: bool, names: Sequence[str] | None = None,
 ) -> Path:
     """Save ``cache`` (or only ``names`` of it) for ``tokens`` run through ``model``; returns the path."""
@@ -67,7 +80,8 @@ def save_cache(
         "hook_names": names, "sha256": {n: _digest(t) for n, t in tensors.items()},
         "versions": {p: version(p) for p in ("torch", "transformer-lens", "transformers", "tl_patching")},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save the cache to {path}: the folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     try:
@@ -101,8 +115,9 @@ def read_header(path: str | Path) -> dict:
 def load_cache(
     path: str | Path, model: HookedTransformer | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
     device: str | torch.device = "cpu",
-) -> ActivationCache:
-    """Load a saved cache, verified against its checksums and, if given, against ``model`` and ``tokens``."""
+) -> dict[str, Tensor]:
+    """Load a saved cache as ``{hook name: tensor}``, verified against its checksums and, if given, against
+    ``model`` (name, sizes, weight mode and a fingerprint of the weights) and ``tokens``."""
     header = read_header(path)
     if model is not None:
         expected = _model_identity(model)
@@ -121,11 +136,23 @@ def load_cache(
     for name, digest in header["sha256"].items():
         if name not in tensors or _digest(tensors[name]) != digest:
             raise CorruptCacheError(f"{path}: tensor {name!r} does not match its checksum")
-    if model is None:
-        cfg = HookedTransformerConfig(n_layers=header["n_layers"], n_heads=header["n_heads"], d_model=header["d_model"],
-                                      d_head=header["d_model"] // header["n_heads"], n_ctx=1, d_vocab=header["d_vocab"], act_fn="gelu_new")
-        model = HookedTransformer(cfg)
-    return ActivationCache({n: t.to(device) for n, t in tensors.items()}, model)
+    return {n: tensors[n].to(device) for n in header["hook_names"]}
+
+
+def cached_run(
+    path: str | Path, forward, tokens: Int[Tensor, "batch pos"], names: Sequence[str], prepend_bos: bool
+) -> dict[str, Tensor]:
+    """The activations ``names`` of ``tokens``: loaded from ``path`` if it exists (checked against the model and
+    tokens), else computed through ``forward`` and saved there for the next run."""
+    path = Path(path)
+    if not path.exists():
+        _, acts = forward.run(tokens, cache=names)
+        save_cache(path, acts, forward.model, tokens, prepend_bos)
+    cache = load_cache(path, forward.model, tokens)
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise CacheMismatchError(f"{path} holds no {missing[0]!r} (and {len(missing) - 1} more of the {len(names)} needed)")
+    return cache
 
 
 def bytes_per_token(cfg: HookedTransformerConfig, name: str, pos: int = 1, dtype_bytes: int = 4) -> int:

@@ -1,165 +1,153 @@
-"""``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and small helpers.
+"""``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and one command per experiment.
 
     tl-patching reproduce                           # E1–E5 on the shipped model, offline
     tl-patching reproduce --model gpt2-large --experiments e5 --device cuda
-    tl-patching reproduce --model /path/to/hf-dir   # any local HF-format GPT-2 directory
+    tl-patching reproduce --model /path/to/hf-dir   # a local HF-format directory
     tl-patching e3 --model gpt2-medium --layer 3 --head 0 --text "…"   # one experiment, its own settings
+    tl-patching e4 --backend hf                     # the same experiment through raw HF hooks
+
+Errors are one line (``error: …``, exit status 1); ``--debug`` shows the traceback. Nothing heavy
+(torch, transformers) is imported until a command runs, so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import re
 import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from tl_patching.experiments import EXPERIMENTS, TITLES  # light: imports no torch
 
-from tl_patching import hooks, plotting
-from tl_patching.cache_store import load_cache, save_cache
-from tl_patching.experiments import (
-    e1_attention_scores as e1,
-    e2_activation_editing as e2,
-    e3_cosine_similarity as e3,
-    e4_ioi_patching as e4,
-    e5_head_token_patching as e5,
-)
-from tl_patching.hooks import act_name
-from tl_patching.models import SHIPPED_MODEL_NAME, display_name, load_model
-from tl_patching.prompts import HELD_OUT_TEMPLATES, TEMPLATES, ioi_batches, ioi_prompts
-
-EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5")
-TITLES = {
-    "e1": "E1 — attention heads and raw-score distributions",
-    "e2": "E2 — editing attention, MLP and hidden states",
-    "e3": "E3 — head silencing and cosine similarity",
-    "e4": "E4 — head vs hidden-state patching in IOI",
-    "e5": "E5 — one head at one token",
-}
+SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.models.SHIPPED_MODEL_NAME (not imported: keeps --help light)
 
 
 def model_slug(name: str) -> str:
     """Folder name under figures/ for a model name or directory."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", display_name(name)).strip("-") or "model"
+    path = Path(str(name))
+    shown = path.name if path.is_dir() else str(name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", shown).strip("-") or "model"
 
 
-def ioi_dataset(model, n_prompts: int, seed: int = 0):
-    """IOI batches for E4/E5: seeded prompts over every template (the held-out one included)."""
-    return ioi_batches(model, ioi_prompts(n_prompts, seed=seed, templates=TEMPLATES + HELD_OUT_TEMPLATES))
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
-def run_experiment(key: str, model, n_prompts: int = 100, progress: bool = True, donor_cache: Path | None = None, **options):
-    """One experiment with its defaults, overridden by ``options`` (None = default). E4/E5 run over an IOI
-    dataset of ``n_prompts`` (1: the seed's single pair), optionally from a saved donor cache."""
-    options = {k: v for k, v in options.items() if v is not None}
-    if key == "e1":
-        return e1.run(model, **options)
-    if key == "e2":
-        return e2.run(model, **options)
-    if key == "e3":
-        options.setdefault("layer", 3 if model.cfg.n_layers == 24 else round(model.cfg.n_layers / 8))  # the seed's 3 of 24
-        return e3.run(model, **options)
-    data = ioi_dataset(model, n_prompts) if n_prompts > 1 else e4.seed_pair(model)
-    cache = None
-    if donor_cache is not None:
-        if n_prompts > 1 and len(data) > 1:
-            raise SystemExit("--donor-cache needs prompts of one token length; use --n-prompts 1 or a one-length dataset")
-        batch = data if n_prompts == 1 else data[0]
-        cache = load_cache(donor_cache, model, batch.donor_tokens) if donor_cache.exists() else None
-        if cache is None:  # first use: compute the donor run once and save it for the next process
-            names = [act_name(kind, l) for l in range(model.cfg.n_layers) for kind in ("z", "resid_post")]
-            save_cache(donor_cache, hooks.run(model, batch.donor_tokens, cache=names)[1], model, batch.donor_tokens, batch.prepend_bos)
-            cache = load_cache(donor_cache, model, batch.donor_tokens)
-        data = batch
-    module = e4 if key == "e4" else e5
-    return module.run(model, data, donor_cache=cache, progress=progress, **options)
+def resolve_device(device: str) -> str:
+    import torch
 
-
-FIGURES = {"e1": plotting.e1_figures, "e2": plotting.e2_figures, "e3": plotting.e3_figures, "e4": plotting.e4_figures, "e5": plotting.e5_figures}
-
-
-def write_index(out_dir: Path, model_name: str, sections: list[tuple[str, str, list[Path], float]]) -> Path:
-    """An index.html linking every figure with its one-line reading."""
-    rows = []
-    for key, reading, files, seconds in sections:
-        links = " · ".join(f'<a href="{f.name}">{f.stem}</a>' for f in files if f.suffix == ".html")
-        thumbs = "".join(f'<a href="{f.with_suffix(".html").name}"><img src="{f.name}" width="320"></a>' for f in files if f.suffix == ".png")
-        rows.append(f"<h2>{html.escape(TITLES[key])}</h2><p>{html.escape(reading)}</p><p>{links} · "
-                    f'<a href="{key}_result.json">result JSON</a> · {seconds:.1f} s</p><p>{thumbs}</p>')
-    page = (f"<!doctype html><meta charset='utf-8'><title>tl_patching — {html.escape(model_name)}</title>"
-            f"<h1>tl_patching results for {html.escape(model_name)}</h1>" + "\n".join(rows))
-    index = out_dir / "index.html"
-    index.write_text(page)
-    return index
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: this PyTorch has no CUDA device available (use --device cpu)")
+    return device
 
 
 def save_result(key: str, result, out_dir: Path, png: bool = True) -> list[Path]:
+    from tl_patching import plotting
+
     result.to_json(out_dir / f"{key}_result.json")
-    return [f for name, fig in FIGURES[key](result).items() for f in plotting.save(fig, out_dir, name, png=png)]
+    return [f for name, fig in plotting.FIGURES[key](result).items() for f in plotting.save(fig, out_dir, name, png=png)]
 
 
-def reproduce(model_name: str, experiments: list[str], out_root: Path, device: str, n_prompts: int, png: bool = True) -> Path:
-    """Every experiment with its defaults; figures, results JSON and index.html under ``out_root/<model>/``."""
-    model = load_model(model_name, weights="raw", device=device)
-    out_dir = out_root / model_slug(model_name)
+def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n_prompts: int,
+              donor_cache: Path | None = None, png: bool = True) -> Path:
+    """Every experiment with its defaults; figures, results JSON and index.html under ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    from tl_patching.experiments import run_experiment
+    from tl_patching.report import write_index
+
     sections = []
     for key in tqdm(experiments, desc="experiments"):
         start = time.perf_counter()
-        result = run_experiment(key, model, n_prompts)
+        result = run_experiment(key, forward, n_prompts, donor_cache=donor_cache)
         seconds = time.perf_counter() - start
-        sections.append((key, result.reading(), save_result(key, result, out_dir, png), seconds))
+        sections.append((key, result, save_result(key, result, out_dir, png), seconds))
         tqdm.write(f"{key} ({seconds:.1f} s): {result.reading()}")
     return write_index(out_dir, model_name, sections)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tl-patching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="tl-patching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=SHIPPED_MODEL_NAME, help="'shipped', a hub name (gpt2, gpt2-medium, gpt2-large) or a local HF directory")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    common.add_argument("--out", type=Path, default=Path("figures"), help="figures go to OUT/<model>/")
-    common.add_argument("--no-png", action="store_true", help="write interactive HTML only")
+    common.add_argument("--model", default=SHIPPED_MODEL_NAME,
+                        help="'shipped' (the bundled model, offline), a hub name (gpt2, gpt2-medium, …) or a local HF directory")
+    common.add_argument("--backend", default="tl", choices=["tl", "hf"],
+                        help="run the edits as TransformerLens hooks (tl) or as raw HF hooks on the same weights (hf)")
+    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (auto: cuda if available)")
+    common.add_argument("--out", type=Path, default=Path("figures"), help="figures and results go to OUT/<model>/")
+    common.add_argument("--no-png", action="store_true", help="write interactive HTML only (no static PNG)")
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     ioi = argparse.ArgumentParser(add_help=False)
-    ioi.add_argument("--n-prompts", type=int, default=100, help="IOI prompts (1: the seed's single pair)")
-    ioi.add_argument("--donor-cache", type=Path, help="safetensors file: loaded if it exists, else computed and saved")
-
+    ioi.add_argument("--n-prompts", type=positive_int, default=100, help="IOI prompts, at least 1 (1: the seed's single pair)")
+    ioi.add_argument("--donor-cache", type=Path,
+                     help="safetensors file of the donor run: loaded if it exists (checked against model and tokens), else computed and saved")
+    text = argparse.ArgumentParser(add_help=False)
+    text.add_argument("--text", help="the sentence to run (default: the experiment's own)")
     rep = sub.add_parser("reproduce", parents=[common, ioi], help="run E1–E5 and write figures, results JSON and an index page")
     rep.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset, e.g. e3,e5")
-    p1 = sub.add_parser("e1", parents=[common], help=TITLES["e1"])
-    p1.add_argument("--text")
-    p2 = sub.add_parser("e2", parents=[common], help=TITLES["e2"])
-    p2.add_argument("--text")
-    p2.add_argument("--layer", type=int, help="default: 9 on 12-layer models (the seed), else 3/4 of the depth")
-    p2.add_argument("--head", type=int)
-    p2.add_argument("--noise-mean", type=float)
-    p2.add_argument("--seed", type=int)
-    p3 = sub.add_parser("e3", parents=[common], help=TITLES["e3"])
-    p3.add_argument("--text")
+    sub.add_parser("e1", parents=[common, text], help=TITLES["e1"])
+    p2 = sub.add_parser("e2", parents=[common, text], help=TITLES["e2"])
+    p2.add_argument("--layer", type=int, help="the edited layer (default: 9 on 12-layer models, the seed; else 3/4 of the depth)")
+    p2.add_argument("--head", type=int, help="the head whose key is zeroed (default 2, the seed's)")
+    p2.add_argument("--noise-mean", type=float, help="mean of the Gaussian noise put into the even MLP neurons (default 10)")
+    p2.add_argument("--seed", type=int, help="seed of the noise draw (default 0)")
+    p3 = sub.add_parser("e3", parents=[common, text], help=TITLES["e3"])
     p3.add_argument("--layer", type=int, help="silenced layer (default: 3 on 24-layer models, the seed; else n_layers/8)")
-    p3.add_argument("--head", type=int)
+    p3.add_argument("--head", type=int, help="silenced head (default 0)")
     sub.add_parser("e4", parents=[common, ioi], help=TITLES["e4"])
     p5 = sub.add_parser("e5", parents=[common, ioi], help=TITLES["e5"])
-    p5.add_argument("--method", choices=["fast", "plain"])
-    args = vars(parser.parse_args(argv))
+    p5.add_argument("--method", choices=["fast", "sweep"],
+                    help="fast: recompute only the final position (tl backend); sweep: the reference driver (default: fast on tl, sweep on hf)")
+    return top
+
+
+def run(args: dict) -> None:
+    from tl_patching.experiments import run_experiment
+    from tl_patching.forward import load_forward
+
     command = args.pop("command")
-    model_name, device, out_root, png = args.pop("model"), args.pop("device"), args.pop("out"), not args.pop("no_png")
+    model_name, backend, out_root, png = args.pop("model"), args.pop("backend"), args.pop("out"), not args.pop("no_png")
+    donor_cache = args.pop("donor_cache", None)
+    if donor_cache is not None and not donor_cache.parent.is_dir():
+        raise FileNotFoundError(f"--donor-cache {donor_cache}: the folder {donor_cache.parent} does not exist")
+    device = resolve_device(args.pop("device"))
     if command == "reproduce":
         experiments = [e.strip().lower() for e in args.pop("experiments").split(",") if e.strip()]
         unknown = sorted(set(experiments) - set(EXPERIMENTS))
-        if unknown:
-            parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
-        index = reproduce(model_name, experiments, out_root, device, args["n_prompts"], png=png)
+        if unknown or not experiments:
+            raise ValueError(f"unknown experiment(s) {unknown or experiments}; choose from {', '.join(EXPERIMENTS)}")
+    forward = load_forward(model_name, backend, device)
+    out_dir = out_root / model_slug(model_name)
+    if command == "reproduce":
+        index = reproduce(forward, model_name, experiments, out_dir, args["n_prompts"], donor_cache, png=png)
         print(f"wrote {index}", file=sys.stderr)
         return
-    model = load_model(model_name, weights="raw", device=device)
-    result = run_experiment(command, model, **args)
-    files = save_result(command, result, out_root / model_slug(model_name), png)
+    result = run_experiment(command, forward, donor_cache=donor_cache, **args)
+    files = save_result(command, result, out_dir, png)
     print(result.reading())
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(parser().parse_args(argv))
+    debug = args.pop("debug")
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # every library error reaches the user as one line
+        if debug:
+            raise
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {message or type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

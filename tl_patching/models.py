@@ -93,7 +93,6 @@ def hooked_from_hf(
         fold_value_biases=processed,
         refactor_factored_attn_matrices=False,
     )
-    model.weight_mode = weights
     return model.to(device).eval()
 
 
@@ -200,3 +199,8 @@ def random_gpt2(
             is_ln_weight = ".ln_" in name and name.endswith("weight")  # ln_1, ln_2, ln_f
             param.copy_(1.0 + noise if is_ln_weight else noise)
     return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, name=f"random-gpt2-L{n_layers}H{n_heads}")
+
+
+def weight_mode(model: HookedTransformer) -> str:
+    """"processed" if LayerNorm was folded into the weights (TL's cfg says LNPre/RMSPre), else "raw"."""
+    return "processed" if model.cfg.normalization_type in ("LNPre", "RMSPre") else "raw"

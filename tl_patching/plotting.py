@@ -166,3 +166,6 @@ def e5_figures(r: E5Result) -> dict[str, go.Figure]:
     bars.update_layout(title=f"E5 ({r.info.model_name}): per-layer summary of single-head, final-position patches",
                        xaxis_title="layer", yaxis_title="Δ logit difference (nats)", barmode="overlay")
     return {"e5_head_heatmap": heat, "e5_layer_summary": bars}
+
+
+FIGURES = {"e1": e1_figures, "e2": e2_figures, "e3": e3_figures, "e4": e4_figures, "e5": e5_figures}

@@ -112,12 +112,43 @@ def ioi_prompts(
     return prompts
 
 
+def token_strings(model: HookedTransformer, ids: Tensor | Sequence[int]) -> list[str]:
+    """Each token id as its text (TL's ``to_str_tokens`` fails on tokenizers whose path contains "gemma")."""
+    ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def _unknown_words(model: HookedTransformer, text: str, ids: Tensor) -> list[str]:
+    """The pieces of ``text`` that the tokenizer mapped to its unknown token."""
+    tokenizer = model.tokenizer
+    unk = tokenizer.unk_token_id
+    if unk is None or not bool((ids == unk).any()):
+        return []
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [text[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk] or ["?"]
+
+
+def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool = True) -> Int[Tensor, "1 pos"]:
+    """``text`` as ``[1, pos]`` token ids, or `PromptError` for an empty text, words the tokenizer does not know
+    (it would map them to its unknown token) and a text longer than the model's context (never truncated)."""
+    if not text or not text.strip():
+        raise PromptError("empty text: give at least one word")
+    ids = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)
+    unknown = _unknown_words(model, text, ids)
+    if unknown:
+        raise PromptError(f"the tokenizer of {model.cfg.model_name} does not know {', '.join(repr(w) for w in unknown)}: "
+                          "they would all become its unknown token")
+    if ids.shape[1] > model.cfg.n_ctx:
+        raise PromptError(f"the text is {ids.shape[1]} tokens, longer than the model's context of {model.cfg.n_ctx}")
+    return ids
+
+
 def single_token(model: HookedTransformer, word: str) -> int:
-    """Token id of ``word`` (e.g. ``" Sally"``), or `PromptError` if it is not exactly one token."""
-    ids = model.to_tokens(word, prepend_bos=False)[0]
+    """Token id of ``word`` (e.g. ``" Sally"``), or `PromptError` if it is not exactly one known token."""
+    ids = to_tokens(model, word, prepend_bos=False)[0]
     if len(ids) != 1:
-        pieces = model.to_str_tokens(word, prepend_bos=False)
-        raise PromptError(f"{word!r} is {len(ids)} tokens {pieces}, not one; logit differences need single-token names")
+        raise PromptError(f"{word!r} is {len(ids)} tokens {token_strings(model, ids)}, not one; "
+                          "logit differences need single-token names (with their leading space)")
     return int(ids[0])
 
 
@@ -156,12 +187,12 @@ def ioi_pair(
     correct_id, wrong_id = single_token(model, correct), single_token(model, wrong)
     if correct_id == wrong_id:
         raise PromptError(f"correct and wrong answers are the same token {correct!r}")
-    tokens = model.to_tokens(recipient, prepend_bos=prepend_bos)
-    donor_tokens = model.to_tokens(donor, prepend_bos=prepend_bos)
+    tokens = to_tokens(model, recipient, prepend_bos=prepend_bos)
+    donor_tokens = to_tokens(model, donor, prepend_bos=prepend_bos)
     if tokens.shape != donor_tokens.shape:
         raise PromptError(
             f"recipient is {tokens.shape[1]} tokens and donor {donor_tokens.shape[1]}: patching position by "
-            f"position needs equal lengths ({model.to_str_tokens(recipient)} vs {model.to_str_tokens(donor)})"
+            f"position needs equal lengths ({token_strings(model, tokens[0])} vs {token_strings(model, donor_tokens[0])})"
         )
     return IOIBatch(tokens, donor_tokens, torch.tensor([correct_id]), torch.tensor([wrong_id]), [recipient], [donor], prepend_bos)
 
@@ -181,3 +212,8 @@ def ioi_batches(model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_
         )
         for _, group in sorted(groups.items())
     ]
+
+
+def ioi_dataset(model: HookedTransformer, n_prompts: int, seed: int = 0) -> list[IOIBatch]:
+    """E4/E5's dataset: ``n_prompts`` seeded prompts over every template (the held-out one included), one batch per length."""
+    return ioi_batches(model, ioi_prompts(n_prompts, seed=seed, templates=TEMPLATES + HELD_OUT_TEMPLATES))

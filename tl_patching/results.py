@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 T = TypeVar("T", bound="Result")
 
@@ -27,19 +26,19 @@ class RunInfo:
     n_heads: int
     token_ids: list[list[int]]
     prepend_bos: bool
-    backend: str = "transformer_lens"  # or "hf_hooks"
+    backend: str = "tl"  # "tl" (TransformerLens hooks) or "hf" (raw HF hooks)
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: HookedTransformer, tokens: Tensor | list[list[int]], prepend_bos: bool, hf_model=None, seed: int = 0,
-           **settings) -> RunInfo:
-        """``tokens``: ``[batch, pos]`` ids, or a list of rows of any lengths (a dataset of several batches)."""
+    def of(cls, forward, tokens: Tensor | list[list[int]], prepend_bos: bool, seed: int = 0, **settings) -> RunInfo:
+        """``forward``: the `tl_patching.forward.Forward` that ran; ``tokens``: ``[batch, pos]`` ids, or a list of
+        rows of any lengths (a dataset of several batches)."""
         return cls(
-            model_name=model.cfg.model_name, weight_mode=getattr(model, "weight_mode", "unknown"),
-            n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
+            model_name=forward.cfg.model_name, weight_mode=forward.weight_mode,
+            n_layers=forward.cfg.n_layers, n_heads=forward.cfg.n_heads,
             token_ids=tokens.tolist() if isinstance(tokens, Tensor) else tokens, prepend_bos=prepend_bos,
-            backend="transformer_lens" if hf_model is None else "hf_hooks", seed=seed, settings=settings,
+            backend=forward.backend, seed=seed, settings=settings,
         )
 
 

@@ -1,30 +1,31 @@
 """E1 — attention-head isolation and the distribution of raw attention scores (seed 003).
 
-Per head, the raw score of query i for key j is Q_i·K_jᵀ/√d_head before softmax; the causal mask
-sets future keys to −inf, so the first token can only attend to itself (probability 1). The seed
-found raw scores over visible positions shifted strongly negative rather than centred on zero,
-and proposed per-layer kernel density estimates stacked by depth instead of scatter plots.
+Per head, the raw score of query i for key j is Q_i·K_jᵀ·scale before softmax; the causal mask sets
+future keys to −inf, so the first token can only attend to itself (probability 1, by construction).
+The seed found raw scores over visible positions shifted strongly negative rather than centred on
+zero, and proposed per-layer kernel density estimates stacked by depth instead of scatter plots.
 
-TL hooks: ``blocks.l.attn.hook_q``, ``hook_k`` (Q, K per head), ``hook_attn_scores`` (the same scores,
-masked), ``hook_pattern``. HF counterpart: the fused output of ``transformer.h[l].attn.c_attn``
-(width 3·d_model, order Q, K, V) split into heads — both routes go through `causal_scores`.
+The scores are computed from Q and K as the attention uses them — after rotary embeddings and QK-norm
+on families that have them (``hook_rot_q``/``hook_rot_k`` there, ``hook_q``/``hook_k`` on GPT-2), each
+key/value head shared by its query heads on grouped-query models, with the family's scale and
+soft-cap — and must equal ``hook_attn_scores``, the scores the model really applied (an error if not).
+HF counterpart on GPT-2: the fused output of ``transformer.h[l].attn.c_attn`` split into Q, K, V.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import einops
 import numpy as np
 import torch
 from jaxtyping import Float
 from scipy.stats import gaussian_kde
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformers import GPT2LMHeadModel
 
-from tl_patching import hooks
-from tl_patching.hf_hooks import causal_scores, split_qkv
-from tl_patching.hooks import act_name
+from tl_patching.edits import act_name
+from tl_patching.forward import Forward
+from tl_patching.prompts import to_tokens
 from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to Sally"
@@ -37,7 +38,7 @@ class E1Result(Result):
     first_token_self_attention: Float[Tensor, "layer head"]  # pattern[0, 0] (must be 1)
     kde_grid: Float[Tensor, " grid"]
     kde_density: Float[Tensor, "layer grid"]  # density of all heads' visible raw scores per layer
-    max_diff_split_vs_hook: float  # |scores from hook_q/hook_k − hook_attn_scores|, visible positions
+    max_diff_split_vs_hook: float  # max |scores from Q·K − hook_attn_scores| / max |score|, visible positions
 
     def reading(self) -> str:
         layers = self.mean_score.mean(-1)
@@ -47,51 +48,66 @@ class E1Result(Result):
                 f"fused-QKV split = hook_attn_scores to {self.max_diff_split_vs_hook:.1e}")
 
 
-def tl_raw_scores(model: HookedTransformer, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(scores from hook_q/hook_k, hook_attn_scores, hook_pattern), each ``[layer, batch, head, q, k]``."""
-    names = [act_name(n, l) for l in range(model.cfg.n_layers) for n in ("q", "k", "attn_scores", "pattern")]
-    _, cache = hooks.run(model, tokens, cache=names)
-    by = lambda kind: torch.stack([cache[act_name(kind, l)] for l in range(model.cfg.n_layers)])  # noqa: E731
-    split = torch.stack([causal_scores(cache[act_name("q", l)], cache[act_name("k", l)]) for l in range(model.cfg.n_layers)])
+SPLIT_CHECK_TOLERANCE = 1e-4  # scores from Q·K vs hook_attn_scores, relative to the largest |score|
+
+
+def qk_scores(cfg, q: Tensor, k: Tensor, layer: int) -> Float[Tensor, "batch head query_pos key_pos"]:
+    """Raw scores from Q ``[batch, pos, head, d_head]`` and K (``n_key_value_heads`` heads on GQA models) as TL's
+    attention computes them: Q·Kᵀ / attn_scale, soft-capped where the family does, future (and out-of-window)
+    keys −inf."""
+    if k.shape[2] != q.shape[2]:  # grouped-query: each key head serves n_heads / n_kv_heads query heads
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+    scores = einops.einsum(q, k, "b q h d, b k h d -> b h q k") / scale
+    if cfg.attn_scores_soft_cap > 0:
+        scores = cfg.attn_scores_soft_cap * torch.tanh(scores / cfg.attn_scores_soft_cap)
+    n = scores.shape[-1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    hidden = j > i
+    window = cfg.window_size if cfg.attn_types is not None and cfg.attn_types[layer] == "local" else None
+    if window is not None:
+        hidden |= i - j >= window
+    return scores.masked_fill(hidden, float("-inf"))
+
+
+def qk_names(cfg, layer: int) -> tuple[str, str]:
+    """The hooks holding Q and K as the attention uses them: after rotation (and QK-norm) on rotary models."""
+    rotary = cfg.positional_embedding_type == "rotary"
+    return (act_name("rot_q", layer), act_name("rot_k", layer)) if rotary else (act_name("q", layer), act_name("k", layer))
+
+
+def raw_scores(forward: Forward, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores from Q·K, hook_attn_scores, hook_pattern), each ``[layer, batch, head, q, k]``."""
+    L = forward.cfg.n_layers
+    names = [n for l in range(L) for n in (*qk_names(forward.cfg, l), act_name("attn_scores", l), act_name("pattern", l))]
+    _, cache = forward.run(tokens, cache=names)
+    split = torch.stack([qk_scores(forward.cfg, *(cache[n] for n in qk_names(forward.cfg, l)), l) for l in range(L)])
+    by = lambda kind: torch.stack([cache[act_name(kind, l)] for l in range(L)])  # noqa: E731
     return split, by("attn_scores"), by("pattern")
 
 
-def hf_raw_scores(hf_model: GPT2LMHeadModel, tokens: Tensor) -> Tensor:
-    """Scores from the fused ``c_attn`` output of every layer (the seed's method), ``[layer, batch, head, q, k]``."""
-    fused: dict[int, Tensor] = {}
-    handles = [
-        block.attn.c_attn.register_forward_hook(lambda m, args, out, l=l: fused.__setitem__(l, out.detach()))
-        for l, block in enumerate(hf_model.transformer.h)
-    ]
-    try:
-        with torch.no_grad():
-            hf_model(tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_heads = hf_model.config.n_head
-    return torch.stack([causal_scores(*split_qkv(fused[l], n_heads)[:2]) for l in sorted(fused)])
-
-
-def run(model: HookedTransformer, text: str = DEFAULT_TEXT, prepend_bos: bool = True, hf_model: GPT2LMHeadModel | None = None,
-        grid_points: int = 200) -> E1Result:
-    """Raw-score statistics per layer × head; with ``hf_model``, the scores come from HF's fused c_attn output."""
-    tokens = model.to_tokens(text, prepend_bos=prepend_bos)
-    split, hooked, pattern = tl_raw_scores(model, tokens)
-    scores = split if hf_model is None else hf_raw_scores(hf_model, tokens)
-    n = tokens.shape[1]
-    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    values = scores[..., visible]  # [layer, batch, head, n_visible]
-    per_head = values.transpose(1, 2).flatten(2)  # [layer, head, batch * n_visible]
-    per_layer = per_head.flatten(1).numpy()
-    grid = np.linspace(per_layer.min(), per_layer.max(), grid_points)
+def run(forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool = True, grid_points: int = 200) -> E1Result:
+    """Raw-score statistics per layer × head, from Q and K at the hook points (the seed's method)."""
+    tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
+    split, hooked, pattern = raw_scores(forward, tokens)
+    visible = torch.isfinite(hooked)  # [layer, batch, head, q, k]: the mask the model applied (causal, windows)
+    if not torch.equal(torch.isfinite(split), visible):
+        raise ArithmeticError("E1: the attention mask computed here differs from the one the model applied")
+    difference = float((split[visible] - hooked[visible]).abs().max() / hooked[visible].abs().max())
+    if difference > SPLIT_CHECK_TOLERANCE:
+        raise ArithmeticError(f"E1: scores from Q·K differ from hook_attn_scores by {difference:.1e} (relative): "
+                              "this model's attention is not Q·Kᵀ/scale as computed here")
+    n_visible = visible.sum((1, 3, 4))  # [layer, head]
+    scores = split.masked_fill(~visible, 0.0)
+    per_layer = [split[l][visible[l]].numpy() for l in range(len(split))]
+    grid = np.linspace(min(v.min() for v in per_layer), max(v.max() for v in per_layer), grid_points)
     density = np.stack([gaussian_kde(v)(grid) for v in per_layer])
     return E1Result(
-        info=RunInfo.of(model, tokens, prepend_bos, hf_model, text=text),
-        mean_score=per_head.mean(-1),
-        frac_negative=(per_head < 0).float().mean(-1),
+        info=RunInfo.of(forward, tokens, prepend_bos, text=text),
+        mean_score=scores.sum((1, 3, 4)) / n_visible,
+        frac_negative=((split < 0) & visible).sum((1, 3, 4)) / n_visible,
         first_token_self_attention=pattern[:, 0, :, 0, 0],
         kde_grid=torch.tensor(grid, dtype=torch.float32),
         kde_density=torch.tensor(density, dtype=torch.float32),
-        max_diff_split_vs_hook=float((split[..., visible] - hooked[..., visible]).abs().max()),
+        max_diff_split_vs_hook=difference,
     )

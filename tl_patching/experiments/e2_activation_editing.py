@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformers import GPT2LMHeadModel
+from torch import nn
 
-from tl_patching import hf_hooks
-from tl_patching.hooks import Edit, act_name, gaussian_noise, scale, zero
+from tl_patching.backends.hf_maps import family_of
+from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
+from tl_patching.forward import Forward
+from tl_patching.prompts import token_strings, to_tokens
 from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to"
@@ -60,15 +61,24 @@ class E2Result(Result):
         return "; ".join(parts)
 
 
-def default_layer(model: HookedTransformer) -> int:
+def default_layer(n_layers: int) -> int:
     """The seed's block 9 on 12-layer GPT-2 small; three quarters of the depth otherwise."""
-    return 9 if model.cfg.n_layers == 12 else round(0.75 * (model.cfg.n_layers - 1))
+    return 9 if n_layers == 12 else round(0.75 * (n_layers - 1))
 
 
-def interventions(model: HookedTransformer, layer: int, head: int, noise_mean: float, seed: int) -> dict[str, list[Edit]]:
-    act_name("k", layer, model)  # range checks before anything runs
-    if not 0 <= head < model.cfg.n_heads:
-        raise IndexError(f"head {head} out of range: the model has {model.cfg.n_heads} heads")
+def interventions(cfg, layer: int, head: int, noise_mean: float, seed: int) -> dict[str, list[Edit]]:
+    """The seed's four edits, checked against the model's sizes before anything runs."""
+    if not 0 <= layer < cfg.n_layers:
+        raise IndexError(f"layer {layer} out of range: the model has {cfg.n_layers} layers (0..{cfg.n_layers - 1})")
+    if not 0 <= head < cfg.n_heads:
+        raise IndexError(f"head {head} out of range: the model has {cfg.n_heads} heads (0..{cfg.n_heads - 1})")
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    if n_kv != cfg.n_heads and not cfg.ungroup_grouped_query_attention:
+        raise NotImplementedError(
+            f"this model has grouped-query attention: {n_kv} key heads shared by {cfg.n_heads} query heads, so "
+            f"'zero the key of head {head}' would zero key head {head // (cfg.n_heads // n_kv)} for "
+            f"{cfg.n_heads // n_kv} query heads. On the tl backend call model.set_ungroup_grouped_query_attention(True) "
+            "first (one key copy per query head, same logits)")
     return {
         f"zero key of head {head}, layer {layer}": [zero(act_name("k", layer), head=head)],
         f"even MLP neurons → N({noise_mean:g}, 1), layer {layer}": [
@@ -79,36 +89,58 @@ def interventions(model: HookedTransformer, layer: int, head: int, noise_mean: f
     }
 
 
+def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str]:
+    """What block 0 of the HF model returns in the installed transformers, with and without ``output_attentions``.
+
+    The seeds index ``output[0]`` / ``output[1:]``; transformers 5 returns a plain tensor.
+    """
+    block = hf_model.get_submodule(family_of(hf_model).sites["hook_resid_post"].module.format(l=0))
+    seen: dict[str, str] = {}
+
+    def describe(output) -> str:
+        if isinstance(output, tuple):
+            parts = ", ".join("None" if o is None else f"Tensor{tuple(o.shape)}" for o in output)
+            return f"tuple of {len(output)}: ({parts})"
+        return f"Tensor{tuple(output.shape)}"
+
+    for flag in (False, True):
+        handle = block.register_forward_hook(lambda m, a, out, flag=flag: seen.__setitem__(f"output_attentions={flag}", describe(out)))
+        try:
+            with torch.no_grad():
+                hf_model(tokens, output_attentions=flag)
+        finally:
+            handle.remove()
+    return seen
+
+
 def run(
-    model: HookedTransformer, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 2,
+    forward: Forward, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 2,
     noise_mean: float = 10.0, seed: int = 0, top_k: int = 5, prepend_bos: bool = True,
-    hf_model: GPT2LMHeadModel | None = None,
 ) -> E2Result:
-    """Run the four interventions through TL hooks, or through HF hooks if ``hf_model`` is given."""
-    layer = default_layer(model) if layer is None else layer
-    head = min(head, model.cfg.n_heads - 1)
-    edits = interventions(model, layer, head, noise_mean, seed)
-    tokens = model.to_tokens(text, prepend_bos=prepend_bos)
-    resid = [act_name("resid_post", l) for l in range(model.cfg.n_layers)]
-    forward = hf_hooks.runner(model, hf_model)
+    """Run the four interventions through the forward's backend; the residual spread per layer and top-k tokens."""
+    cfg = forward.cfg
+    layer = default_layer(cfg.n_layers) if layer is None else layer
+    edits = interventions(cfg, layer, head, noise_mean, seed)
+    tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
+    resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
 
     def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
-        logits, cache = forward(tokens, e, resid)
+        logits, cache = forward.run(tokens, e, resid)
         return torch.stack([cache[n].std() for n in resid]), logits[0, -1].log_softmax(-1)
 
     clean_std, clean_logp = spread_and_probs([])
     clean_top = clean_logp.topk(top_k)
     result = E2Result(
-        info=RunInfo.of(model, tokens, prepend_bos, hf_model, seed=seed, text=text, noise_mean=noise_mean),
+        info=RunInfo.of(forward, tokens, prepend_bos, seed=seed, text=text, noise_mean=noise_mean),
         layer=layer, head=head, clean_resid_std=clean_std,
-        clean_top_tokens=model.to_str_tokens(clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
-        block_output_structure=hf_hooks.block_output_structure(hf_model, tokens) if hf_model is not None else {},
+        clean_top_tokens=token_strings(forward.model, clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
+        block_output_structure=block_output_structure(forward.hf_model, tokens) if forward.hf_model is not None else {},
     )
     for label, e in edits.items():
         std, logp = spread_and_probs(e)
         top = logp.topk(top_k)
         result.interventions.append(Intervention(
-            label, std, model.to_str_tokens(top.indices), top.values.exp().tolist(),
+            label, std, token_strings(forward.model, top.indices), top.values.exp().tolist(),
             clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
             kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
         ))

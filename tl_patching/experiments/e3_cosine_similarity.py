@@ -20,12 +20,10 @@ import torch
 from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks
-from tl_patching.hooks import act_name, zero
-from tl_patching.prompts import PIZZA_SENTENCE
+from tl_patching.edits import act_name, zero
+from tl_patching.forward import Forward
+from tl_patching.prompts import PIZZA_SENTENCE, to_tokens
 from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = PIZZA_SENTENCE
@@ -68,28 +66,40 @@ def paired_t_test(clean: Tensor, silenced: Tensor) -> tuple[float, float]:
     return float(test.statistic), float(test.pvalue)
 
 
+def default_layer(n_layers: int) -> int:
+    """The seed's layer 3 on 24-layer GPT-2 medium; n_layers / 8 otherwise."""
+    return 3 if n_layers == 24 else round(n_layers / 8)
+
+
 def run(
-    model: HookedTransformer, text: str = DEFAULT_TEXT, layer: int = 3, head: int = 0, prepend_bos: bool = False,
-    alpha: float = 0.05, hf_model: GPT2LMHeadModel | None = None,
+    forward: Forward, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 0, prepend_bos: bool = False,
+    alpha: float = 0.05,
 ) -> E3Result:
     """Clean vs head-silenced cosine similarities per layer. BOS is off by default, as in the seed's HF
     tokenisation (and because BOS's large norm dominates every similarity with it)."""
-    if getattr(model, "weight_mode", "raw") != "raw":
-        raise ValueError("E3 needs raw weights (load_model(..., weights='raw')): processing centres the residual stream")
-    edit = zero(act_name("z", layer, model), head=head)
-    tokens = model.to_tokens(text, prepend_bos=prepend_bos)
+    if forward.weight_mode != "raw":
+        raise ValueError("E3 needs raw weights: weight processing centres the residual stream, which changes cosine "
+                         "similarities. Load with tl_patching.load_model(name, weights='raw') (TransformerLens: "
+                         "HookedTransformer.from_pretrained_no_processing)")
+    cfg = forward.cfg
+    layer = default_layer(cfg.n_layers) if layer is None else layer
+    if not 0 <= layer < cfg.n_layers:
+        raise IndexError(f"layer {layer} out of range: the model has {cfg.n_layers} layers (0..{cfg.n_layers - 1})")
+    if not 0 <= head < cfg.n_heads:
+        raise IndexError(f"head {head} out of range: the model has {cfg.n_heads} heads (0..{cfg.n_heads - 1})")
+    edit = zero(act_name("z", layer), head=head)
+    tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
     if tokens.shape[1] < 3:
-        raise ValueError("E3 needs a sentence of at least 3 tokens")
-    resid = [act_name("resid_post", l) for l in range(model.cfg.n_layers)]
-    forward = hf_hooks.runner(model, hf_model)
-    clean = forward(tokens, cache=resid)[1]
-    silenced = forward(tokens, [edit], cache=resid)[1]
+        raise ValueError(f"E3 needs a text of at least 3 tokens, got {tokens.shape[1]}")
+    resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
+    clean = forward.run(tokens, cache=resid)[1]
+    silenced = forward.run(tokens, [edit], cache=resid)[1]
     clean_pairs = torch.stack([unique_pair_similarities(clean[n][0]) for n in resid])
     silenced_pairs = torch.stack([unique_pair_similarities(silenced[n][0]) for n in resid])
     tests = [paired_t_test(c, s) for c, s in zip(clean_pairs, silenced_pairs)]
-    threshold = alpha / model.cfg.n_layers
+    threshold = alpha / cfg.n_layers
     return E3Result(
-        info=RunInfo.of(model, tokens, prepend_bos, hf_model, text=text, alpha=alpha),
+        info=RunInfo.of(forward, tokens, prepend_bos, text=text, alpha=alpha),
         layer=layer, head=head, n_pairs=clean_pairs.shape[1], clean_pairs=clean_pairs, silenced_pairs=silenced_pairs,
         t_statistic=torch.tensor([t for t, _ in tests]), p_value=torch.tensor([p for _, p in tests], dtype=torch.float64),
         threshold=threshold, significant=[p < threshold for _, p in tests],

@@ -22,13 +22,11 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks
-from tl_patching.hooks import act_name, patch, patch_where
+from tl_patching.edits import act_name, patch, patch_where
+from tl_patching.forward import Forward
 from tl_patching.metrics import Summary, logit_diff, summarize
+from tl_patching.patching import layer_variants, sweep
 from tl_patching.prompts import IOIBatch, ioi_pair, token_rows
 from tl_patching.results import Result, RunInfo
 
@@ -36,11 +34,11 @@ SEED_RECIPIENT = "Sam and Sally went to the park. Sam gave a gift to"
 SEED_DONOR = "Sam and Sally went to the park. Sally gave a gift to"
 
 
-def seed_pair(model: HookedTransformer) -> IOIBatch:
+def seed_pair(model) -> IOIBatch:
     return ioi_pair(model, SEED_RECIPIENT, SEED_DONOR, " Sally", " Sam")
 
 
-def as_batches(model: HookedTransformer, data: IOIBatch | Sequence[IOIBatch] | None, donor_cache=None) -> list[IOIBatch]:
+def as_batches(model, data: IOIBatch | Sequence[IOIBatch] | None, donor_cache=None) -> list[IOIBatch]:
     """E4/E5 input as a list of batches (default: the seed's pair); a donor cache fits one batch only."""
     batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
     if donor_cache is not None and len(batches) != 1:
@@ -74,45 +72,54 @@ class E4Result(Result):
                 f"by at most {heads_move:.2f} (flips at {flips(self.heads_summary)})")
 
 
-def patch_layer_sweep(
-    model: HookedTransformer, batch: IOIBatch, hf_model: GPT2LMHeadModel | None = None,
-    donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
-) -> tuple[Tensor, ...]:
+def donor_names(n_layers: int) -> list[str]:
+    """What E4 and E5 read from the donor run: every layer's hook_z and hook_resid_post."""
+    return [act_name(kind, l) for l in range(n_layers) for kind in ("z", "resid_post")]
+
+
+def check_patch_lands(forward: Forward, tokens: Tensor, donor: dict[str, Tensor]) -> None:
+    """Sanity check: with every layer's z patched, the model's hook_z *is* the donor's (one forward)."""
+    names = [act_name("z", l) for l in range(forward.cfg.n_layers)]
+    _, patched = forward.run(tokens, [patch(n, donor) for n in names], cache=names)
+    for n in names:
+        if not torch.equal(patched[n], donor[n].expand_as(patched[n]).to(patched[n])):
+            raise AssertionError(f"patched {n} is not the donor's")
+
+
+def patch_layer_sweep(forward: Forward, batch: IOIBatch, donor: dict[str, Tensor] | None = None, progress: bool = True) -> tuple[Tensor, ...]:
     """Logit differences for one batch: clean [N], donor [N], then per layer [L, N]: heads, resid at S2, resid at final."""
-    forward = hf_hooks.runner(model, hf_model)
-    L = model.cfg.n_layers
-    names = [act_name(kind, l) for l in range(L) for kind in ("z", "resid_post")]
-    ld = lambda logits: logit_diff(logits, batch.correct, batch.wrong)  # noqa: E731
+    L = forward.cfg.n_layers
+    donor_logits, fresh = forward.run(batch.donor_tokens, cache=[] if donor else donor_names(L))
+    donor = donor or fresh
+    check_patch_lands(forward, batch.tokens, donor)
     differs = batch.tokens != batch.donor_tokens
     final = torch.zeros_like(differs)
     final[:, -1] = True
-    donor_logits, fresh_cache = forward(batch.donor_tokens, cache=[] if donor_cache else names)
-    donor_cache = donor_cache or fresh_cache
-    heads, resid_s2, resid_final = [], [], []
-    for l in tqdm(range(L), desc="E4 layers", disable=not progress, leave=False):
-        z, resid = act_name("z", l), act_name("resid_post", l)
-        logits, patched = forward(batch.tokens, [patch(z, donor_cache)], cache=[z])
-        assert torch.equal(patched[z], donor_cache[z].expand_as(patched[z])), f"patched {z} is not the donor's"
-        heads.append(ld(logits))
-        resid_s2.append(ld(forward(batch.tokens, [patch_where(resid, donor_cache, differs)])[0]))
-        resid_final.append(ld(forward(batch.tokens, [patch_where(resid, donor_cache, final)])[0]))
-    clean = ld(forward(batch.tokens)[0])
-    return clean, ld(donor_logits), torch.stack(heads), torch.stack(resid_s2), torch.stack(resid_final)
+    resid = [act_name("resid_post", l) for l in range(L)]
+    variants = (
+        [[]]  # clean
+        + layer_variants(donor, range(L), "z")  # all heads of the layer, every position
+        + [[patch_where(n, donor, differs)] for n in resid]  # the block output where donor ≠ recipient (S2)
+        + [[patch_where(n, donor, final)] for n in resid]  # the block output at the final position
+    )
+    ld = sweep(forward, batch.tokens, variants, lambda logits: logit_diff(logits, batch.correct, batch.wrong),
+               progress=progress, desc="E4 variants")
+    return ld[0], logit_diff(donor_logits, batch.correct, batch.wrong), ld[1 : L + 1], ld[L + 1 : 2 * L + 1], ld[2 * L + 1 :]
 
 
 def run(
-    model: HookedTransformer, data: IOIBatch | Sequence[IOIBatch] | None = None, hf_model: GPT2LMHeadModel | None = None,
-    donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
+    forward: Forward, data: IOIBatch | Sequence[IOIBatch] | None = None, donor_cache: dict[str, Tensor] | None = None,
+    progress: bool = True,
 ) -> E4Result:
     """Per-layer patching curves over one prompt pair (default: the seed's) or a dataset of batches.
 
     ``donor_cache``: the donor's hook_z and hook_resid_post for every layer (e.g. loaded from disk); one batch only.
     """
-    batches = as_batches(model, data, donor_cache)
-    parts = [patch_layer_sweep(model, b, hf_model, donor_cache, progress) for b in batches]
+    batches = as_batches(forward.model, data, donor_cache)
+    parts = [patch_layer_sweep(forward, b, donor_cache, progress) for b in batches]
     clean, donor, heads, resid_s2, resid_final = (torch.cat([p[i] for p in parts], dim=-1) for i in range(5))
     return E4Result(
-        info=RunInfo.of(model, token_rows(batches), batches[0].prepend_bos, hf_model, n_prompts=len(clean),
+        info=RunInfo.of(forward, token_rows(batches), batches[0].prepend_bos, n_prompts=len(clean),
                         n_batches=len(batches), texts=[t for b in batches for t in b.texts][:10]),
         clean=clean, donor=donor, heads_patched=heads, resid_s2_patched=resid_s2, resid_final_patched=resid_final,
         clean_summary=summarize(clean), donor_summary=summarize(donor), heads_summary=[summarize(x) for x in heads],

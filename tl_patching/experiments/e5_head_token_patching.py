@@ -9,8 +9,9 @@ one position is one of n_heads terms of one summand at one of the positions that
 so each patch moves the residual stream by a 1/n_heads share of one term. Seed (GPT-2 large):
 effects tiny, larger in late layers, some heads raise the score and some lower it.
 
-The sweep runs through `tl_patching.patching.final_position_head_sweep` (exact, recomputes only the
-final position); ``method="plain"`` runs one full forward per head, through HF hooks with ``hf_model``.
+``method="fast"`` (default on the tl backend) runs `tl_patching.fast.final_position_head_sweep` (exact,
+recomputes only the final position); ``method="sweep"`` runs the reference driver
+`tl_patching.patching.head_sweep` on either backend. The result says which ran.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformers import GPT2LMHeadModel
 
-from tl_patching import hf_hooks, patching
+from tl_patching import fast, patching
+from tl_patching.edits import act_name
 from tl_patching.experiments.e4_ioi_patching import as_batches
-from tl_patching.hooks import act_name
+from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
 from tl_patching.prompts import IOIBatch, token_rows
 from tl_patching.results import Result, RunInfo
@@ -58,36 +58,39 @@ class E5Result(Result):
                 f"{mean_abs[len(mean_abs) // 2:].mean():.3f} in the second")
 
 
+METHODS = ("fast", "sweep")
+
+
 def run(
-    model: HookedTransformer, data: IOIBatch | Sequence[IOIBatch] | None = None, method: str = "fast",
-    hf_model: GPT2LMHeadModel | None = None, donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
+    forward: Forward, data: IOIBatch | Sequence[IOIBatch] | None = None, method: str | None = None,
+    donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
 ) -> E5Result:
     """Single-head, final-position patching sweep over all layers × heads.
 
+    ``method``: "fast" (tl backend only) or "sweep" (either backend); default "fast" on tl, "sweep" on hf.
     ``donor_cache``: the donor's ``hook_z`` for every layer (e.g. loaded from disk); one batch only.
     """
-    if method not in ("fast", "plain"):
-        raise ValueError("method must be 'fast' or 'plain'")
-    if hf_model is not None and method == "fast":
-        method = "plain"  # the fast path is TL-only; HF runs one hooked forward per head
-    batches = as_batches(model, data, donor_cache)
-    forward = hf_hooks.runner(model, hf_model)
-    z_names = [act_name("z", l) for l in range(model.cfg.n_layers)]
+    method = method or ("fast" if forward.backend == "tl" else "sweep")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    batches = as_batches(forward.model, data, donor_cache)
+    z_names = [act_name("z", l) for l in range(forward.cfg.n_layers)]
     cleans, effects = [], []
     for b in batches:
-        cache = donor_cache or forward(b.donor_tokens, cache=z_names)[1]
-        clean = logit_diff(forward(b.tokens)[0], b.correct, b.wrong)
+        donor = donor_cache or forward.run(b.donor_tokens, cache=z_names)[1]
+        clean = logit_diff(forward(b.tokens), b.correct, b.wrong)
         if method == "fast":
-            patched = patching.final_position_head_sweep(model, b.tokens, cache, b.correct, b.wrong, progress=progress)
+            patched = fast.final_position_head_sweep(forward, b.tokens, donor, b.correct, b.wrong, progress=progress)
         else:
-            patched = patching.plain_head_sweep(model, b.tokens, cache, b.correct, b.wrong, progress=progress, hf_model=hf_model)
+            metric = lambda logits, b=b: logit_diff(logits, b.correct, b.wrong)  # noqa: E731
+            patched = patching.head_sweep(forward, b.tokens, donor, metric, pos=-1, progress=progress)
         cleans.append(clean)
         effects.append(patched - clean)
     clean, effect = torch.cat(cleans), torch.cat(effects, dim=-1)
     if not torch.isfinite(effect).all():
         raise FloatingPointError("the sweep produced NaN/inf logit differences")
     return E5Result(
-        info=RunInfo.of(model, token_rows(batches), batches[0].prepend_bos, hf_model, n_prompts=len(clean),
+        info=RunInfo.of(forward, token_rows(batches), batches[0].prepend_bos, n_prompts=len(clean),
                         texts=[t for b in batches for t in b.texts][:10]),
         clean=clean, effect=effect, method=method,
     )

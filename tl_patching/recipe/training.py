@@ -33,7 +33,7 @@ from tl_patching.metrics import logit_diff, summarize
 from tl_patching.prompts import (
     HELD_OUT_TEMPLATES, NAMES, OBJECTS, PIZZA_SENTENCES, PLACES, TEMPLATES, IOIPrompt, ioi_prompts,
 )
-from tl_patching.word_tokenizer import word_tokenizer
+from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 ADJECTIVES = ("old", "new", "big", "small", "quiet", "long", "hot", "sweet", "red", "happy")
 VERBS = ("liked", "found", "saw", "took", "threw", "had", "sent", "read", "passed", "handed")

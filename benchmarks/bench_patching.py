@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from tl_patching.benchmark import SIZES, bench_size, report
+from harness import SIZES, bench_size, report
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

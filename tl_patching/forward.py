@@ -1,0 +1,80 @@
+"""`Forward`: a model bound to the backend that runs it, built once by the caller and passed down.
+
+Experiments and the patching engine call ``forward.run(tokens, edits, cache)`` and never choose a
+backend themselves. The `HookedTransformer` is always there: it gives the configuration and the
+tokenizer (so both backends see the same token ids). With ``hf_model`` the edits run as raw HF hooks
+on that model instead (`tl_patching.backends.hf`), which must hold the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+
+from tl_patching.backends import hf, tl
+from tl_patching.edits import Edit
+
+BACKENDS = ("tl", "hf")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """``model`` run through TL hooks, or ``hf_model`` (same weights) through HF hooks when given."""
+
+    model: HookedTransformer
+    hf_model: nn.Module | None = None
+
+    @property
+    def backend(self) -> str:
+        return "tl" if self.hf_model is None else "hf"
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def weight_mode(self) -> str:
+        """"raw" or "processed", read from the weights that actually run (an HF model is always raw)."""
+        from tl_patching.models import weight_mode
+
+        return "raw" if self.hf_model is not None else weight_mode(self.model)
+
+    def hook_names(self) -> list[str]:
+        return tl.hook_names(self.model) if self.hf_model is None else hf.hook_names(self.hf_model)
+
+    def run(
+        self, tokens: Int[Tensor, "batch pos"], edits: Sequence[Edit] = (), cache: Sequence[str] = (),
+        cache_device: str | torch.device | None = None,
+    ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+        """Logits with ``edits`` applied, and the activations named in ``cache`` (TL layout, after the edits)."""
+        if self.hf_model is None:
+            return tl.run(self.model, tokens, edits, cache, cache_device)
+        return hf.run(self.hf_model, tokens, edits, cache, cache_device)
+
+    @contextlib.contextmanager
+    def hooks(self, edits: Sequence[Edit] = (), cache: dict[str, Tensor] | None = None, names: Sequence[str] = ()) -> Iterator[None]:
+        """Context manager: edits applied and ``names`` recorded into ``cache`` for every forward inside."""
+        backend_hooks = tl.hooks(self.model, edits, cache, names) if self.hf_model is None else hf.hooks(self.hf_model, edits, cache, names)
+        with backend_hooks:
+            yield
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"], edits: Sequence[Edit] = ()) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.run(tokens, edits)[0]
+
+
+def load_forward(name_or_path: str, backend: str = "tl", device: str = "cpu") -> Forward:
+    """Load a model with raw weights and bind it to ``backend`` ("tl" or "hf")."""
+    from tl_patching.models import load_model, load_pair
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "tl":
+        return Forward(load_model(name_or_path, weights="raw", device=device))
+    hf_model, model = load_pair(name_or_path, weights="raw", device=device)
+    return Forward(model, hf_model)
