@@ -1,8 +1,14 @@
-"""E1–E5 on small random GPT-2s: each equals its HF-hook version, saves and loads, and checks its inputs."""
+"""E1–E5 on a small random GPT-2: each run on both backends (same code, same numbers), and each checked
+against its key quantities computed another way — by hand with einsum from cached activations, or with
+hand-written TransformerLens hooks — so a bug inside an experiment cannot hide behind the mirror."""
 
+import einops
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
+from tl_patching.edits import act_name
 from tl_patching.experiments import (
     e1_attention_scores as e1,
     e2_activation_editing as e2,
@@ -10,7 +16,9 @@ from tl_patching.experiments import (
     e4_ioi_patching as e4,
     e5_head_token_patching as e5,
 )
-from tl_patching.models import random_gpt2
+from tl_patching.forward import Forward
+from tl_patching.metrics import logit_diff
+from tl_patching.models import hooked_from_hf, random_gpt2
 from tl_patching.prompts import NAMES, PIZZA_SENTENCES, TEMPLATES, PromptError, ioi_batches, ioi_pair, ioi_prompts
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
@@ -20,92 +28,218 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def models():
     texts = [e1.DEFAULT_TEXT, e4.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES] + [" " + n for n in NAMES] + [p.text for p in ioi_prompts(200)]
-    # 4 layers, 4 heads, with "Sally" deliberately split in two so the multi-token check has a victim
     return random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=3, tokenizer=word_tokenizer(texts), n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def both(models):
+    hf, tl = models
+    return Forward(tl), Forward(tl, hf)
 
 
 def close(a, b, atol=ATOL):
     return (torch.as_tensor(a) - torch.as_tensor(b)).abs().max().item() <= atol
 
 
-def test_e1_matches_hf_and_checks(models):
-    hf, tl = models
-    r, rh = e1.run(tl), e1.run(tl, hf_model=hf)
-    assert r.mean_score.shape == r.frac_negative.shape == (4, 4)
+def hooked(model, tokens, hooks):
+    """Logits and the residual streams, with hand-written TL hooks (not our Edit)."""
+    resid = {}
+    record = [(act_name("resid_post", l), lambda x, hook: resid.__setitem__(hook.name, x.detach().clone())) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks + record)
+    return logits, [resid[act_name("resid_post", l)] for l in range(model.cfg.n_layers)]
+
+
+# --- E1 ---
+
+def test_e1_same_on_both_backends(both):
+    r, rh = (e1.run(f) for f in both)
+    assert r.info.backend == "tl" and rh.info.backend == "hf"
     assert close(r.mean_score, rh.mean_score) and close(r.frac_negative, rh.frac_negative) and close(r.kde_density, rh.kde_density)
+
+
+def test_e1_scores_by_hand(both):
+    """Known answer: LayerNorm, W_Q, W_K and the causal mask written out with einsum from the cached resid_pre."""
+    forward = both[0]
+    model = forward.model
+    r = e1.run(forward)
+    tokens = torch.tensor(r.info.token_ids)
+    _, cache = forward.run(tokens, cache=[act_name("resid_pre", l) for l in range(4)])
+    n = tokens.shape[1]
+    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    for l in range(4):
+        x = cache[act_name("resid_pre", l)]
+        ln = model.blocks[l].ln1
+        normed = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + model.cfg.eps).sqrt() * ln.w + ln.b
+        attn = model.blocks[l].attn
+        q = einops.einsum(normed, attn.W_Q, "b p m, h m d -> b p h d") + attn.b_Q
+        k = einops.einsum(normed, attn.W_K, "b p m, h m d -> b p h d") + attn.b_K
+        scores = einops.einsum(q, k, "b q h d, b k h d -> b h q k") / 8 ** 0.5  # d_head = 8
+        values = scores[0][:, visible]  # [head, n_visible]
+        assert torch.allclose(r.mean_score[l], values.mean(-1), atol=ATOL)
+        assert torch.allclose(r.frac_negative[l], (values < 0).float().mean(-1))
     assert torch.allclose(r.first_token_self_attention, torch.ones(4, 4))
-    assert r.max_diff_split_vs_hook < ATOL
     assert r.kde_density.shape == (4, 200) and (r.kde_density >= 0).all()
-    n = len(r.info.token_ids[0])
-    assert r.info.prepend_bos and r.info.token_ids[0][0] == tl.tokenizer.bos_token_id
-    assert n * (n + 1) // 2 > 0  # visible pairs include the diagonal
+    assert r.max_diff_split_vs_hook < ATOL
+
+
+def test_e1_split_check_is_enforced(both, monkeypatch):
+    """Scores computed with a scale the model does not use must make E1 fail, not return a number."""
+    right = e1.qk_scores
+    monkeypatch.setattr(e1, "qk_scores", lambda cfg, q, k, layer: right(cfg, q, k, layer) * 2)
+    with pytest.raises(ArithmeticError, match="differ from hook_attn_scores"):
+        e1.run(both[0])
+
+
+def test_e1_json_round_trip(both):
+    r = e1.run(both[0])
     back = e1.E1Result.from_json(r.to_json())
     assert torch.equal(back.mean_score, r.mean_score) and back.info == r.info
 
 
-def test_e2_matches_hf(models):
-    hf, tl = models
-    r, rh = e2.run(tl, layer=2, head=1), e2.run(tl, layer=2, head=1, hf_model=hf)
+# --- E2 ---
+
+def test_e2_same_on_both_backends(both):
+    r, rh = (e2.run(f, layer=2, head=1) for f in both)
     assert [i.label for i in r.interventions] == [i.label for i in rh.interventions] and len(r.interventions) == 4
     assert close(r.clean_resid_std, rh.clean_resid_std)
     for a, b in zip(r.interventions, rh.interventions):
         assert close(a.resid_std, b.resid_std) and a.top_tokens == b.top_tokens and abs(a.kl_from_clean - b.kl_from_clean) < ATOL
-    scaled = r.interventions[2]  # × 0.1: the edited layer's spread is exactly a tenth
-    assert abs(scaled.resid_std[2] - 0.1 * r.clean_resid_std[2]) < 1e-5
-    assert torch.equal(scaled.resid_std[:2], r.clean_resid_std[:2])  # earlier layers untouched
     assert set(rh.block_output_structure) == {"output_attentions=False", "output_attentions=True"}
-    assert type(e2.E2Result.from_json(r.to_json()).interventions[0]) is e2.Intervention
+    assert "(1, " in rh.block_output_structure["output_attentions=False"]
 
 
-def test_e2_defaults_follow_the_model(models):
-    _, tl = models
-    assert e2.default_layer(tl) == 2  # three quarters of 4 layers; the seed's 9 only for 12-layer models
-    with pytest.raises(IndexError):
-        e2.run(tl, layer=4)
+def test_e2_edits_by_hand(both):
+    """Known answers with hand-written hooks: head 1's key zeroed, noise on the *even* neurons, block × 0.1."""
+    forward = both[0]
+    model = forward.model
+    r = e2.run(forward, layer=2, head=1, noise_mean=10.0, seed=0)
+    tokens = torch.tensor(r.info.token_ids)
+
+    def zero_key(k, hook):
+        k = k.clone()
+        k[:, :, 1] = 0
+        return k
+
+    def noise_even(post, hook):
+        post = post.clone()
+        draw = torch.randn(post[..., ::2].shape, generator=torch.Generator().manual_seed(0)) + 10.0
+        post[..., ::2] = draw
+        return post
+
+    by_hand = {0: [(act_name("k", 2), zero_key)], 1: [(act_name("post", 2), noise_even)],
+               2: [(act_name("resid_post", 2), lambda x, hook: x * 0.1)], 3: [(act_name("resid_post", 2), lambda x, hook: x * 10)]}
+    for i, hooks in by_hand.items():
+        logits, resid = hooked(model, tokens, hooks)
+        assert close(r.interventions[i].resid_std, torch.stack([x.std() for x in resid])), r.interventions[i].label
+        top = logits[0, -1].softmax(-1).topk(5)
+        assert np.allclose(r.interventions[i].top_probs, top.values.tolist(), atol=1e-5)
+    assert abs(r.interventions[2].resid_std[2] - 0.1 * r.clean_resid_std[2]) < 1e-5
 
 
-def test_e3_matches_hf_and_counts_pairs(models):
-    hf, tl = models
-    r, rh = e3.run(tl, layer=1, head=2), e3.run(tl, layer=1, head=2, hf_model=hf)
-    m = len(r.info.token_ids[0])
-    assert r.n_pairs == m * (m - 1) // 2 == r.clean_pairs.shape[1]
-    assert not r.info.prepend_bos
+def test_e2_checks_its_arguments(both):
+    assert e2.default_layer(4) == 2 and e2.default_layer(12) == 9
+    with pytest.raises(IndexError, match="layer 4 out of range"):
+        e2.run(both[0], layer=4)
+    with pytest.raises(IndexError, match="head 99 out of range"):  # never clamped to the last head
+        e2.run(both[0], head=99)
+    assert type(e2.E2Result.from_json(e2.run(both[0]).to_json()).interventions[0]) is e2.Intervention
+
+
+# --- E3 ---
+
+def test_e3_same_on_both_backends(both):
+    r, rh = (e3.run(f, layer=1, head=2) for f in both)
     assert close(r.clean_pairs, rh.clean_pairs) and close(r.silenced_pairs, rh.silenced_pairs)
-    assert r.significant == rh.significant and r.threshold == pytest.approx(0.05 / 4)
-    assert torch.equal(r.clean_pairs[:1], r.silenced_pairs[:1]) and r.p_value[0] == 1.0  # before the silenced layer
-    assert (r.silenced_pairs[1:] != r.clean_pairs[1:]).any()
+    assert r.significant == rh.significant
 
 
-def test_e3_unique_pairs():
-    x = torch.randn(5, 8)
-    sims = e3.unique_pair_similarities(x)
-    assert sims.shape == (10,)
-    assert sims[0] == pytest.approx(torch.nn.functional.cosine_similarity(x[0], x[1], dim=0).item(), abs=1e-6)
+def test_e3_by_hand(both):
+    """Known answer: head 2 of layer 1 zeroed with a hand-written hook, pair similarities and the paired t-test by hand."""
+    forward = both[0]
+    r = e3.run(forward, layer=1, head=2)
+    tokens = torch.tensor(r.info.token_ids)
+    m = tokens.shape[1]
+    assert r.n_pairs == m * (m - 1) // 2 == r.clean_pairs.shape[1] and not r.info.prepend_bos
+
+    def pairs(x):
+        unit = x[0] / x[0].norm(dim=-1, keepdim=True)
+        sims = unit @ unit.T
+        return torch.stack([sims[i, j] for i in range(m) for j in range(i + 1, m)])
+
+    def silence(z, hook, head=2):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    _, clean = hooked(forward.model, tokens, [])
+    _, silenced = hooked(forward.model, tokens, [(act_name("z", 1), silence)])
+    assert close(r.clean_pairs, torch.stack([pairs(x) for x in clean]))
+    assert close(r.silenced_pairs, torch.stack([pairs(x) for x in silenced]))
+    _, other = hooked(forward.model, tokens, [(act_name("z", 1), lambda z, hook: silence(z, hook, head=3))])
+    assert not close(r.silenced_pairs, torch.stack([pairs(x) for x in other]), atol=1e-3)  # another head differs
+    p = [stats.ttest_rel(s.double().numpy(), c.double().numpy()).pvalue if l >= 1 else 1.0
+         for l, (c, s) in enumerate(zip(r.clean_pairs, r.silenced_pairs))]
+    assert np.allclose(r.p_value.numpy(), p)
+    assert r.significant == [x < 0.05 / 4 for x in p] and r.threshold == 0.05 / 4
 
 
-def test_e3_refuses_processed_weights(models):
-    hf, _ = models
-    from tl_patching.models import hooked_from_hf
-    with pytest.raises(ValueError, match="raw weights"):
-        e3.run(hooked_from_hf(hf, weights="processed"))
+def test_e3_bonferroni_threshold():
+    """p between 0.05/L and 0.05 is *not* significant: the threshold is 0.05 / n_layers."""
+    threshold, significant = e3.bonferroni([0.001, 0.02, 0.3], alpha=0.05)
+    assert threshold == pytest.approx(0.05 / 3) and significant == [True, False, False]
 
 
-def test_e4_matches_hf(models):
+def test_e3_refuses_processed_weights_from_any_source(models):
     hf, tl = models
-    r, rh = e4.run(tl, progress=False), e4.run(tl, hf_model=hf, progress=False)
+    with pytest.raises(ValueError, match="raw weights"):
+        e3.run(Forward(hooked_from_hf(hf, weights="processed")))
+    from transformer_lens import HookedTransformer
+
+    tl_processed = HookedTransformer(tl.cfg.to_dict() | {"normalization_type": "LN"}, tokenizer=tl.tokenizer)
+    tl_processed.load_and_process_state_dict(tl.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=True)
+    with pytest.raises(ValueError, match="raw weights"):  # TL's own processing, no attribute of ours involved
+        e3.run(Forward(tl_processed))
+
+
+# --- E4 ---
+
+def test_e4_same_on_both_backends(both):
+    r, rh = (e4.run(f, progress=False) for f in both)
     for field in ("clean", "donor", "heads_patched", "resid_s2_patched", "resid_final_patched"):
         assert close(getattr(r, field), getattr(rh, field)), field
-    # The donor differs at S2 only: patching resid_post there at layer 0 already gives the donor run's
-    # final logits if nothing else differs; at the last layer it changes nothing at the final position.
-    assert close(r.resid_final_patched[-1], r.donor)
-    assert close(r.resid_s2_patched[-1], r.clean)
-    assert torch.allclose(r.prob_ratio("heads_patched"), r.heads_patched.exp().mean(-1))
 
 
-def test_e4_dataset_and_json(models):
-    _, tl = models
-    batches = ioi_batches(tl, ioi_prompts(12, seed=5))
-    r = e4.run(tl, batches, progress=False)
+def test_e4_by_hand(both):
+    """Known answers with hand-written hooks: all heads of layer l from the donor; resid_post at S2 and at the end."""
+    forward = both[0]
+    model = forward.model
+    r = e4.run(forward, progress=False)
+    pair = e4.seed_pair(model)
+    _, donor = model.run_with_cache(pair.donor_tokens)
+    ld = lambda logits: logit_diff(logits, pair.correct, pair.wrong)  # noqa: E731
+    s2 = int((pair.tokens != pair.donor_tokens).nonzero()[0, 1])
+    for l in range(4):
+        z, resid = act_name("z", l), act_name("resid_post", l)
+
+        def at(pos, name=resid):
+            def hook(x, hook):
+                x = x.clone()
+                x[:, pos] = donor[name][:, pos]
+                return x
+            return hook
+
+        assert close(r.heads_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(z, lambda x, hook, z=z: donor[z])])))
+        assert close(r.resid_s2_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(resid, at(s2))])))
+        assert close(r.resid_final_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(resid, at(-1))])))
+    assert close(r.resid_final_patched[-1], r.donor)  # the last block's output at the end *is* the donor's answer
+    assert close(r.clean, ld(model(pair.tokens))) and close(r.donor, ld(model(pair.donor_tokens)))
+
+
+def test_e4_dataset_and_json(both):
+    forward = both[0]
+    batches = ioi_batches(forward.model, ioi_prompts(12, seed=5))
+    r = e4.run(forward, batches, progress=False)
     assert r.clean.shape == (12,) and r.heads_patched.shape == (4, 12) and r.info.settings["n_prompts"] == 12
     assert sorted(r.info.token_ids) == sorted(row for b in batches for row in b.tokens.tolist())  # every prompt recorded
     assert r.heads_summary[0].ci_low <= r.heads_summary[0].mean <= r.heads_summary[0].ci_high
@@ -113,8 +247,8 @@ def test_e4_dataset_and_json(models):
     assert back.heads_summary[0] == r.heads_summary[0] and torch.equal(back.heads_patched, r.heads_patched)
 
 
-def test_e4_pair_builder_rejects_bad_pairs(models):
-    _, tl = models
+def test_e4_pair_builder_rejects_bad_pairs(both):
+    tl = both[0].model
     with pytest.raises(PromptError, match="not one"):
         ioi_pair(tl, e4.SEED_RECIPIENT, e4.SEED_DONOR, " Sally Sam", " Sam")
     with pytest.raises(PromptError, match="equal lengths"):
@@ -123,18 +257,34 @@ def test_e4_pair_builder_rejects_bad_pairs(models):
         ioi_pair(tl, "  ", e4.SEED_DONOR, " Sally", " Sam")
 
 
-def test_e5_fast_equals_plain_equals_hf(models):
-    hf, tl = models
-    fast, plain, hf_r = e5.run(tl, progress=False), e5.run(tl, method="plain", progress=False), e5.run(tl, hf_model=hf, progress=False)
+# --- E5 ---
+
+def test_e5_fast_equals_the_driver_equals_hf(both):
+    fast = e5.run(both[0], progress=False)
+    swept = e5.run(both[0], method="sweep", progress=False)
+    hf_r = e5.run(both[1], progress=False)
     assert fast.effect.shape == (4, 4, 1)
-    assert close(fast.effect, plain.effect) and close(fast.effect, hf_r.effect)
-    assert hf_r.method == "plain" and fast.method == "fast"
-    summary = fast.layer_summary()
-    assert summary["n_positive"].sum() == (fast.heatmap > 0).sum()
+    assert close(fast.effect, swept.effect) and close(fast.effect, hf_r.effect)
+    assert (fast.method, swept.method, hf_r.method) == ("fast", "sweep", "sweep")
+    with pytest.raises(NotImplementedError, match="tl backend"):
+        e5.run(both[1], method="fast", progress=False)
 
 
-def test_readings_are_one_line(models):
-    _, tl = models
-    for module in (e1, e2, e3):
-        line = module.run(tl).reading()
-        assert "\n" not in line and len(line) > 20
+def test_e5_effect_by_hand(both):
+    """Known answer and sign: effect = patched − clean, one head at the final position, with a hand-written hook."""
+    forward = both[0]
+    model = forward.model
+    r = e5.run(forward, progress=False)
+    pair = e5.as_batches(model, None)[0]
+    _, donor = model.run_with_cache(pair.donor_tokens)
+    clean = logit_diff(model(pair.tokens), pair.correct, pair.wrong)
+    for l, h in [(0, 0), (1, 3), (3, 2)]:
+        def hook(z, hook, l=l, h=h):
+            z = z.clone()
+            z[:, -1, h] = donor[act_name("z", l)][:, -1, h]
+            return z
+        patched = logit_diff(model.run_with_hooks(pair.tokens, fwd_hooks=[(act_name("z", l), hook)]), pair.correct, pair.wrong)
+        assert close(r.effect[l, h], patched - clean)
+    assert r.heatmap.abs().max() > 1e-2  # non-trivial effects, so the sign check above means something
+    summary = r.layer_summary()
+    assert summary["n_positive"].sum() == (r.heatmap > 0).sum()

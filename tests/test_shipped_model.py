@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from tl_patching import hf_hooks, hooks
-from tl_patching.cli import main, run_experiment
+from tl_patching.cli import main
+from tl_patching.experiments import run_experiment
+from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff, summarize
 from tl_patching.models import SHIPPED_MODEL_DIR, load_pair
 from tl_patching.prompts import ioi_batches
@@ -26,14 +27,14 @@ def test_shipped_model_is_small_and_loads_offline(shipped, monkeypatch):
     assert size < 10 * 2**20
     hf, tl = shipped
     tokens = tl.to_tokens("Sam and Sally went to the park. Sam gave a gift to")
-    assert (hooks.run(tl, tokens)[0] - hf_hooks.run(hf, tokens)[0]).abs().max() < 1e-4
+    assert (Forward(tl)(tokens) - Forward(tl, hf)(tokens)).abs().max() < 1e-4
 
 
 def test_shipped_model_does_ioi_on_held_out_pairs_and_template(shipped):
     _, tl = shipped
     held = [tuple(p) for p in json.loads((SHIPPED_MODEL_DIR / "training.json").read_text())["held_out_pairs"]]
     prompts = eval_prompts(held, n=200)
-    diffs = torch.cat([logit_diff(hooks.run(tl, b.tokens)[0], b.correct, b.wrong) for b in ioi_batches(tl, prompts)])
+    diffs = torch.cat([logit_diff(Forward(tl)(b.tokens), b.correct, b.wrong) for b in ioi_batches(tl, prompts)])
     s = summarize(diffs)
     assert s.n == 200 and s.accuracy >= 0.98 and s.mean >= 4.0
 
@@ -47,12 +48,12 @@ def test_shipped_model_is_a_language_model():
 def test_ioi_structure_offline(shipped):
     """Issue targets: resid_post patching at a middle layer flips the mean logit difference; one head moves it > 10%."""
     _, tl = shipped
-    e4 = run_experiment("e4", tl, n_prompts=100, progress=False)
+    e4 = run_experiment("e4", Forward(tl), n_prompts=100, progress=False)
     middle = (tl.cfg.n_layers // 2 - 1, tl.cfg.n_layers // 2)
     assert e4.clean_summary.mean > 0
     patched = [s.mean for l in middle for s in (e4.resid_s2_summary[l], e4.resid_final_summary[l])]
     assert min(patched) < 0
-    e5 = run_experiment("e5", tl, n_prompts=100, progress=False)
+    e5 = run_experiment("e5", Forward(tl), n_prompts=100, progress=False)
     assert e5.heatmap.abs().max() > 0.1 * e5.clean.mean()
 
 

@@ -125,7 +125,7 @@ def _unknown_words(model: HookedTransformer, text: str, ids: Tensor) -> list[str
     if unk is None or not bool((ids == unk).any()):
         return []
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [text[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk] or ["?"]
+    return [text[a:b].strip() for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk] or ["?"]
 
 
 def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool = True) -> Int[Tensor, "1 pos"]:

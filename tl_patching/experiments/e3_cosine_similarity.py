@@ -66,6 +66,12 @@ def paired_t_test(clean: Tensor, silenced: Tensor) -> tuple[float, float]:
     return float(test.statistic), float(test.pvalue)
 
 
+def bonferroni(p_values: list[float], alpha: float = 0.05) -> tuple[float, list[bool]]:
+    """(threshold alpha / n_tests, which p-values fall below it)."""
+    threshold = alpha / len(p_values)
+    return threshold, [p < threshold for p in p_values]
+
+
 def default_layer(n_layers: int) -> int:
     """The seed's layer 3 on 24-layer GPT-2 medium; n_layers / 8 otherwise."""
     return 3 if n_layers == 24 else round(n_layers / 8)
@@ -97,10 +103,10 @@ def run(
     clean_pairs = torch.stack([unique_pair_similarities(clean[n][0]) for n in resid])
     silenced_pairs = torch.stack([unique_pair_similarities(silenced[n][0]) for n in resid])
     tests = [paired_t_test(c, s) for c, s in zip(clean_pairs, silenced_pairs)]
-    threshold = alpha / cfg.n_layers
+    threshold, significant = bonferroni([p for _, p in tests], alpha)  # one test per layer
     return E3Result(
         info=RunInfo.of(forward, tokens, prepend_bos, text=text, alpha=alpha),
         layer=layer, head=head, n_pairs=clean_pairs.shape[1], clean_pairs=clean_pairs, silenced_pairs=silenced_pairs,
         t_statistic=torch.tensor([t for t, _ in tests]), p_value=torch.tensor([p for _, p in tests], dtype=torch.float64),
-        threshold=threshold, significant=[p < threshold for _, p in tests],
+        threshold=threshold, significant=significant,
     )

@@ -1,0 +1,68 @@
+"""IOI prompts and datasets, and the tokenisation checks: no silent <unk>, truncation or empty text."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tl_patching.prompts import (
+    HELD_OUT_TEMPLATES, NAMES, TEMPLATES, IOIPrompt, PromptError, ioi_batches, ioi_pair, ioi_prompts, single_token, to_tokens,
+)
+from tl_patching.recipe.word_tokenizer import word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ioi_model():
+    from tl_patching.models import random_gpt2
+
+    texts = [p.text for p in ioi_prompts(300, templates=TEMPLATES + HELD_OUT_TEMPLATES)] + [" " + n for n in NAMES]
+    return random_gpt2(n_layers=2, n_ctx=24, tokenizer=word_tokenizer(texts))[1]
+
+
+def test_prompts_balanced_and_seeded():
+    a, b = ioi_prompts(40, seed=3), ioi_prompts(40, seed=3)
+    assert a == b and a != ioi_prompts(40, seed=4)
+    assert sum(p.order == "ABBA" for p in a) == 20
+    assert {p.template for p in a} == set(TEMPLATES)
+    assert all(p.io != p.s for p in a)
+
+
+def test_donor_flips_the_answer_only():
+    p = IOIPrompt(TEMPLATES[0], io="Sally", s="Sam", order="ABBA")
+    assert p.text == "Sally and Sam went to the park. Sam gave a gift to"
+    d = p.donor()
+    assert d.text == "Sally and Sam went to the park. Sally gave a gift to" and (d.io, d.s) == ("Sam", "Sally")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 60), seed=st.integers(0, 10_000))
+def test_dataset_never_yields_a_pair_that_fails_its_checks(ioi_model, n, seed):
+    batches = ioi_batches(ioi_model, ioi_prompts(n, seed=seed, templates=TEMPLATES + HELD_OUT_TEMPLATES))
+    assert sum(len(b) for b in batches) == n
+    for b in batches:
+        assert b.tokens.shape == b.donor_tokens.shape
+        assert ((b.tokens != b.donor_tokens).sum(1) == 1).all()  # exactly the repeated name differs
+        assert (b.correct != b.wrong).all()
+        assert (b.donor_tokens[b.tokens != b.donor_tokens] == b.correct).all()
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text_is_refused(ioi_model, text):
+    with pytest.raises(PromptError, match="empty text"):
+        to_tokens(ioi_model, text)
+
+
+def test_unknown_words_are_named_not_replaced(ioi_model):
+    with pytest.raises(PromptError, match=r"does not know 'cat', 'mat'"):
+        to_tokens(ioi_model, "Sam and the cat went to the mat")
+    with pytest.raises(PromptError, match="Bartholomew"):
+        single_token(ioi_model, " Bartholomew")
+    with pytest.raises(PromptError, match="Bartholomew"):
+        ioi_pair(ioi_model, "Sam and Sally went to the park. Sam gave a gift to",
+                 "Sam and Sally went to the park. Sally gave a gift to", " Bartholomew", " Sam")
+
+
+def test_text_longer_than_the_context_is_refused_not_truncated(ioi_model):
+    text = " ".join(["Sam and Sally went to the park."] * 5)  # 8 words × 5 + BOS > 24
+    with pytest.raises(PromptError, match=r"longer than the model's context of 24"):
+        to_tokens(ioi_model, text)
+    assert to_tokens(ioi_model, "Sam and Sally went to the park.").shape == (1, 9)
