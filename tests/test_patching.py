@@ -131,3 +131,21 @@ def test_bad_sweep_input(setup):
         patching.sweep(forward, tokens[:0], [[]], metric)
     with pytest.raises(IndexError, match="layer 9 out of range"):
         patching.head_sweep(forward, tokens, donor, metric, layers=[9])
+
+
+def test_docs_example_neuron_groups():
+    """The example of docs/patching.md: a new kind of sweep is one variants list and one call."""
+    from tl_patching.models import load_model
+    from tl_patching.prompts import ioi_dataset
+
+    model = load_model("shipped")
+    batch = ioi_dataset(model, 20)[0]
+    groups = [range(g, g + 16) for g in range(0, model.cfg.d_mlp, 16)]
+    variants = [[zero(act_name("post", l), pos=-1, neurons=list(g))] for l in range(model.cfg.n_layers) for g in groups]
+    forward = Forward(model)
+    metric = lambda logits: logit_diff(logits, batch.correct, batch.wrong)  # noqa: E731
+    effect = patching.sweep(forward, batch.tokens, variants, metric).reshape(model.cfg.n_layers, len(groups), -1)
+    assert effect.shape == (model.cfg.n_layers, model.cfg.d_mlp // 16, len(batch))
+    l, g = 2, 5  # one entry by hand
+    by_hand = metric(forward(batch.tokens, [zero(act_name("post", l), pos=-1, neurons=list(groups[g]))]))
+    assert (effect[l, g] - by_hand).abs().max() < ATOL

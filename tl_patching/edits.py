@@ -18,6 +18,7 @@ Layouts (TL's, used on both backends):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -283,3 +284,15 @@ def check_finite(logits: Tensor, edits: Sequence[Edit]) -> Tensor:
     if edits and not torch.isfinite(logits).all():
         raise FloatingPointError(f"the edits at {[e.name for e in edits]} produced NaN/inf logits")
     return logits
+
+
+def run_collecting(
+    hooks_for: Callable[[dict[str, Tensor]], contextlib.AbstractContextManager], call: Callable[[], Tensor],
+    edits: Sequence[Edit], cache_device: str | torch.device | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The common body of both backends' ``run``: ``call()`` inside ``hooks_for(acts)`` without gradients,
+    NaN/inf checked, the recorded activations moved to ``cache_device``."""
+    acts: dict[str, Tensor] = {}
+    with torch.no_grad(), hooks_for(acts):
+        logits = call()
+    return check_finite(logits, edits), {n: a.to(cache_device) if cache_device else a for n, a in acts.items()}

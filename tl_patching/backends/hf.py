@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_patching.backends.hf_maps import OUTPUT, Family, Site, family_of
-from tl_patching.edits import Edit, check_finite, check_name
+from tl_patching.edits import Edit, check_name, run_collecting
 
 
 def hook_names(hf_model: nn.Module) -> list[str]:
@@ -136,7 +136,4 @@ def run(
     cache_device: str | torch.device | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """Forward ``tokens`` with ``edits`` applied; return the logits and the (edited) activations named in ``cache``."""
-    acts: dict[str, Tensor] = {}
-    with torch.no_grad(), hooks(hf_model, edits, acts, cache):
-        logits = hf_model(tokens).logits
-    return check_finite(logits, edits), {n: a.to(cache_device) if cache_device else a for n, a in acts.items()}
+    return run_collecting(lambda acts: hooks(hf_model, edits, acts, cache), lambda: hf_model(tokens).logits, edits, cache_device)

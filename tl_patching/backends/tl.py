@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_patching.edits import Edit, check_finite, check_name
+from tl_patching.edits import Edit, check_name, run_collecting
 
 
 def hook_names(model: HookedTransformer) -> list[str]:
@@ -71,7 +71,4 @@ def run(
     cache_device: str | torch.device | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """Forward ``tokens`` with ``edits`` applied; return the logits and the (edited) activations named in ``cache``."""
-    acts: dict[str, Tensor] = {}
-    with torch.no_grad(), hooks(model, edits, acts, cache):
-        logits = model(tokens)
-    return check_finite(logits, edits), {n: a.to(cache_device) if cache_device else a for n, a in acts.items()}
+    return run_collecting(lambda acts: hooks(model, edits, acts, cache), lambda: model(tokens), edits, cache_device)
