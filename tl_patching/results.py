@@ -92,6 +92,19 @@ class Result:
             Path(path).write_text(text)
         return text
 
+    def reading(self) -> str:
+        return ""
+
+    def _repr_html_(self) -> str:
+        """How a result shows in a notebook: its reading, and what produced it."""
+        import html
+
+        info = self.info
+        rows = [("model", info.model_name), ("weights", info.weight_mode), ("backend", info.backend),
+                ("prompts", len(info.token_ids)), ("BOS prepended", info.prepend_bos)]
+        cells = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        return f"<b>{type(self).__name__}</b><p>{html.escape(self.reading())}</p><table>{cells}</table>"
+
     @classmethod
     def from_json(cls: type[T], source: str | Path) -> T:
         text = Path(source).read_text() if isinstance(source, Path) or not str(source).lstrip().startswith("{") else source
