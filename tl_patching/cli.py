@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import html
 import re
 import sys
 import time
@@ -30,6 +29,7 @@ from tl_patching.experiments import (
 from tl_patching.hooks import act_name
 from tl_patching.models import SHIPPED_MODEL_NAME, display_name, load_model
 from tl_patching.prompts import HELD_OUT_TEMPLATES, TEMPLATES, ioi_batches, ioi_prompts
+from tl_patching.report import write_index
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5")
 TITLES = {
@@ -81,21 +81,6 @@ def run_experiment(key: str, model, n_prompts: int = 100, progress: bool = True,
 FIGURES = {"e1": plotting.e1_figures, "e2": plotting.e2_figures, "e3": plotting.e3_figures, "e4": plotting.e4_figures, "e5": plotting.e5_figures}
 
 
-def write_index(out_dir: Path, model_name: str, sections: list[tuple[str, str, list[Path], float]]) -> Path:
-    """An index.html linking every figure with its one-line reading."""
-    rows = []
-    for key, reading, files, seconds in sections:
-        links = " · ".join(f'<a href="{f.name}">{f.stem}</a>' for f in files if f.suffix == ".html")
-        thumbs = "".join(f'<a href="{f.with_suffix(".html").name}"><img src="{f.name}" width="320"></a>' for f in files if f.suffix == ".png")
-        rows.append(f"<h2>{html.escape(TITLES[key])}</h2><p>{html.escape(reading)}</p><p>{links} · "
-                    f'<a href="{key}_result.json">result JSON</a> · {seconds:.1f} s</p><p>{thumbs}</p>')
-    page = (f"<!doctype html><meta charset='utf-8'><title>tl_patching — {html.escape(model_name)}</title>"
-            f"<h1>tl_patching results for {html.escape(model_name)}</h1>" + "\n".join(rows))
-    index = out_dir / "index.html"
-    index.write_text(page)
-    return index
-
-
 def save_result(key: str, result, out_dir: Path, png: bool = True) -> list[Path]:
     result.to_json(out_dir / f"{key}_result.json")
     return [f for name, fig in FIGURES[key](result).items() for f in plotting.save(fig, out_dir, name, png=png)]
@@ -112,7 +97,7 @@ def reproduce(model_name: str, experiments: list[str], out_root: Path, device: s
         seconds = time.perf_counter() - start
         sections.append((key, result.reading(), save_result(key, result, out_dir, png), seconds))
         tqdm.write(f"{key} ({seconds:.1f} s): {result.reading()}")
-    return write_index(out_dir, model_name, sections)
+    return write_index(out_dir, model_name, sections, model=model)
 
 
 def main(argv: list[str] | None = None) -> None:
