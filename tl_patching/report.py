@@ -380,8 +380,9 @@ def data_description(key: str, r) -> str:
         return f"The seed's single prompt pair: “{examples[0] if examples else '?'}” (donor: the other name repeated)."
     return (f"{n} IOI prompts, each with a donor (the same sentence with the other name repeated, so the answer flips and "
             f"the token length does not), half with the names in ABBA order and half BABA, built from the "
-            f"{len(TEMPLATES) + len(HELD_OUT_TEMPLATES)} templates in tl_patching.prompts (the last is never used to train the "
-            f"shipped model); e.g. “{'”, “'.join(examples)}”. Start token prepended: {'yes' if info.prepend_bos else 'no'}.")
+            f"{len(TEMPLATES) + len(HELD_OUT_TEMPLATES)} templates in tl_patching.prompts"
+            + (" (the last is never used to train the shipped model)" if info.model_name == SHIPPED_NAME else "")
+            + f"; e.g. “{'”, “'.join(examples)}”. Start token prepended: {'yes' if info.prepend_bos else 'no'}.")
 
 
 # ------------------------------------------------------------------------------------------------ page
