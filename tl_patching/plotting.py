@@ -93,12 +93,13 @@ def _stabilise(fig: go.Figure) -> None:
 
 
 def _export_failure(e: BaseException) -> str:
-    """The first non-empty line of the exception and of its cause or context (kaleido's own message starts with blank lines)."""
-    parts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    """The first sentence of the exception and of the one that caused it (kaleido's own message starts with blank
+    lines; the cause says which browser path was tried)."""
+    parts = []
+    while e is not None and len(parts) < 2:
         line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        parts.append(f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__)
+        sentence = line.split(". ")[0].rstrip(".")[:150]
+        parts.append(f"{type(e).__name__}: {sentence}" if sentence else type(e).__name__)
         e = e.__cause__ or e.__context__
     return "; caused by ".join(parts)
 

@@ -415,7 +415,7 @@ def _figures(files: list[Path]) -> str:
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;line-height:1.5;color:#222}
 img,iframe{width:100%;max-width:1000px;border:0}iframe{height:640px}figure{margin:1.2em 0}figcaption{font-size:.9em;color:#555}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:1em 0}th{white-space:nowrap}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 .agrees{color:#1a7f37}.differs{color:#b3261e}.partly,.not{color:#9a6700}code{background:#f4f4f4;padding:0 .2em}"""
 
 
