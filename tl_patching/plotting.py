@@ -229,7 +229,7 @@ def e3_figures(r: E3Result) -> dict[str, go.Figure]:
     m = round((1 + math.sqrt(1 + 8 * r.n_pairs)) / 2)  # n_pairs = M(M−1)/2
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4], vertical_spacing=0.1, subplot_titles=(
         f"cosine similarity of token pairs: mean over all {r.n_pairs} pairs of the {m} tokens; band: middle 50% of pairs",
-        f"paired t-test, silenced vs clean, per layer: −log10 p (significant above the dashed Bonferroni line)"))
+        "paired t-test, silenced vs clean, per layer: −log10 p (significant above the dashed Bonferroni line)"))
     for name, pairs in (("clean", r.clean_pairs), ("silenced", r.silenced_pairs)):
         colour = COLOURS[name]
         q = np.quantile(pairs.numpy(), [0.25, 0.75], axis=1)

@@ -492,7 +492,7 @@ def write_report(out_dir: Path, model_name: str, sections: list[tuple], model=No
              "(click one for the interactive version). Intervals are 95% bootstrap confidence intervals of the mean over prompts; "
              "logit differences are in nats.</p>")
     card_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in card)
-    model_section = (f"<h2>The model</h2>"
+    model_section = ("<h2>The model</h2>"
                      + ("<p>A small GPT-2-architecture model the project trained itself, so that everything runs offline "
                         "(full card: docs/model_card.md).</p>" if str(model_name) == SHIPPED_NAME else "")
                      + f"<table>{card_html}</table>")
