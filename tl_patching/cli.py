@@ -69,7 +69,7 @@ def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n
         seconds = time.perf_counter() - start
         sections.append((key, result, save_result(key, result, out_dir, png), seconds))
         tqdm.write(f"{key} ({seconds:.1f} s): {result.reading()}")
-    return write_index(out_dir, model_name, sections)
+    return write_index(out_dir, model_name, sections, model=forward.model)
 
 
 def parser() -> argparse.ArgumentParser:

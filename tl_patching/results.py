@@ -42,11 +42,23 @@ class RunInfo:
         )
 
 
+SIGNIFICANT_DIGITS = 6  # floats in JSON: reruns that differ in the 7th digit (thread scheduling) write the same file
+
+
+def round_sig(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """A float, or an array/tensor/nested list of floats, rounded to ``digits`` significant digits
+    (as Python floats / nested lists, which JSON writes in their shortest form: 9.41012, not 9.410120010375977)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if np.isfinite(value) else value
+    array = value.detach().cpu().double().numpy() if isinstance(value, Tensor) else np.asarray(value, dtype=float)
+    return np.array([float(f"{v:.{digits}g}") for v in array.ravel()]).reshape(array.shape).tolist()
+
+
 def _encode(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return {"__tensor__": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
-    if isinstance(value, np.ndarray):
-        return {"__tensor__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, (Tensor, np.ndarray)):
+        floating = value.is_floating_point() if isinstance(value, Tensor) else value.dtype.kind == "f"
+        dtype = str(value.dtype).removeprefix("torch.")
+        return {"__tensor__": round_sig(value) if floating else value.tolist(), "dtype": dtype}
     if dataclasses.is_dataclass(value):
         return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
@@ -55,6 +67,8 @@ def _encode(value: Any) -> Any:
         return [_encode(v) for v in value]
     if isinstance(value, float) and not np.isfinite(value):
         return {"__float__": str(value)}
+    if isinstance(value, float):
+        return round_sig(value)
     return value
 
 

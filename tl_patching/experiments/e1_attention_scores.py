@@ -42,10 +42,12 @@ class E1Result(Result):
 
     def reading(self) -> str:
         layers = self.mean_score.mean(-1)
-        return (f"mean raw score {self.mean_score.mean():.2f} over all heads ({self.frac_negative.mean():.0%} of visible scores < 0; "
-                f"layer means from {layers.min():.2f} to {layers.max():.2f}); the first token attends to itself with probability "
-                f"{self.first_token_self_attention.min():.4f}–{self.first_token_self_attention.max():.4f} in every head; "
-                f"fused-QKV split = hook_attn_scores to {self.max_diff_split_vs_hook:.1e}")
+        self_attention = "is 1 in every head" if torch.allclose(self.first_token_self_attention, torch.tensor(1.0)) else (
+            f"ranges {self.first_token_self_attention.min():.4f}–{self.first_token_self_attention.max():.4f}")
+        return (f"mean raw score {self.mean_score.mean():.2f} over all heads ({self.frac_negative.mean():.0%} of visible scores below 0; "
+                f"layer means from {layers.min():.2f} to {layers.max():.2f}); scores from the split Q and K equal hook_attn_scores "
+                f"to {self.max_diff_split_vs_hook:.1e}; the first token's self-attention {self_attention}, as the causal mask "
+                f"requires (a check, not a finding)")
 
 
 SPLIT_CHECK_TOLERANCE = 1e-4  # scores from Q·K vs hook_attn_scores, relative to the largest |score|

@@ -46,7 +46,7 @@ class E3Result(Result):
         mean = self.clean_pairs.mean(1)
         return (f"clean mean similarity {mean[0]:.2f} (layer 0) → min {mean.min():.2f} (layer {int(mean.argmin())}) → {mean[-1]:.2f} "
                 f"(last layer); silencing head {self.head} of layer {self.layer} differs significantly (p < {self.threshold:.4f}) "
-                f"at layers {sig if sig else 'none'}")
+                + (f"at layer{'s' if len(sig) > 1 else ''} {', '.join(map(str, sig))}" if sig else "at no layer"))
 
 
 def unique_pair_similarities(resid: Float[Tensor, "pos d_model"]) -> Float[Tensor, " pair"]:

@@ -59,17 +59,28 @@ class E4Result(Result):
     resid_s2_summary: list[Summary]
     resid_final_summary: list[Summary]
 
-    def prob_ratio(self, which: str = "heads_patched") -> Tensor:
-        """Mean P(correct)/P(wrong) per layer (the exponential of the logit difference)."""
-        return getattr(self, which).exp().mean(-1)
+    def prob_ratio(self, which: str = "heads_patched", with_ci: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """P(correct)/P(wrong) per layer as exp(mean logit difference): the geometric mean of the per-prompt
+        ratios (an arithmetic mean of exp(·) lets a few confident prompts dominate). ``which``: a per-layer
+        field (``heads_patched``, ``resid_s2_patched``, ``resid_final_patched``) or ``clean`` / ``donor``.
+        ``with_ci``: also the 95% bootstrap CI, exp of the CI of the mean logit difference (its ``*_summary``)."""
+        summary = getattr(self, which.removesuffix("_patched") + "_summary")
+        single = not isinstance(summary, list)
+        exp = lambda end: torch.tensor([getattr(s, end) for s in ([summary] if single else summary)], dtype=torch.float64).exp()  # noqa: E731
+        ratio, low, high = (x[0] if single else x for x in (exp("mean"), exp("ci_low"), exp("ci_high")))
+        return (ratio, low, high) if with_ci else ratio
 
     def reading(self) -> str:
-        flips = lambda s: [l for l, x in enumerate(s) if x.mean < 0]  # noqa: E731
+        def flips(summaries) -> str:
+            at = [str(l) for l, x in enumerate(summaries) if x.mean < 0]
+            return f"at layer{'s' if len(at) > 1 else ''} {', '.join(at)}" if at else "at no layer"
+
         heads_move = max(abs(s.mean - self.clean_summary.mean) for s in self.heads_summary)
-        return (f"clean logit diff {self.clean_summary.mean:.2f} [{self.clean_summary.ci_low:.2f}, {self.clean_summary.ci_high:.2f}], "
-                f"donor {self.donor_summary.mean:.2f}; resid_post patched at S2 flips the mean at layers {flips(self.resid_s2_summary)}, "
-                f"at the final position at layers {flips(self.resid_final_summary)}; patching all heads of one layer moves it "
-                f"by at most {heads_move:.2f} (flips at {flips(self.heads_summary)})")
+        c = self.clean_summary
+        return (f"clean logit diff {c.mean:.2f} nats (95% bootstrap CI [{c.ci_low:.2f}, {c.ci_high:.2f}]), donor "
+                f"{self.donor_summary.mean:.2f}; hook_resid_post patched at S2 flips the mean {flips(self.resid_s2_summary)}, "
+                f"at the final position {flips(self.resid_final_summary)}; patching all heads of one layer moves it "
+                f"by at most {heads_move:.2f} nats and flips it {flips(self.heads_summary)}")
 
 
 def donor_names(n_layers: int) -> list[str]:
