@@ -65,19 +65,20 @@ def heads(n_heads: Callable[[object], int]) -> View:
     return View(lambda raw, hf, l: _split(raw, n_heads(hf.config)), lambda raw, new, hf, l: _merge(new))
 
 
-def gpt2_fused_qkv(which: int) -> View:
-    """Q, K or V: one third of GPT-2's fused ``c_attn`` output (``Conv1D``, order Q, K, V), split into heads."""
+def fused_qkv(layout: str, which: int, n_heads: Callable[[object], int]) -> View:
+    """Q, K or V (``which`` = 0, 1, 2) of a fused QKV projection's output, split into heads. ``layout`` says how
+    the columns are ordered: ``"(three h dh)"`` for GPT-2's ``c_attn`` (all of Q, then K, then V),
+    ``"(h three dh)"`` for GPT-NeoX's ``query_key_value`` (interleaved per head)."""
 
-    def read(qkv: Float[Tensor, "batch pos 3*d_model"], hf, l) -> Float[Tensor, "batch pos head d_head"]:
-        return _split(qkv.chunk(3, dim=-1)[which], hf.config.n_head)
+    def split(qkv: Tensor, hf) -> Float[Tensor, "batch pos three head d_head"]:
+        return einops.rearrange(qkv, f"b p {layout} -> b p three h dh", three=3, h=n_heads(hf.config))
 
     def write(qkv: Tensor, new: Tensor, hf, l) -> Tensor:
-        d = hf.config.n_embd
-        out = qkv.clone()
-        out[..., which * d : (which + 1) * d] = _merge(new)
-        return out
+        parts = split(qkv, hf).clone()
+        parts[:, :, which] = new
+        return einops.rearrange(parts, f"b p three h dh -> b p {layout}")
 
-    return View(read, write)
+    return View(lambda qkv, hf, l: split(qkv, hf)[:, :, which], write)
 
 
 def causal_scores(
@@ -114,6 +115,23 @@ def ln_affine(path: str) -> View:
 
 _LN_SCALE = "TL's LayerNorm scale (√(var+eps)) is computed inside HF's LayerNorm forward: no module boundary holds it"
 
+def _refused(out_proj: str, scale_reason: str, norms: tuple[str, ...] = ("ln_final", "ln1", "ln2")) -> dict[str, str]:
+    """The TL hook points no family's HF model has a boundary for (they fire only under TL config flags, or
+    are computed inside a module), with the reason."""
+    return {
+        **{f"{n}.hook_scale": scale_reason for n in norms},
+        "attn.hook_result": f"per-head outputs after W_O are summed inside {out_proj}; edit attn.hook_z instead",
+        "hook_attn_in": "TL computes it only with cfg.use_attn_in",
+        "hook_q_input": "TL computes it only with cfg.use_split_qkv_input",
+        "hook_k_input": "TL computes it only with cfg.use_split_qkv_input",
+        "hook_v_input": "TL computes it only with cfg.use_split_qkv_input",
+        "hook_mlp_in": "TL computes it only with cfg.use_hook_mlp_in; read blocks.l.hook_resid_mid",
+        "unembed.hook_in": "the input of the unembedding is ln_final's output after its weight; read ln_final.hook_normalized",
+        "unembed.hook_out": "the logits: run() returns them",
+    }
+
+
+
 GPT2 = Family(
     architecture="GPT2LMHeadModel",
     n_layers=lambda c: c.n_layer,
@@ -122,9 +140,9 @@ GPT2 = Family(
         "ln_final.hook_normalized": Site("transformer.ln_f", OUTPUT, ln_affine("transformer.ln_f")),
         "hook_resid_pre": Site("transformer.h.{l}", INPUT, WHOLE),
         "ln1.hook_normalized": Site("transformer.h.{l}.ln_1", OUTPUT, ln_affine("transformer.h.{l}.ln_1")),
-        "attn.hook_q": Site("transformer.h.{l}.attn.c_attn", OUTPUT, gpt2_fused_qkv(0)),
-        "attn.hook_k": Site("transformer.h.{l}.attn.c_attn", OUTPUT, gpt2_fused_qkv(1)),
-        "attn.hook_v": Site("transformer.h.{l}.attn.c_attn", OUTPUT, gpt2_fused_qkv(2)),
+        "attn.hook_q": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 0, lambda c: c.n_head)),
+        "attn.hook_k": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 1, lambda c: c.n_head)),
+        "attn.hook_v": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 2, lambda c: c.n_head)),
         "attn.hook_attn_scores": Site("transformer.h.{l}.attn.c_attn", OUTPUT, GPT2_SCORES),
         "attn.hook_pattern": Site("transformer.h.{l}.attn", OUTPUT, View(lambda raw, hf, l: raw, None), element=1),
         "attn.hook_z": Site("transformer.h.{l}.attn.c_proj", INPUT, heads(lambda c: c.n_head)),
@@ -139,21 +157,118 @@ GPT2 = Family(
     refused={
         "hook_pos_embed": "HF's wpe output has one row shared by the batch, TL's is [batch, pos, d_model]; "
                           "edit blocks.0.hook_resid_pre instead",
-        "ln_final.hook_scale": _LN_SCALE,
-        "ln1.hook_scale": _LN_SCALE,
-        "ln2.hook_scale": _LN_SCALE,
-        "attn.hook_result": "per-head outputs after W_O are summed inside c_proj; edit attn.hook_z instead",
-        "hook_attn_in": "TL computes it only with cfg.use_attn_in; HF feeds one input to c_attn",
-        "hook_q_input": "TL computes it only with cfg.use_split_qkv_input; HF's fused c_attn has one input",
-        "hook_k_input": "TL computes it only with cfg.use_split_qkv_input; HF's fused c_attn has one input",
-        "hook_v_input": "TL computes it only with cfg.use_split_qkv_input; HF's fused c_attn has one input",
-        "hook_mlp_in": "TL computes it only with cfg.use_hook_mlp_in; read blocks.l.hook_resid_mid",
-        "unembed.hook_in": "the input of lm_head is ln_final's output after the affine part; read ln_final.hook_normalized",
-        "unembed.hook_out": "the logits: run() returns them",
+        **_refused("c_proj", _LN_SCALE),
     },
 )
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (GPT2,)}
+def rms_affine(path: str, offset: float = 0.0) -> View:
+    """TL's RMSNorm ``hook_normalized`` is before the weight, HF's RMSNorm output after it: undo/redo
+    ``(offset + w)`` (Gemma's RMSNorm multiplies by 1 + w)."""
+
+    def weight(hf, l):
+        return offset + hf.get_submodule(path.format(l=l)).weight
+
+    return View(lambda out, hf, l: out / weight(hf, l), lambda out, new, hf, l: new * weight(hf, l))
+
+
+def _q_heads(config) -> int:
+    return config.num_attention_heads
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+READ_ONLY = View(lambda raw, hf, l: raw, None)
+_ROTARY = ("rotary embeddings are applied inside the attention's forward: no module boundary holds rotated "
+           "queries/keys or the scores; read hook_q/hook_k (before rotation) or hook_pattern")
+_RMS_SCALE = "TL's RMSNorm scale is computed inside HF's RMSNorm forward: no module boundary holds it"
+
+
+def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: bool = False, norm_offset: float = 0.0) -> Family:
+    """Llama, Mistral, Qwen2/3 and Gemma 2/3: separate q/k/v projections (k and v with the KV heads of
+    grouped-query attention), gated MLP whose ``hook_post`` = act(gate)·up is the input of ``down_proj``.
+
+    ``sandwich_norms`` (Gemma 2/3): RMSNorms after attention and after the MLP, so TL's ``hook_attn_out`` /
+    ``hook_mlp_out`` are those norms' outputs and ln2 is ``pre_feedforward_layernorm``; ``qk_norm``
+    (Qwen3, Gemma 3): RMSNorm on each head's query and key before rotation; ``norm_offset``: Gemma's
+    RMSNorm multiplies by 1 + w.
+    """
+    layer = "model.layers.{l}"
+    attn = f"{layer}.self_attn"
+    ln2 = f"{layer}.pre_feedforward_layernorm" if sandwich_norms else f"{layer}.post_attention_layernorm"
+    sites = {
+        "hook_embed": Site("model.embed_tokens", OUTPUT, WHOLE),
+        "ln_final.hook_normalized": Site("model.norm", OUTPUT, rms_affine("model.norm", norm_offset)),
+        "hook_resid_pre": Site(layer, INPUT, WHOLE),
+        "ln1.hook_normalized": Site(f"{layer}.input_layernorm", OUTPUT, rms_affine(f"{layer}.input_layernorm", norm_offset)),
+        "attn.hook_q": Site(f"{attn}.q_proj", OUTPUT, heads(_q_heads)),
+        "attn.hook_k": Site(f"{attn}.k_proj", OUTPUT, heads(_kv_heads)),
+        "attn.hook_v": Site(f"{attn}.v_proj", OUTPUT, heads(_kv_heads)),
+        "attn.hook_pattern": Site(attn, OUTPUT, READ_ONLY, element=1),
+        "attn.hook_z": Site(f"{attn}.o_proj", INPUT, heads(_q_heads)),
+        "hook_attn_out": Site(f"{layer}.post_attention_layernorm" if sandwich_norms else f"{attn}.o_proj", OUTPUT, WHOLE),
+        "hook_resid_mid": Site(ln2, INPUT, WHOLE),
+        "ln2.hook_normalized": Site(ln2, OUTPUT, rms_affine(ln2, norm_offset)),
+        "mlp.hook_pre": Site(f"{layer}.mlp.gate_proj", OUTPUT, WHOLE),
+        "mlp.hook_pre_linear": Site(f"{layer}.mlp.up_proj", OUTPUT, WHOLE),
+        "mlp.hook_post": Site(f"{layer}.mlp.down_proj", INPUT, WHOLE),
+        "hook_mlp_out": Site(f"{layer}.post_feedforward_layernorm" if sandwich_norms else f"{layer}.mlp", OUTPUT, WHOLE),
+        "hook_resid_post": Site(layer, OUTPUT, WHOLE),
+    }
+    if qk_norm:
+        for which in ("q", "k"):
+            path = f"{attn}.{which}_norm"
+            sites[f"attn.{which}_norm.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset))
+    refused = {"attn.hook_rot_q": _ROTARY, "attn.hook_rot_k": _ROTARY, "attn.hook_attn_scores": _ROTARY,
+               **_refused("o_proj", _RMS_SCALE)}
+    if qk_norm:
+        refused |= {"attn.q_norm.hook_scale": _RMS_SCALE, "attn.k_norm.hook_scale": _RMS_SCALE}
+    if sandwich_norms:  # TL names the post-attention / post-MLP norms ln1_post / ln2_post
+        for norm, path in (("ln1_post", f"{layer}.post_attention_layernorm"), ("ln2_post", f"{layer}.post_feedforward_layernorm")):
+            sites[f"{norm}.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset))
+            refused[f"{norm}.hook_scale"] = _RMS_SCALE
+    return Family(architecture, n_layers=lambda c: c.num_hidden_layers, sites=sites, refused=refused)
+
+
+GPT_NEOX = Family(
+    architecture="GPTNeoXForCausalLM",
+    n_layers=lambda c: c.num_hidden_layers,
+    sites={
+        "hook_embed": Site("gpt_neox.embed_in", OUTPUT, WHOLE),
+        "ln_final.hook_normalized": Site("gpt_neox.final_layer_norm", OUTPUT, ln_affine("gpt_neox.final_layer_norm")),
+        "hook_resid_pre": Site("gpt_neox.layers.{l}", INPUT, WHOLE),
+        "ln1.hook_normalized": Site("gpt_neox.layers.{l}.input_layernorm", OUTPUT, ln_affine("gpt_neox.layers.{l}.input_layernorm")),
+        "attn.hook_q": Site("gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 0, _q_heads)),
+        "attn.hook_k": Site("gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 1, _q_heads)),
+        "attn.hook_v": Site("gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 2, _q_heads)),
+        "attn.hook_pattern": Site("gpt_neox.layers.{l}.attention", OUTPUT, READ_ONLY, element=1),
+        "attn.hook_z": Site("gpt_neox.layers.{l}.attention.dense", INPUT, heads(_q_heads)),
+        "hook_attn_out": Site("gpt_neox.layers.{l}.attention.dense", OUTPUT, WHOLE),
+        "ln2.hook_normalized": Site("gpt_neox.layers.{l}.post_attention_layernorm", OUTPUT,
+                                    ln_affine("gpt_neox.layers.{l}.post_attention_layernorm")),
+        "mlp.hook_pre": Site("gpt_neox.layers.{l}.mlp.dense_h_to_4h", OUTPUT, WHOLE),
+        "mlp.hook_post": Site("gpt_neox.layers.{l}.mlp.act", OUTPUT, WHOLE),
+        "hook_mlp_out": Site("gpt_neox.layers.{l}.mlp", OUTPUT, WHOLE),
+        "hook_resid_post": Site("gpt_neox.layers.{l}", OUTPUT, WHOLE),
+    },
+    refused={
+        "hook_resid_mid": "GPT-NeoX runs attention and MLP in parallel: there is no residual stream between them",
+        "attn.hook_rot_q": _ROTARY, "attn.hook_rot_k": _ROTARY, "attn.hook_attn_scores": _ROTARY,
+        **_refused("attention.dense", _LN_SCALE),
+    },
+)
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    GPT2,
+    GPT_NEOX,
+    llama_like("LlamaForCausalLM"),
+    llama_like("MistralForCausalLM"),
+    llama_like("Qwen2ForCausalLM"),
+    llama_like("Qwen3ForCausalLM", qk_norm=True),
+    llama_like("Gemma2ForCausalLM", sandwich_norms=True, norm_offset=1.0),
+    llama_like("Gemma3ForCausalLM", sandwich_norms=True, qk_norm=True, norm_offset=1.0),
+)}
 
 
 def family_of(hf_model: nn.Module) -> Family:
