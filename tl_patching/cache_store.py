@@ -45,7 +45,7 @@ def weights_fingerprint(model: HookedTransformer) -> str:
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -59,7 +59,7 @@ def _model_identity(model: HookedTransformer) -> dict:
 
 
 def _digest(t: Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def save_cache(
