@@ -229,7 +229,7 @@ def check_devices(device: str | torch.device, n_devices: int) -> list[torch.devi
     if n_devices < 1:
         raise ValueError(f"n_devices must be at least 1, got {n_devices}")
     device = torch.device(device)
-    if n_devices == 1:
+    if n_devices == 1 and device.type != "cuda":
         return [device]
     if device.type != "cuda":
         raise ValueError(f"splitting a model over {n_devices} devices needs CUDA devices; got device {str(device)!r}")
@@ -238,6 +238,8 @@ def check_devices(device: str | torch.device, n_devices: int) -> list[torch.devi
     if first + n_devices > available:
         raise ValueError(f"n_devices={n_devices} from cuda:{first} needs cuda:{first}…cuda:{first + n_devices - 1}, "
                          f"but this machine has {available} CUDA device(s)")
+    if n_devices == 1:
+        return [device]
     return [torch.device("cuda", first + i) for i in range(n_devices)]
 
 
