@@ -162,6 +162,11 @@ def _as_tuple(out) -> tuple[Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
+def _on_cpu(out) -> tuple[Tensor, ...]:
+    """Per-prompt values on the CPU, half precision widened to float32 (what JSON, plots and bootstraps read)."""
+    return tuple(t.detach().cpu().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu() for t in _as_tuple(out))
+
+
 def _cat(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
     return tuple(torch.cat([p[i] for p in parts], dim=-1) for i in range(len(parts[0])))
 
@@ -180,12 +185,13 @@ def map_batches(
     """``fn(batch, donor_cache)`` over every batch, per-prompt outputs (prompt axis last) concatenated in batch order.
 
     Under torchrun each rank runs ``fn`` on its `shard` of the prompts only, and every rank returns the
-    whole dataset's tensors in the same order as one process would (on the CPU). ``donor_cache`` (one
+    whole dataset's tensors in the same order as one process would. Either way they come back on the CPU,
+    float16/bfloat16 widened to float32. ``donor_cache`` (one
     batch's donor activations, or None) is cut to the same rows. ``fn`` returns a tensor or a tuple of several.
     """
     batches = list(batches)
     if not init_default():
-        out = _cat([_as_tuple(fn(b, donor_cache)) for b in batches])
+        out = _cat([_on_cpu(fn(b, donor_cache)) for b in batches])
         return out if len(out) > 1 else out[0]
     sizes = [len(b) for b in batches]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -194,7 +200,7 @@ def map_batches(
     for b, start, size in zip(batches, offsets, sizes):
         rows = [g - start for g in mine if start <= g < start + size]
         if rows:
-            local_parts.append(tuple(t.detach().cpu() for t in _as_tuple(fn(select(b, rows), _select_cache(donor_cache, rows, size)))))
+            local_parts.append(_on_cpu(fn(select(b, rows), _select_cache(donor_cache, rows, size))))
             local_order += [start + r for r in rows]
     local = _cat(local_parts) if local_parts else None
     gathered: list = [None] * world_size()
