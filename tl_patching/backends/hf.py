@@ -138,5 +138,5 @@ def run(
     """Forward ``tokens`` with ``edits`` applied; return the logits and the (edited) activations named in ``cache``."""
     acts: dict[str, Tensor] = {}
     with torch.no_grad(), hooks(hf_model, edits, acts, cache):
-        logits = hf_model(tokens).logits
+        logits = hf_model(tokens.to(hf_model.device)).logits  # HF does not move its inputs (TL does)
     return check_finite(logits, edits), {n: a.to(cache_device) if cache_device else a for n, a in acts.items()}

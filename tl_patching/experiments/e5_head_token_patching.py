@@ -85,7 +85,7 @@ def run(
         else:
             metric = lambda logits: logit_diff(logits, b.correct, b.wrong)  # noqa: E731
             patched = patching.head_sweep(forward, b.tokens, donor, metric, pos=-1, progress=progress)
-        return clean, patched - clean
+        return clean, patched.to(clean.device) - clean  # the sweep driver returns CPU values, the fast path device ones
 
     clean, effect = map_batches(one_batch, batches, donor_cache)  # under torchrun: this rank's prompts, then all gathered
     if not torch.isfinite(effect).all():
