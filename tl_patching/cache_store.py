@@ -59,7 +59,7 @@ def _model_identity(model: HookedTransformer) -> dict:
 
 
 def _digest(t: Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def save_cache(

@@ -5,6 +5,7 @@
     tl-patching reproduce --model /path/to/hf-dir   # a local HF-format directory
     tl-patching e3 --model gpt2-medium --layer 3 --head 0 --text "…"   # one experiment, its own settings
     tl-patching e4 --backend hf                     # the same experiment through raw HF hooks
+    torchrun --nproc_per_node=4 -m tl_patching.cli e5 --n-prompts 1000   # prompts split over 4 processes
 
 Errors are one line (``error: …``, exit status 1); ``--debug`` shows the traceback. Nothing heavy
 (torch, transformers) is imported until a command runs, so ``--help`` is instant.
@@ -59,17 +60,19 @@ def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n
     """Every experiment with its defaults; figures, results JSON and index.html under ``out_dir``."""
     from tqdm.auto import tqdm
 
+    from tl_patching.distributed import is_main
     from tl_patching.experiments import run_experiment
     from tl_patching.report import write_index
 
     sections = []
-    for key in tqdm(experiments, desc="experiments"):
+    for key in tqdm(experiments, desc="experiments", disable=not is_main()):
         start = time.perf_counter()
         result = run_experiment(key, forward, n_prompts, donor_cache=donor_cache)
         seconds = time.perf_counter() - start
-        sections.append((key, result, save_result(key, result, out_dir, png), seconds))
-        tqdm.write(f"{key} ({seconds:.1f} s): {result.reading()}")
-    return write_index(out_dir, model_name, sections, model=forward.model)
+        if is_main():  # under torchrun every rank holds the gathered result; rank 0 alone writes
+            sections.append((key, result, save_result(key, result, out_dir, png), seconds))
+            tqdm.write(f"{key} ({seconds:.1f} s): {result.reading()}")
+    return write_index(out_dir, model_name, sections, model=forward.model) if is_main() else out_dir
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", default="tl", choices=["tl", "hf"],
                         help="run the edits as TransformerLens hooks (tl) or as raw HF hooks on the same weights (hf)")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (auto: cuda if available)")
+    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the weights and activations (tolerances against float32: docs/scaling.md)")
+    common.add_argument("--n-devices", type=positive_int, default=1,
+                        help="split the model's blocks over this many CUDA devices (model parallel; per torchrun process)")
     common.add_argument("--out", type=Path, default=Path("figures"), help="figures and results go to OUT/<model>/")
     common.add_argument("--no-png", action="store_true", help="write interactive HTML only (no static PNG)")
     common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -109,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: dict) -> None:
+    from tl_patching import distributed
     from tl_patching.experiments import run_experiment
     from tl_patching.forward import load_forward
 
@@ -117,19 +125,23 @@ def run(args: dict) -> None:
     donor_cache = args.pop("donor_cache", None)
     if donor_cache is not None and not donor_cache.parent.is_dir():
         raise FileNotFoundError(f"--donor-cache {donor_cache}: the folder {donor_cache.parent} does not exist")
-    device = resolve_device(args.pop("device"))
+    dtype, n_devices = args.pop("dtype"), args.pop("n_devices")
+    device = distributed.setup(resolve_device(args.pop("device")), n_devices)  # under torchrun: this rank's device
     if command == "reproduce":
         experiments = [e.strip().lower() for e in args.pop("experiments").split(",") if e.strip()]
         unknown = sorted(set(experiments) - set(EXPERIMENTS))
         if unknown or not experiments:
             raise ValueError(f"unknown experiment(s) {unknown or experiments}; choose from {', '.join(EXPERIMENTS)}")
-    forward = load_forward(model_name, backend, device)
+    forward = load_forward(model_name, backend, device, dtype, n_devices)
     out_dir = out_root / model_slug(model_name)
     if command == "reproduce":
         index = reproduce(forward, model_name, experiments, out_dir, args["n_prompts"], donor_cache, png=png)
-        print(f"wrote {index}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"wrote {index}", file=sys.stderr)
         return
     result = run_experiment(command, forward, donor_cache=donor_cache, **args)
+    if not distributed.is_main():
+        return
     files = save_result(command, result, out_dir, png)
     print(result.reading())
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
@@ -148,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {message or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if "tl_patching.distributed" in sys.modules:  # end a torchrun process group cleanly (never imported for --help)
+            sys.modules["tl_patching.distributed"].teardown()
 
 
 if __name__ == "__main__":

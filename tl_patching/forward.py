@@ -68,13 +68,31 @@ class Forward:
         return self.run(tokens, edits)[0]
 
 
-def load_forward(name_or_path: str, backend: str = "tl", device: str = "cpu") -> Forward:
-    """Load a model with raw weights and bind it to ``backend`` ("tl" or "hf")."""
-    from tl_patching.models import load_model, load_pair
+def load_forward(name_or_path: str, backend: str = "tl", device: str = "cpu", dtype: str | torch.dtype = "float32",
+                 n_devices: int = 1):
+    """Load a model with raw weights in ``dtype``, on ``n_devices`` consecutive devices from ``device``, and bind it
+    to ``backend`` ("tl" or "hf").
+
+    The weights are loaded on the CPU, cast, and only then moved (a float32 copy never reaches the GPU).
+    With ``n_devices > 1`` the TL model is split by `place` and the HF mirror by accelerate with `hf_device_map`.
+    """
+    from tl_patching.distributed import check_devices, hf_device_map, parse_dtype, place
+    from tl_patching.models import display_name, hooked_from_hf, load_hf
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    torch_dtype = parse_dtype(dtype)
+    devices = check_devices(device, n_devices)
+    hf_model, tokenizer = load_hf(name_or_path, device="cpu")
+    model = hooked_from_hf(hf_model, tokenizer, weights="raw", device="cpu", name=display_name(name_or_path))
+    model = place(model.to(torch_dtype, print_details=False), devices)
     if backend == "tl":
-        return Forward(load_model(name_or_path, weights="raw", device=device))
-    hf_model, model = load_pair(name_or_path, weights="raw", device=device)
-    return Forward(model, hf_model)
+        return Forward(model)
+    hf_model = hf_model.to(torch_dtype)
+    if len(devices) == 1:
+        hf_model = hf_model.to(devices[0])
+    else:
+        from accelerate import dispatch_model
+
+        hf_model = dispatch_model(hf_model, device_map=hf_device_map(model.cfg.n_layers, devices))
+    return Forward(model, hf_model.eval())

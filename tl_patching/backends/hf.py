@@ -136,4 +136,5 @@ def run(
     cache_device: str | torch.device | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """Forward ``tokens`` with ``edits`` applied; return the logits and the (edited) activations named in ``cache``."""
-    return run_collecting(lambda acts: hooks(hf_model, edits, acts, cache), lambda: hf_model(tokens).logits, edits, cache_device)
+    return run_collecting(lambda acts: hooks(hf_model, edits, acts, cache), lambda: hf_model(tokens.to(hf_model.device)).logits,
+                          edits, cache_device)  # HF does not move its inputs (TL does)

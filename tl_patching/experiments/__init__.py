@@ -20,6 +20,7 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
     E4/E5 run over an IOI dataset of ``n_prompts`` (1: the seed's single pair); with ``donor_cache`` the
     donor run is loaded from that file (checked against model and tokens), or computed and saved there.
     """
+    from tl_patching import distributed
     from tl_patching.cache_store import cached_run
     from tl_patching.experiments import e1_attention_scores, e2_activation_editing, e3_cosine_similarity
     from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
@@ -28,9 +29,11 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
     if key not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {key!r}; choose from {', '.join(EXPERIMENTS)}")
     options = {k: v for k, v in options.items() if v is not None}
+    distributed.init(forward.cfg.device)  # under torchrun only; rank 0 alone shows progress
+    progress = progress and distributed.is_main()
     simple = {"e1": e1_attention_scores, "e2": e2_activation_editing, "e3": e3_cosine_similarity}
-    if key in simple:
-        return simple[key].run(forward, **options)
+    if key in simple:  # one sentence each: rank 0 runs it, the others receive the result
+        return distributed.on_main(lambda: simple[key].run(forward, **options))
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be at least 1, got {n_prompts}")
     data = [e4.seed_pair(forward.model)] if n_prompts == 1 else ioi_dataset(forward.model, n_prompts)
@@ -40,6 +43,7 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
             raise ValueError(f"a donor cache holds one batch of prompts of one token length; these {n_prompts} prompts "
                              f"come in {len(data)} lengths. Use n_prompts=1, or no donor cache")
         batch = data[0]
-        cache = cached_run(donor_cache, forward, batch.donor_tokens, e4.donor_names(forward.cfg.n_layers), batch.prepend_bos)
+        with distributed.main_first():  # rank 0 computes and saves it, the others load it
+            cache = cached_run(donor_cache, forward, batch.donor_tokens, e4.donor_names(forward.cfg.n_layers), batch.prepend_bos)
     module = e4 if key == "e4" else e5
     return module.run(forward, data, donor_cache=cache, progress=progress, **options)

@@ -125,8 +125,8 @@ def run(
     resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
 
     def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
-        logits, cache = forward.run(tokens, e, resid)
-        return torch.stack([cache[n].std() for n in resid]), logits[0, -1].log_softmax(-1)
+        logits, cache = forward.run(tokens, e, resid, cache_device="cpu")  # statistics on the CPU, in float32
+        return torch.stack([cache[n].float().std() for n in resid]), logits[0, -1].float().cpu().log_softmax(-1)
 
     clean_std, clean_logp = spread_and_probs([])
     clean_top = clean_logp.topk(top_k)

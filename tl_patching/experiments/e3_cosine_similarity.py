@@ -98,10 +98,10 @@ def run(
     if tokens.shape[1] < 3:
         raise ValueError(f"E3 needs a text of at least 3 tokens, got {tokens.shape[1]}")
     resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
-    clean = forward.run(tokens, cache=resid)[1]
-    silenced = forward.run(tokens, [edit], cache=resid)[1]
-    clean_pairs = torch.stack([unique_pair_similarities(clean[n][0]) for n in resid])
-    silenced_pairs = torch.stack([unique_pair_similarities(silenced[n][0]) for n in resid])
+    clean = forward.run(tokens, cache=resid, cache_device="cpu")[1]  # statistics on the CPU, in float32
+    silenced = forward.run(tokens, [edit], cache=resid, cache_device="cpu")[1]
+    clean_pairs = torch.stack([unique_pair_similarities(clean[n][0].float()) for n in resid])
+    silenced_pairs = torch.stack([unique_pair_similarities(silenced[n][0].float()) for n in resid])
     tests = [paired_t_test(c, s) for c, s in zip(clean_pairs, silenced_pairs)]
     threshold, significant = bonferroni([p for _, p in tests], alpha)  # one test per layer
     return E3Result(

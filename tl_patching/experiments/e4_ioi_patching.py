@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name, patch, patch_where
 from tl_patching.forward import Forward
 from tl_patching.metrics import Summary, logit_diff, summarize
@@ -127,8 +128,8 @@ def run(
     ``donor_cache``: the donor's hook_z and hook_resid_post for every layer (e.g. loaded from disk); one batch only.
     """
     batches = as_batches(forward.model, data, donor_cache)
-    parts = [patch_layer_sweep(forward, b, donor_cache, progress) for b in batches]
-    clean, donor, heads, resid_s2, resid_final = (torch.cat([p[i] for p in parts], dim=-1) for i in range(5))
+    clean, donor, heads, resid_s2, resid_final = map_batches(  # under torchrun: this rank's prompts, then all gathered
+        lambda b, d: patch_layer_sweep(forward, b, d, progress), batches, donor_cache)
     return E4Result(
         info=RunInfo.of(forward, token_rows(batches), batches[0].prepend_bos, n_prompts=len(clean),
                         n_batches=len(batches), texts=[t for b in batches for t in b.texts][:10]),

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_patching import fast, patching
+from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name
 from tl_patching.experiments.e4_ioi_patching import as_batches
 from tl_patching.forward import Forward
@@ -75,18 +76,18 @@ def run(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     batches = as_batches(forward.model, data, donor_cache)
     z_names = [act_name("z", l) for l in range(forward.cfg.n_layers)]
-    cleans, effects = [], []
-    for b in batches:
-        donor = donor_cache or forward.run(b.donor_tokens, cache=z_names)[1]
+
+    def one_batch(b: IOIBatch, donor: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        donor = donor or forward.run(b.donor_tokens, cache=z_names)[1]
         clean = logit_diff(forward(b.tokens), b.correct, b.wrong)
         if method == "fast":
             patched = fast.final_position_head_sweep(forward, b.tokens, donor, b.correct, b.wrong, progress=progress)
         else:
-            metric = lambda logits, b=b: logit_diff(logits, b.correct, b.wrong)  # noqa: E731
+            metric = lambda logits: logit_diff(logits, b.correct, b.wrong)  # noqa: E731
             patched = patching.head_sweep(forward, b.tokens, donor, metric, pos=-1, progress=progress)
-        cleans.append(clean)
-        effects.append(patched - clean)
-    clean, effect = torch.cat(cleans), torch.cat(effects, dim=-1)
+        return clean, patched.to(clean.device) - clean  # the sweep driver returns CPU values, the fast path device ones
+
+    clean, effect = map_batches(one_batch, batches, donor_cache)  # under torchrun: this rank's prompts, then all gathered
     if not torch.isfinite(effect).all():
         raise FloatingPointError("the sweep produced NaN/inf logit differences")
     return E5Result(
