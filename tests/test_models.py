@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from tl_patching import hooks
-from tl_patching.models import ModelNotFoundError, hooked_from_hf, load_hf, load_model, load_pair
+from tl_patching.models import ModelNotFoundError, hooked_from_hf, load_hf, load_model, load_pair, weight_mode
 
 
 def test_processed_keeps_log_probs_but_changes_resid_and_z(pair, tokens):
     hf, raw = pair
     processed = hooked_from_hf(hf, raw.tokenizer, weights="processed")
-    assert raw.weight_mode == "raw" and processed.weight_mode == "processed"
+    assert weight_mode(raw) == "raw" and weight_mode(processed) == "processed"
     names = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]
     raw_logits, raw_cache = hooks.run(raw, tokens, cache=names)
     proc_logits, proc_cache = hooks.run(processed, tokens, cache=names)
@@ -43,7 +43,7 @@ def test_local_directory_loads_with_network_blocked(model_dir, pair, tokens, mon
     hf, tl = pair
     for weights in ("raw", "processed"):
         model = load_model(model_dir, weights=weights)
-        assert model.weight_mode == weights and model.cfg.n_layers == 3
+        assert weight_mode(model) == weights and model.cfg.n_layers == 3
         assert (model(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)).abs().max() < 1e-4
     hf2, tl2 = load_pair(model_dir)
     assert torch.equal(hf2(tokens).logits, hf(tokens).logits)

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer, HookedTransformerConfig
 
+from tl_patching.models import weight_mode
+
 FORMAT = "tl_patching.cache/1"
 
 
@@ -40,7 +42,7 @@ class CorruptCacheError(ValueError):
 def _model_identity(model: HookedTransformer) -> dict:
     cfg = model.cfg
     return {
-        "model_name": cfg.model_name, "weight_mode": getattr(model, "weight_mode", "unknown"),
+        "model_name": cfg.model_name, "weight_mode": weight_mode(model),
         "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
     }
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_patching.models import weight_mode
+
 T = TypeVar("T", bound="Result")
 
 
@@ -36,7 +38,7 @@ class RunInfo:
            **settings) -> RunInfo:
         """``tokens``: ``[batch, pos]`` ids, or a list of rows of any lengths (a dataset of several batches)."""
         return cls(
-            model_name=model.cfg.model_name, weight_mode=getattr(model, "weight_mode", "unknown"),
+            model_name=model.cfg.model_name, weight_mode=weight_mode(model),
             n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads,
             token_ids=tokens.tolist() if isinstance(tokens, Tensor) else tokens, prepend_bos=prepend_bos,
             backend="transformer_lens" if hf_model is None else "hf_hooks", seed=seed, settings=settings,

@@ -25,6 +25,7 @@ from transformers import GPT2LMHeadModel
 
 from tl_patching import hf_hooks
 from tl_patching.hooks import act_name, zero
+from tl_patching.models import weight_mode
 from tl_patching.prompts import PIZZA_SENTENCE
 from tl_patching.results import Result, RunInfo
 
@@ -74,7 +75,7 @@ def run(
 ) -> E3Result:
     """Clean vs head-silenced cosine similarities per layer. BOS is off by default, as in the seed's HF
     tokenisation (and because BOS's large norm dominates every similarity with it)."""
-    if getattr(model, "weight_mode", "raw") != "raw":
+    if weight_mode(model) != "raw":
         raise ValueError("E3 needs raw weights (load_model(..., weights='raw')): processing centres the residual stream")
     edit = zero(act_name("z", layer, model), head=head)
     tokens = model.to_tokens(text, prepend_bos=prepend_bos)
