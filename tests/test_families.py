@@ -200,6 +200,19 @@ def test_llama_directory_round_trip(llama_dir, monkeypatch):
     assert tl2.to_tokens(" Sally")[0].tolist() == [0, tl2.tokenizer.convert_tokens_to_ids("ĠSally")]
 
 
+def test_every_family_directory_round_trip(tmp_path, family, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = word_tokenizer(TEXTS)
+    hf, _ = random_pair(family, seed=4, tokenizer=tokenizer)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf2, model = load_pair(tmp_path)
+    assert type(hf2) is type(hf) and model.cfg.original_architecture == FAMILIES[family].architecture
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("architecture", ["FalconForCausalLM", "Gemma3ForConditionalGeneration"])
 def test_unsupported_config_refused_by_name(tmp_path, architecture, llama_dir):
     path, _ = llama_dir
