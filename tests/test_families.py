@@ -1,7 +1,8 @@
 """Every supported family: a tiny random HF model and its HookedTransformer agree exactly, or loading refuses.
 
-Measured float32 discrepancies (2 prompts × 16 tokens, seed 0, see docs/models.md) are ≤ 3.3e-6 on
-logits (raw) and ≤ 4.3e-6 on log-probs (processed); the asserts below use 1e-5.
+Measured float32 discrepancies (4 prompts × 32 tokens, seeds 0-2, see docs/models.md) are ≤ 6.8e-6 on
+logits (raw) and ≤ 6.2e-6 on log-probs (processed); the asserts below use 2e-5 (CPU reductions may
+change with the thread count, hence some margin).
 """
 
 import json
@@ -34,7 +35,7 @@ LN_FAMILIES = {"gpt2", "neox"}  # LayerNorm: TL centres writing weights; RMSNorm
 BIASED = {"gpt2", "neox", "qwen2"}  # attention biases: value-bias folding is detectable
 SOFTCAPPED = {"gemma2"}  # final logit soft cap: TL does not centre the unembedding
 GQA = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"}
-TOL = 1e-5
+TOL = 2e-5
 
 
 @pytest.fixture(scope="module", params=ALL)
@@ -249,3 +250,12 @@ def test_gpt2_checkpoint_under_a_llama_config_refused(tmp_path, llama_dir, pair)
     (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
     with pytest.raises(IncompleteCheckpointError, match="missing_keys"):
         load_hf(tmp_path)
+
+
+def test_conversion_leaves_the_hf_model_untouched(family):
+    hf, _ = random_pair(family, seed=5)
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    model = hooked_from_hf(hf, weights="processed")
+    with torch.no_grad():
+        model.W_E.add_(1.0)  # no storage shared either
+    assert all(torch.equal(v, before[k]) for k, v in hf.state_dict().items())
