@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 from transformers import BloomConfig, BloomForCausalLM
 
-from tl_patching.families import FAMILIES, UnsupportedArchitectureError
+from tl_patching.families import FAMILIES, UnsupportedArchitectureError, family_of
 from tl_patching.models import (
     PROBE_TOLERANCE,
     IncompleteCheckpointError,
@@ -128,6 +128,16 @@ def test_gqa_and_sliding_windows_are_exercised(raw_pair, family):
         assert (cfg.rotary_dim, cfg.parallel_attn_mlp, cfg.rotary_adjacent_pairs) == (4, True, False)
 
 
+def raw_model_with_cfg(hf, cfg):
+    """hf's weights, unprocessed, in a HookedTransformer built from ``cfg`` (possibly altered)."""
+    model = HookedTransformer(cfg, move_to_device=False)
+    model.load_and_process_state_dict(
+        family_of(hf.config).convert_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+        center_unembed=False, fold_value_biases=False,
+    )
+    return model
+
+
 # Each config detail, changed alone, makes the tiny model disagree with HF: the suite would catch it.
 DETAILS = [
     ("gpt2", "eps", 1e-2), ("neox", "rotary_adjacent_pairs", True), ("neox", "parallel_attn_mlp", False),
@@ -146,13 +156,8 @@ def test_every_config_detail_matters(family_name, field, value):
     setattr(cfg, field, value)
     if field == "use_local_attn":
         cfg.attn_types = None
-    model = HookedTransformer(cfg, move_to_device=False)
-    model.load_and_process_state_dict(
-        FAMILIES[family_name].convert_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False,
-    )
     with pytest.raises(ModelMismatchError):
-        verify_against_hf(hf, model)
+        verify_against_hf(hf, raw_model_with_cfg(hf, cfg))
 
 
 def test_llama3_rope_scaling():
@@ -163,6 +168,33 @@ def test_llama3_rope_scaling():
     tokens = torch.arange(40)[None] % 64
     with torch.no_grad():
         assert (tl(tokens) - hf(tokens).logits).abs().max().item() < TOL
+
+
+VARIANTS = {
+    "llama-linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+                          dict(rotary_scaling_factor=4.0)),
+    "gemma3-linear-rope-on-global-layers": (
+        "gemma3", dict(rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                        "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=8.0)}),
+        dict(rotary_scaling_factor=8.0, attn_types=["local", "global"])),
+    "qwen2-sliding-layers": ("qwen2", dict(use_sliding_window=True, max_window_layers=1),
+                             dict(attn_types=["global", "local"], window_size=4)),
+    "mistral-no-window": ("mistral", dict(sliding_window=None), dict(use_local_attn=False)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants_equal_hf(variant):
+    family_name, overrides, expected = VARIANTS[variant]
+    hf, tl = random_pair(family_name, **overrides)
+    assert {k: getattr(tl.cfg, k) for k in expected} == expected
+    tokens = torch.arange(32)[None] % 64
+    with torch.no_grad():
+        assert (tl(tokens) - hf(tokens).logits).abs().max().item() < TOL
+    if "rotary_scaling_factor" in expected:  # the scaling is exercised: without it the probe check fails
+        tl.cfg.rotary_scaling_factor = 1.0
+        with pytest.raises(ModelMismatchError):
+            verify_against_hf(hf, raw_model_with_cfg(hf, tl.cfg))
 
 
 def test_unrepresentable_configs_raise_not_implemented():

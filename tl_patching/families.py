@@ -248,7 +248,8 @@ def _tiny_mistral(*args):
 
 
 def _tiny_qwen(*args):
-    return _tiny_rms(*args, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+    # The window applies only with use_sliding_window=True (then on layers >= max_window_layers).
+    return _tiny_rms(*args, sliding_window=args[-1], rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
 
 
 def _tiny_gemma2(*args):
