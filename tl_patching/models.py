@@ -224,6 +224,8 @@ def weight_processing(model: HookedTransformer) -> dict[str, bool]:
 def weight_mode(model: HookedTransformer) -> WeightMode:
     """``"raw"`` if the model shows none of TL's weight processings (activations equal HF's), else
     ``"processed"``. Read from the model's cfg and weights (see `weight_processing`), not from a label."""
+    if model.cfg.normalization_type in ("LNPre", "RMSPre"):  # the cheap sign, true of every processed model
+        return "processed"
     return "processed" if any(weight_processing(model).values()) else "raw"
 
 
