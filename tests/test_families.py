@@ -256,6 +256,12 @@ def test_unsupported_config_refused_by_name(tmp_path, architecture, llama_dir):
         load_model(tmp_path)
 
 
+def test_unknown_model_type_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"], "model_type": "made_up"}))
+    with pytest.raises(UnsupportedArchitectureError, match="MadeUpForCausalLM is not supported"):
+        load_pair(tmp_path)
+
+
 def test_saved_bloom_refused_by_name(tmp_path):
     config = BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)
     BloomForCausalLM(config).save_pretrained(tmp_path)

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 from urllib.parse import urlparse
 
@@ -344,6 +346,9 @@ def load_hf(name_or_path: str | os.PathLike, device: str | torch.device = "cpu")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory but has no config.json: not an HF-format model")
+        # Refuse from the JSON itself, even for a model_type this transformers version does not know.
+        family_of(SimpleNamespace(**{k: v for k, v in json.loads((path / "config.json").read_text()).items()
+                                     if k in ("architectures", "model_type")}))
         attempts = [dict(local_files_only=True)]
     elif path.suffix or os.sep in str(source):
         raise ModelNotFoundError(f"no model directory at {path}")
