@@ -5,6 +5,7 @@ logits (raw) and ≤ 6.2e-6 on log-probs (processed); the asserts below use 2e-5
 change with the thread count, hence some margin).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -297,3 +298,24 @@ def test_conversion_leaves_the_hf_model_untouched(family):
     with torch.no_grad():
         model.W_E.add_(1.0)  # no storage shared either
     assert all(torch.equal(v, before[k]) for k, v in hf.state_dict().items())
+
+
+def test_conversion_that_drops_or_adds_weights_is_refused(monkeypatch):
+    hf, _ = random_pair("llama")
+    family = FAMILIES["llama"]
+
+    def converter(drop=(), add=()):
+        def convert(hf_model, cfg):
+            state = family.convert_weights(hf_model, cfg)
+            for key in drop:
+                del state[key]
+            state.update({key: torch.zeros(1) for key in add})
+            return state
+        return dataclasses.replace(family, convert_weights=convert)
+
+    monkeypatch.setitem(FAMILIES, "llama", converter(drop=["blocks.1.attn.W_Q"]))
+    with pytest.raises(ValueError, match="blocks.1.attn.W_Q"):  # TL itself refuses to zero-fill a weight matrix
+        hooked_from_hf(hf)
+    monkeypatch.setitem(FAMILIES, "llama", converter(add=["blocks.1.attn.W_typo"]))
+    with pytest.raises(IncompleteCheckpointError, match=r"unexpected \['blocks.1.attn.W_typo'\]"):
+        hooked_from_hf(hf)  # TL's own loading (strict=False) would ignore it

@@ -29,6 +29,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -124,6 +125,29 @@ def _tokenizer_for_tl(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTo
     return tokenizer
 
 
+_FOLDED_NORM_KEY = re.compile(r"(blocks\.\d+\.ln[12]|ln_final)\.[wb]")
+
+
+def _load_weights(model: HookedTransformer, state: dict[str, torch.Tensor], flags: dict[str, bool]) -> None:
+    """TL's ``load_and_process_state_dict`` (folding, centring, norm-module swaps), with its one
+    ``load_state_dict`` call per key (each walks the whole module tree: most of a SmolLM2 load) gathered
+    into one call, whose missing and unexpected keys are checked: nothing of the converted state may be
+    dropped except the norm weights that folding has moved into the next weights."""
+    gathered: dict[str, torch.Tensor] = {}
+    model.load_state_dict = lambda sd, strict=True, assign=False: gathered.update(sd)  # shadows the method
+    try:
+        model.load_and_process_state_dict(state, **flags)
+    finally:
+        del model.load_state_dict
+    result = model.load_state_dict(gathered, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not (flags["fold_ln"] and _FOLDED_NORM_KEY.fullmatch(k))]
+    if result.missing_keys or unexpected:
+        raise IncompleteCheckpointError(
+            f"{model.cfg.model_name}: TransformerLens's conversion does not fill the model exactly: "
+            f"missing {result.missing_keys[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
 def hooked_from_hf(
     hf_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -150,8 +174,7 @@ def hooked_from_hf(
         cfg.model_name = name
     model = HookedTransformer(cfg, tokenizer=_tokenizer_for_tl(tokenizer), move_to_device=False)
     with torch.no_grad():  # TL's processing is out of place and loading copies: hf_model is left as it was
-        state = family.convert_weights(hf_model, cfg)
-        model.load_and_process_state_dict(state, **_processing_flags(cfg, weights == "processed"))
+        _load_weights(model, family.convert_weights(hf_model, cfg), _processing_flags(cfg, weights == "processed"))
     model = model.to(device).eval()
     if verify:
         verify_against_hf(hf_model, model)
