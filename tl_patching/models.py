@@ -73,7 +73,7 @@ __all__ = [
     "FAMILIES", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitectureError", "ModelNotFoundError",
     "IncompleteCheckpointError", "ModelMismatchError", "hooked_config", "hooked_from_hf", "verify_against_hf",
     "load_hf", "load_model", "load_pair", "random_pair", "random_gpt2", "weight_processing", "weight_mode",
-    "convert_gguf", "smollm2_dir",
+    "convert_gguf", "smollm2_dir", "probe_tokens", "PROBE_TOLERANCE",
 ]
 
 
