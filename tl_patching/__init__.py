@@ -10,6 +10,7 @@ _EXPORTS = {
     "replace": "edits", "scale": "edits", "zero": "edits",
     "Forward": "forward", "load_forward": "forward",
     "hooked_from_hf": "models", "load_hf": "models", "load_model": "models", "load_pair": "models", "random_gpt2": "models",
+    "random_pair": "models", "weight_mode": "models", "weight_processing": "models",
     "sweep": "patching", "head_sweep": "patching",
 }
 _MODULES = ("attribution", "backends", "cache_store", "edits", "experiments", "fast", "forward", "metrics", "models",

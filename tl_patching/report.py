@@ -38,7 +38,7 @@ SEEDS = {  # the seed report each experiment redoes, and the model it used
     "e4": ("seed 001", "GPT-2 small and medium"), "e5": ("seed 000", "GPT-2 large"),
 }
 CI = "95% bootstrap CI"
-BACKENDS = {"transformer_lens": "TransformerLens", "hf_hooks": "raw HuggingFace"}
+BACKENDS = {"tl": "TransformerLens", "hf": "raw HuggingFace"}
 
 
 # ---------------------------------------------------------------------------------------------- words

