@@ -17,13 +17,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_patching.backends.hf_maps import OUTPUT, Family, Site, family_of
+from tl_patching.backends.hf_maps import OUTPUT, HookMap, Site, hook_map_of
 from tl_patching.edits import Edit, check_name, run_collecting
 
 
 def hook_names(hf_model: nn.Module) -> list[str]:
     """Every TL hook name of the equivalent `HookedTransformer`: the mapped ones and the refused ones."""
-    family = family_of(hf_model)
+    family = hook_map_of(hf_model)
     suffixes = list(family.sites) + list(family.refused)
     n_layers = family.n_layers(hf_model.config)
     top = [s for s in suffixes if s.startswith(("hook_embed", "hook_pos_embed", "ln_final.", "unembed."))]
@@ -33,7 +33,7 @@ def hook_names(hf_model: nn.Module) -> list[str]:
 
 def resolve(hf_model: nn.Module, name: str, write: bool = False) -> tuple[Site, nn.Module, int | None]:
     """The `Site`, the HF module and the layer of a TL hook name; a clear error where there is none."""
-    family: Family = family_of(hf_model)
+    family: HookMap = hook_map_of(hf_model)
     check_name(name, hook_names(hf_model), family.n_layers(hf_model.config))
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     layer, suffix = (int(match[1]), match[2]) if match else (None, name)

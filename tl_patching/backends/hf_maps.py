@@ -40,11 +40,12 @@ class Site:
 
 
 @dataclass(frozen=True)
-class Family:
+class HookMap:
     architecture: str
     n_layers: Callable[[object], int]  # HF config -> number of blocks
     sites: dict[str, Site]  # TL suffix ("hook_embed", or "attn.hook_z" inside block l) -> Site
     refused: dict[str, str] = field(default_factory=dict)  # TL suffix -> why there is no HF boundary
+    unsupported: Callable[[object], str | None] = lambda config: None  # a config this map does not describe, and why
 
 
 # --- views: a few named functions ---
@@ -132,7 +133,7 @@ def _refused(out_proj: str, scale_reason: str, norms: tuple[str, ...] = ("ln_fin
 
 
 
-GPT2 = Family(
+GPT2 = HookMap(
     architecture="GPT2LMHeadModel",
     n_layers=lambda c: c.n_layer,
     sites={
@@ -161,14 +162,25 @@ GPT2 = Family(
     },
 )
 
-def rms_affine(path: str, offset: float = 0.0) -> View:
+def rms_affine(path: str, offset: float = 0.0, head_layout: str | None = None) -> View:
     """TL's RMSNorm ``hook_normalized`` is before the weight, HF's RMSNorm output after it: undo/redo
-    ``(offset + w)`` (Gemma's RMSNorm multiplies by 1 + w)."""
+    ``(offset + w)`` (Gemma's RMSNorm multiplies by 1 + w). ``head_layout``: for a QK-norm, how HF holds the
+    heads (``"b p h d"`` in Qwen3, ``"b h p d"`` in Gemma 3); TL flattens them to ``[(batch pos head), d_head]``."""
 
     def weight(hf, l):
         return offset + hf.get_submodule(path.format(l=l)).weight
 
-    return View(lambda out, hf, l: out / weight(hf, l), lambda out, new, hf, l: new * weight(hf, l))
+    def read(out: Tensor, hf, l) -> Tensor:
+        normed = out / weight(hf, l)
+        return einops.rearrange(normed, f"{head_layout} -> (b p h) d") if head_layout else normed
+
+    def write(out: Tensor, new: Tensor, hf, l) -> Tensor:
+        if head_layout:
+            b, p = (out.shape[0], out.shape[head_layout.split().index("p")])
+            new = einops.rearrange(new, f"(b p h) d -> {head_layout}", b=b, p=p)
+        return new * weight(hf, l)
+
+    return View(read, write)
 
 
 def _q_heads(config) -> int:
@@ -185,14 +197,14 @@ _ROTARY = ("rotary embeddings are applied inside the attention's forward: no mod
 _RMS_SCALE = "TL's RMSNorm scale is computed inside HF's RMSNorm forward: no module boundary holds it"
 
 
-def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: bool = False, norm_offset: float = 0.0) -> Family:
+def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: str | None = None, norm_offset: float = 0.0) -> HookMap:
     """Llama, Mistral, Qwen2/3 and Gemma 2/3: separate q/k/v projections (k and v with the KV heads of
     grouped-query attention), gated MLP whose ``hook_post`` = act(gate)·up is the input of ``down_proj``.
 
     ``sandwich_norms`` (Gemma 2/3): RMSNorms after attention and after the MLP, so TL's ``hook_attn_out`` /
     ``hook_mlp_out`` are those norms' outputs and ln2 is ``pre_feedforward_layernorm``; ``qk_norm``
-    (Qwen3, Gemma 3): RMSNorm on each head's query and key before rotation; ``norm_offset``: Gemma's
-    RMSNorm multiplies by 1 + w.
+    (Qwen3, Gemma 3): RMSNorm on each head's query and key before rotation, applied by HF to heads laid
+    out as given; ``norm_offset``: Gemma's RMSNorm multiplies by 1 + w.
     """
     layer = "model.layers.{l}"
     attn = f"{layer}.self_attn"
@@ -219,7 +231,7 @@ def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: bool = 
     if qk_norm:
         for which in ("q", "k"):
             path = f"{attn}.{which}_norm"
-            sites[f"attn.{which}_norm.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset))
+            sites[f"attn.{which}_norm.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset, head_layout=qk_norm))
     refused = {"attn.hook_rot_q": _ROTARY, "attn.hook_rot_k": _ROTARY, "attn.hook_attn_scores": _ROTARY,
                **_refused("o_proj", _RMS_SCALE)}
     if qk_norm:
@@ -228,11 +240,13 @@ def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: bool = 
         for norm, path in (("ln1_post", f"{layer}.post_attention_layernorm"), ("ln2_post", f"{layer}.post_feedforward_layernorm")):
             sites[f"{norm}.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset))
             refused[f"{norm}.hook_scale"] = _RMS_SCALE
-    return Family(architecture, n_layers=lambda c: c.num_hidden_layers, sites=sites, refused=refused)
+    return HookMap(architecture, n_layers=lambda c: c.num_hidden_layers, sites=sites, refused=refused)
 
 
-GPT_NEOX = Family(
+GPT_NEOX = HookMap(
     architecture="GPTNeoXForCausalLM",
+    # Parallel attention and MLP (every Pythia): TL has no hook_resid_mid, and neither has HF a boundary for it.
+    unsupported=lambda c: None if c.use_parallel_residual else "GPT-NeoX with use_parallel_residual=False",
     n_layers=lambda c: c.num_hidden_layers,
     sites={
         "hook_embed": Site("gpt_neox.embed_in", OUTPUT, WHOLE),
@@ -253,29 +267,32 @@ GPT_NEOX = Family(
         "hook_resid_post": Site("gpt_neox.layers.{l}", OUTPUT, WHOLE),
     },
     refused={
-        "hook_resid_mid": "GPT-NeoX runs attention and MLP in parallel: there is no residual stream between them",
         "attn.hook_rot_q": _ROTARY, "attn.hook_rot_k": _ROTARY, "attn.hook_attn_scores": _ROTARY,
         **_refused("attention.dense", _LN_SCALE),
     },
 )
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+FAMILIES: dict[str, HookMap] = {f.architecture: f for f in (
     GPT2,
     GPT_NEOX,
     llama_like("LlamaForCausalLM"),
     llama_like("MistralForCausalLM"),
     llama_like("Qwen2ForCausalLM"),
-    llama_like("Qwen3ForCausalLM", qk_norm=True),
+    llama_like("Qwen3ForCausalLM", qk_norm="b p h d"),
     llama_like("Gemma2ForCausalLM", sandwich_norms=True, norm_offset=1.0),
-    llama_like("Gemma3ForCausalLM", sandwich_norms=True, qk_norm=True, norm_offset=1.0),
+    llama_like("Gemma3ForCausalLM", sandwich_norms=True, qk_norm="b h p d", norm_offset=1.0),
 )}
 
 
-def family_of(hf_model: nn.Module) -> Family:
+def hook_map_of(hf_model: nn.Module) -> HookMap:
     """The map for ``hf_model``'s architecture; `NotImplementedError` naming it if there is none."""
     architecture = type(hf_model).__name__
     if architecture not in FAMILIES:
         raise NotImplementedError(
             f"no HF hook map for {architecture}; supported: {', '.join(sorted(FAMILIES))}"
         )
-    return FAMILIES[architecture]
+    hook_map = FAMILIES[architecture]
+    reason = hook_map.unsupported(hf_model.config)
+    if reason:
+        raise NotImplementedError(f"no HF hook map for {reason}")
+    return hook_map

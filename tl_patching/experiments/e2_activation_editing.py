@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch import nn
 
-from tl_patching.backends.hf_maps import family_of
+from tl_patching.backends.hf_maps import hook_map_of
 from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
 from tl_patching.forward import Forward
 from tl_patching.prompts import token_strings, to_tokens
@@ -94,7 +94,7 @@ def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str
 
     The seeds index ``output[0]`` / ``output[1:]``; transformers 5 returns a plain tensor.
     """
-    block = hf_model.get_submodule(family_of(hf_model).sites["hook_resid_post"].module.format(l=0))
+    block = hf_model.get_submodule(hook_map_of(hf_model).sites["hook_resid_post"].module.format(l=0))
     seen: dict[str, str] = {}
 
     def describe(output) -> str:
