@@ -17,6 +17,8 @@ explodes and the last layer compresses it. The last layer here is ``blocks.{L-1}
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -72,13 +74,6 @@ def interventions(cfg, layer: int, head: int, noise_mean: float, seed: int) -> d
         raise IndexError(f"layer {layer} out of range: the model has {cfg.n_layers} layers (0..{cfg.n_layers - 1})")
     if not 0 <= head < cfg.n_heads:
         raise IndexError(f"head {head} out of range: the model has {cfg.n_heads} heads (0..{cfg.n_heads - 1})")
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
-    if n_kv != cfg.n_heads and not cfg.ungroup_grouped_query_attention:
-        raise NotImplementedError(
-            f"this model has grouped-query attention: {n_kv} key heads shared by {cfg.n_heads} query heads, so "
-            f"'zero the key of head {head}' would zero key head {head // (cfg.n_heads // n_kv)} for "
-            f"{cfg.n_heads // n_kv} query heads. On the tl backend call model.set_ungroup_grouped_query_attention(True) "
-            "first (one key copy per query head, same logits)")
     return {
         f"zero key of head {head}, layer {layer}": [zero(act_name("k", layer), head=head)],
         f"even MLP neurons → N({noise_mean:g}, 1), layer {layer}": [
@@ -87,6 +82,29 @@ def interventions(cfg, layer: int, head: int, noise_mean: float, seed: int) -> d
         f"block {layer} output × 0.1": [scale(act_name("resid_post", layer), 0.1)],
         f"block {layer} output × 10": [scale(act_name("resid_post", layer), 10.0)],
     }
+
+
+@contextlib.contextmanager
+def one_key_per_query_head(forward: Forward) -> Iterator[bool]:
+    """Grouped-query attention shares each key head among several query heads, so "zero the key of head h"
+    needs TL's ungrouped view (one key copy per query head, same logits) for ``hook_k`` to be indexed by
+    query head. Yields whether the view was switched on; the HF backend, whose ``k_proj`` has only the
+    shared heads, refuses."""
+    cfg = forward.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    if n_kv == cfg.n_heads or cfg.ungroup_grouped_query_attention:
+        yield False
+        return
+    if forward.backend != "tl":
+        raise NotImplementedError(
+            f"this model has grouped-query attention ({n_kv} key heads shared by {cfg.n_heads} query heads): HF's k_proj "
+            "holds only the shared heads, so the key of one query head cannot be zeroed there; use the tl backend, "
+            "which switches on TransformerLens's ungrouped view")
+    forward.model.set_ungroup_grouped_query_attention(True)
+    try:
+        yield True
+    finally:
+        forward.model.set_ungroup_grouped_query_attention(False)
 
 
 def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str]:
@@ -121,27 +139,28 @@ def run(
     cfg = forward.cfg
     layer = default_layer(cfg.n_layers) if layer is None else layer
     edits = interventions(cfg, layer, head, noise_mean, seed)
-    tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
-    resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
+    with one_key_per_query_head(forward) as ungrouped:  # TL backend: hook_k indexed by query head
+        tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
+        resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
 
-    def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
-        logits, cache = forward.run(tokens, e, resid, cache_device="cpu")  # statistics on the CPU, in float32
-        return torch.stack([cache[n].float().std() for n in resid]), logits[0, -1].float().cpu().log_softmax(-1)
+        def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
+            logits, cache = forward.run(tokens, e, resid, cache_device="cpu")  # statistics on the CPU, in float32
+            return torch.stack([cache[n].float().std() for n in resid]), logits[0, -1].float().cpu().log_softmax(-1)
 
-    clean_std, clean_logp = spread_and_probs([])
-    clean_top = clean_logp.topk(top_k)
-    result = E2Result(
-        info=RunInfo.of(forward, tokens, prepend_bos, seed=seed, text=text, noise_mean=noise_mean),
-        layer=layer, head=head, clean_resid_std=clean_std,
-        clean_top_tokens=token_strings(forward.model, clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
-        block_output_structure=block_output_structure(forward.hf_model, tokens) if forward.hf_model is not None else {},
-    )
-    for label, e in edits.items():
-        std, logp = spread_and_probs(e)
-        top = logp.topk(top_k)
-        result.interventions.append(Intervention(
-            label, std, token_strings(forward.model, top.indices), top.values.exp().tolist(),
-            clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
-            kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
-        ))
+        clean_std, clean_logp = spread_and_probs([])
+        clean_top = clean_logp.topk(top_k)
+        result = E2Result(
+            info=RunInfo.of(forward, tokens, prepend_bos, seed=seed, text=text, noise_mean=noise_mean, ungrouped_keys=ungrouped),
+            layer=layer, head=head, clean_resid_std=clean_std,
+            clean_top_tokens=token_strings(forward.model, clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
+            block_output_structure=block_output_structure(forward.hf_model, tokens) if forward.hf_model is not None else {},
+        )
+        for label, e in edits.items():
+            std, logp = spread_and_probs(e)
+            top = logp.topk(top_k)
+            result.interventions.append(Intervention(
+                label, std, token_strings(forward.model, top.indices), top.values.exp().tolist(),
+                clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
+                kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
+            ))
     return result
