@@ -99,3 +99,65 @@ def test_gguf_file_and_fresh_conversion(tmp_path, monkeypatch, smol_raw):
     fresh, _ = load_hf(path)
     for a, b, c in zip(hf_cached.state_dict().values(), hf_gguf.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# --- the toolkit on a real pretrained model: the HF mirror, the experiments, the main job ---
+
+
+@pytest.mark.slow
+@needs_package
+def test_mirror_equals_tl_on_smollm2(smol_raw):
+    """Every mapped hook point of a real Llama-family model equal on both backends, and the seed's edits."""
+    from tl_patching.backends import hf as hf_backend
+    from tl_patching.edits import act_name, gaussian_noise, patch, scale, zero
+    from tl_patching.forward import Forward
+
+    hf, tl = smol_raw
+    tl_f, hf_f = Forward(tl), Forward(tl, hf)
+    tokens = tl.to_tokens(PROMPT)
+    refused = hf_backend.hook_map_of(hf).refused
+    names = [n for n in hf_f.hook_names() if n.split(".", 2)[-1] not in refused and n not in refused
+             and (not n.startswith("blocks.") or int(n.split(".")[1]) in (0, 14, 29))]
+    _, a = tl_f.run(tokens, cache=names)
+    _, b = hf_f.run(tokens, cache=names)
+    worst = max(((a[n] - b[n]).abs().max() / a[n].abs().max().clamp(min=1)).item() for n in names)
+    assert worst < 1e-4  # relative to each activation's scale
+    _, donor = tl_f.run(tl.to_tokens(PROMPT.replace("John gave", "Mary gave")), cache=[act_name("z", 14)])
+    for edits in ([zero(act_name("z", 14), head=3)], [zero(act_name("q", 10), head=4, pos=-1)],
+                  [gaussian_noise(act_name("post", 12), mean=1.0, seed=0, neurons=slice(0, None, 2))],
+                  [scale(act_name("resid_post", 20), 0.5)], [patch(act_name("z", 14), donor, head=5, pos=-1)]):
+        x, y = tl_f(tokens, edits), hf_f(tokens, edits)
+        assert ((x - y).abs().max() / x.abs().max()).item() < 1e-4
+
+
+@pytest.mark.slow
+@needs_package
+def test_experiments_on_smollm2(smol_raw):
+    """E4 on the IOI pair flips at some layer when the hidden state is patched; E5's fast path equals the driver."""
+    from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
+    from tl_patching.forward import Forward
+    from tl_patching.prompts import ioi_pair
+
+    _, tl = smol_raw
+    forward = Forward(tl)
+    pair = ioi_pair(tl, PROMPT, PROMPT.replace("John gave", "Mary gave"), " Mary", " John")
+    r = e4.run(forward, pair, progress=False)
+    assert r.clean[0].item() == pytest.approx(5.2873, abs=0.01) and r.donor[0].item() < 0
+    assert (r.resid_final_patched[:, 0] < 0).any() and (r.resid_s2_patched[:, 0] < 0).any()
+    fast = e5.run(forward, pair, method="fast", progress=False)
+    swept = e5.run(forward, pair, method="sweep", progress=False)
+    assert (fast.effect - swept.effect).abs().max().item() < 1e-3  # nats, on effects of up to a few nats
+
+
+@pytest.mark.slow
+@needs_package
+def test_main_job_on_smollm2(tmp_path):
+    from tl_patching.cli import main
+
+    main(["reproduce", "--model", "smollm2-135m", "--n-prompts", "8", "--no-png", "--out", str(tmp_path)])
+    out = tmp_path / "smollm2-135m"
+    for key in ("e1", "e2", "e3", "e4", "e5"):
+        assert (out / f"{key}_result.json").exists()
+    assert "smollm2-135m" in (out / "index.html").read_text()
+    e1 = json.loads((out / "e1_result.json").read_text())
+    assert e1["max_diff_split_vs_hook"] < 1e-4
