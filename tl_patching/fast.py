@@ -265,7 +265,7 @@ def position_head_sweep(
     forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor],
     correct: Int[Tensor, " batch"] | None = None, wrong: Int[Tensor, " batch"] | None = None,
     metric: FinalMetric | None = None, layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None, max_rows: int = 1024, progress: bool = False, clean_cache: CleanRun | None = None,
+    heads: Sequence[int] | None = None, max_rows: int = 256, progress: bool = False, clean_cache: CleanRun | None = None,
 ) -> Float[Tensor, "layer pos head batch"]:
     """Exact patching of each head's ``hook_z`` at each position, alone, from the donor: TransformerLens's
     ``get_act_patch_attn_head_out_by_pos`` per prompt, ``[layer, pos, head, batch]``.
@@ -286,7 +286,7 @@ def position_sweep(
     forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], kind: str,
     correct: Int[Tensor, " batch"] | None = None, wrong: Int[Tensor, " batch"] | None = None,
     metric: FinalMetric | None = None, layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    max_rows: int = 1024, progress: bool = False, clean_cache: CleanRun | None = None,
+    max_rows: int = 256, progress: bool = False, clean_cache: CleanRun | None = None,
 ) -> Float[Tensor, "layer pos batch"]:
     """Exact patching of the whole ``hook_{kind}`` vector (``kind`` in `POSITION_KINDS`) at one layer and one
     position, from the donor: TransformerLens's ``get_act_patch_{kind}`` per prompt, ``[layer, pos, batch]``."""
