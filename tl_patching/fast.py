@@ -149,7 +149,7 @@ def _patched_block(
 
     def setter(act: Tensor, hook) -> Tensor:
         ran.append(True)
-        act = act.clone()
+        act = act.clone(memory_format=torch.contiguous_format)  # contiguous, so the per-variant view writes into it
         per_variant = act.view(V, B, *act.shape[1:])
         if kind == "z":  # [V, B, pos, head, d_head]: variant i, head heads[i], relative position 0
             per_variant[:, :, 0][variants, :, list(heads)] = source[:, list(heads)].transpose(0, 1)
