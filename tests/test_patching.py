@@ -85,8 +85,8 @@ def test_fast_path_refuses_the_hf_backend_and_other_blocks(setup):
     hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
     with pytest.raises(NotImplementedError, match="tl backend"):
         fast.final_position_head_sweep(Forward(tl, hf), tokens, donor, correct, wrong)
-    tl.cfg.positional_embedding_type = "rotary"  # a block this path does not compute must be refused by name
-    with pytest.raises(NotImplementedError, match="rotary position embeddings"):
+    tl.cfg.attention_dir = "bidirectional"  # no clean prefix to reuse: refused by name (families: tests/test_fast.py)
+    with pytest.raises(NotImplementedError, match="bidirectional attention"):
         fast.final_position_head_sweep(Forward(tl), tokens, donor, correct, wrong)
 
 

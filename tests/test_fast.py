@@ -1,0 +1,186 @@
+"""The fast paths equal the sweep driver on a tiny model of every family TransformerLens runs, raw and processed.
+
+Each family is a `HookedTransformerConfig` with the block features that family has (no HF model needed: the fast
+paths only ever see TL's blocks), with every weight, bias and norm gain drawn at random with enough spread that
+soft-caps bite and attention is far from uniform, and sequences longer than the sliding windows.
+"""
+
+import math
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import patching as tl_patching
+
+from tl_patching import fast, patching
+from tl_patching.edits import act_name, patch
+from tl_patching.forward import Forward
+from tl_patching.metrics import logit_diff
+
+ATOL = 1e-4
+B, P, VOCAB = 3, 9, 40
+BASE = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=VOCAB, n_ctx=32, act_fn="gelu_new")
+ROPE = dict(positional_embedding_type="rotary", rotary_adjacent_pairs=False)
+LLAMA = dict(ROPE, normalization_type="RMS", rotary_dim=8, n_key_value_heads=2, gated_mlp=True, act_fn="silu", final_rms=True)
+GEMMA = dict(LLAMA, act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True, window_size=3,
+             use_local_attn=True)
+FAMILIES = {
+    "gpt2": dict(normalization_type="LN"),
+    "neox": dict(ROPE, normalization_type="LN", rotary_dim=4, parallel_attn_mlp=True, act_fn="gelu"),  # partial rotary
+    "gptj": dict(ROPE, normalization_type="LN", rotary_dim=4, rotary_adjacent_pairs=True, parallel_attn_mlp=True),
+    "llama": LLAMA,
+    "mistral": dict(LLAMA, use_local_attn=True, window_size=4, attn_types=["local"] * 3),
+    "qwen2": dict(LLAMA, rotary_base=1000),  # q/k/v biases: drawn at random below like every bias
+    "qwen3": dict(LLAMA, use_qk_norm=True),
+    "gemma2": dict(GEMMA, attn_types=["local", "global", "local"], attn_scores_soft_cap=3.0, output_logits_soft_cap=4.0,
+                   attn_scale=math.sqrt(12.0)),  # query_pre_attn_scalar = 12 instead of d_head
+    "gemma3": dict(GEMMA, n_key_value_heads=1, use_qk_norm=True, attn_types=["local", "local", "global"],
+                   rotary_base=1_000_000, rotary_base_local=10_000),
+}
+# LayerNorm folding needs a norm before each sublayer's input only (TL skips the post-norms), and no logit soft-cap
+# with centred unembedding: every family but the Gemmas is also run processed.
+PROCESSED = ["gpt2", "neox", "llama", "qwen3"]
+
+
+def tiny(family: str, seed: int = 0) -> HookedTransformer:
+    cfg = HookedTransformerConfig(**{**BASE, **FAMILIES[family]}, seed=seed)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.split(".")[-1] == "w":  # norm gains around 1
+                p.copy_(1 + 0.3 * noise)
+            elif name.split(".")[-1].startswith(("b", "_b")):
+                p.copy_(0.3 * noise)
+            else:  # [.., fan_in, fan_out] matrices, a little hotter than 1/√fan_in
+                p.copy_(1.5 * noise / math.sqrt(p.shape[-2]))
+    return model
+
+
+def processed(model: HookedTransformer) -> HookedTransformer:
+    out = HookedTransformer(model.cfg.__class__(**{**model.cfg.to_dict(), "normalization_type": model.cfg.normalization_type + "Pre"})).eval()
+    out.load_and_process_state_dict(model.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                    fold_value_biases=True)
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared machine more threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CASES = [(f, "raw") for f in FAMILIES] + [(f, "processed") for f in PROCESSED]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def case(request):
+    family, mode = request.param
+    model = tiny(family)
+    if mode == "processed":
+        model = processed(model)
+    forward = Forward(model)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (B, P), generator=g)
+    donor_tokens = torch.randint(0, VOCAB, (B, P), generator=g)
+    correct, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    kinds = [k for k in fast.KINDS if act_name(k, 0) in model.hook_dict]
+    _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(3) for k in kinds])
+    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
+    return forward, tokens, donor, correct, wrong, metric, kinds
+
+
+def test_final_position_head_sweep_equals_the_driver(case):
+    forward, tokens, donor, correct, wrong, metric, _ = case
+    reference = patching.head_sweep(forward, tokens, donor, metric)
+    out = fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, progress=False)
+    assert out.shape == reference.shape == (3, 4, B)
+    assert (out - reference).abs().max() < ATOL
+    assert (reference - metric(forward(tokens))).abs().max() > 1e-2  # the patches do something
+
+
+def test_donor_equal_to_recipient_has_no_effect(case):
+    forward, tokens, _, correct, wrong, metric, kinds = case
+    _, same = forward.run(tokens, cache=[act_name(k, l) for l in range(3) for k in kinds])
+    clean = metric(forward(tokens))
+    out = fast.final_position_head_sweep(forward, tokens, same, correct, wrong, progress=False)
+    assert (out - clean).abs().max() < ATOL
+    out = fast.position_head_sweep(forward, tokens, same, correct, wrong, positions=[0, 4])
+    assert (out - clean).abs().max() < ATOL
+
+
+def test_any_position_sweeps_equal_the_driver(case):
+    forward, tokens, donor, correct, wrong, metric, kinds = case
+    positions = [0, 3, P - 2, P - 1]
+    heads = fast.position_head_sweep(forward, tokens, donor, correct, wrong, positions=positions, max_rows=20)
+    variants = [[patch(act_name("z", l), donor, pos=p, head=h)] for l in range(3) for p in positions for h in range(4)]
+    reference = patching.sweep(forward, tokens, variants, metric).reshape(3, len(positions), 4, B)
+    assert (heads - reference).abs().max() < ATOL
+    clean = fast.clean_run(forward, tokens)
+    for kind in kinds[1:]:
+        out = fast.position_sweep(forward, tokens, donor, kind, metric=metric, positions=positions, clean_cache=clean)
+        variants = [[patch(act_name(kind, l), donor, pos=p)] for l in range(3) for p in positions]
+        reference = patching.sweep(forward, tokens, variants, metric).reshape(3, len(positions), B)
+        assert (out - reference).abs().max() < ATOL, kind
+        assert (reference - metric(forward(tokens))).abs().max() > 1e-2, kind
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    forward = Forward(tiny("gpt2", seed=3))
+    g = torch.Generator().manual_seed(4)
+    tokens, donor_tokens = torch.randint(0, VOCAB, (2, B, 6), generator=g)
+    correct, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    return forward, tokens, donor_tokens, correct, wrong
+
+
+@pytest.mark.parametrize("kind", ["z", "resid_pre", "resid_mid", "attn_out", "mlp_out"])
+def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
+    """TL's own sweeps, a second reference: its "corrupted" run is our recipient, its "clean" cache our donor,
+    and its metric is one number per run (here the batch mean); layout [layer, pos(, head)]."""
+    forward, tokens, donor_tokens, correct, wrong = gpt2
+    model = forward.model
+    _, donor_cache = model.run_with_cache(donor_tokens)
+    tl_fn = {"z": tl_patching.get_act_patch_attn_head_out_by_pos, "resid_pre": tl_patching.get_act_patch_resid_pre,
+             "resid_mid": tl_patching.get_act_patch_resid_mid, "attn_out": tl_patching.get_act_patch_attn_out,
+             "mlp_out": tl_patching.get_act_patch_mlp_out}[kind]
+    expected = tl_fn(model, tokens, donor_cache, lambda logits: logit_diff(logits, correct, wrong).mean())
+    donor = dict(donor_cache.cache_dict)
+    if kind == "z":
+        out = fast.position_head_sweep(forward, tokens, donor, correct, wrong)
+    else:
+        out = fast.position_sweep(forward, tokens, donor, kind, correct, wrong)
+    assert out.shape[:-1] == expected.shape
+    assert (out.mean(-1) - expected).abs().max() < ATOL
+
+
+def test_options_and_refusals(gpt2):
+    forward, tokens, donor_tokens, correct, wrong = gpt2
+    _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(3) for k in ("z", "resid_post")])
+    full = fast.position_head_sweep(forward, tokens, donor, correct, wrong)
+    part = fast.position_head_sweep(forward, tokens, donor, correct, wrong, layers=[2, 0], positions=[-1, 1], heads=[3, 1])
+    assert torch.allclose(part, full[[2, 0]][:, [5, 1]][:, :, [3, 1]], atol=1e-5)
+    final = fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, layers=[1], max_rows=1, progress=False)
+    assert torch.allclose(final, full[[1], -1], atol=1e-5)
+    with pytest.raises(ValueError, match="either correct and wrong"):
+        fast.position_sweep(forward, tokens, donor, "resid_post")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        fast.position_sweep(forward, tokens, donor, "z", correct, wrong)
+    with pytest.raises(KeyError, match="holds no 'blocks.0.hook_mlp_out'"):
+        fast.position_sweep(forward, tokens, donor, "mlp_out", correct, wrong)
+    with pytest.raises(IndexError, match="position 6 out of range"):
+        fast.position_head_sweep(forward, tokens, donor, correct, wrong, positions=[6])
+    with pytest.raises(TypeError, match="clean_run"):
+        fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, clean_cache={})
+    neox = Forward(tiny("neox"))
+    with pytest.raises(NotImplementedError, match="parallel attention and MLP: no resid_mid"):
+        fast.position_sweep(neox, tokens, {act_name("resid_mid", l): donor[act_name("resid_post", l)] for l in range(3)},
+                            "resid_mid", correct, wrong)
+    bidirectional = tiny("gpt2")
+    bidirectional.cfg.attention_dir = "bidirectional"  # a patch there reaches earlier positions: nothing to reuse
+    with pytest.raises(NotImplementedError, match="bidirectional attention"):
+        fast.final_position_head_sweep(Forward(bidirectional), tokens, donor, correct, wrong)
