@@ -102,6 +102,7 @@ def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun:
         # on the left), shortformer positional embedding.
         residual, tokens, shortformer, mask = model.input_to_embed(tokens)
         for block in model.blocks:
+            residual = residual.to(_device(block))  # blocks split over devices (n_devices > 1), as TL's forward does
             empty = torch.empty(len(tokens), 0, kv_heads, cfg.d_head, dtype=cfg.dtype, device=residual.device)
             entry = TransformerLensKeyValueCacheEntry(empty, empty.clone())
             resid.append(residual)
@@ -110,6 +111,10 @@ def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun:
             values.append(entry.past_values)
         resid.append(residual)
     return CleanRun(tokens, resid, keys, values, mask, shortformer)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -125,10 +130,11 @@ def _block(model: HookedTransformer, clean: CleanRun, layer: int, x: Tensor, sta
     entry = TransformerLensKeyValueCacheEntry(
         _rows(clean.keys[layer][:, :start], n), _rows(clean.values[layer][:, :start], n), frozen=True
     )
-    mask = None if clean.attention_mask is None else _rows(clean.attention_mask[:, :end], n)
-    shortformer = None if clean.shortformer_pos_embed is None else _rows(clean.shortformer_pos_embed[:, start:end], n)
+    device = _device(model.blocks[layer])
+    mask = None if clean.attention_mask is None else _rows(clean.attention_mask[:, :end], n).to(device)
+    shortformer = None if clean.shortformer_pos_embed is None else _rows(clean.shortformer_pos_embed[:, start:end], n).to(device)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        return model.blocks[layer](x, shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask)
+        return model.blocks[layer](x.to(device), shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask)
 
 
 def _patched_block(
@@ -144,7 +150,7 @@ def _patched_block(
     V = len(heads) if kind == "z" else 1
     length = P - pos if kind == "resid_pre" else 1
     variants = torch.arange(V)
-    source = donor[:, pos].expand(B, *donor.shape[2:]).to(clean.resid[0])
+    source = donor[:, pos].expand(B, *donor.shape[2:]).to(clean.resid[layer])
     ran = []
 
     def setter(act: Tensor, hook) -> Tensor:
@@ -169,7 +175,7 @@ def _patched_block(
 def _final_logits(model: HookedTransformer, resid: Float[Tensor, "rows d_model"], ids: Tensor | None = None) -> Tensor:
     """Final-position logits from the residual after the last block, as ``HookedTransformer.forward`` computes them
     (``ln_final``, unembedding, final soft-cap); only the vocabulary columns ``ids`` [rows, k] when given."""
-    x = resid[:, None]
+    x = resid[:, None].to(model.W_U.device)
     if model.cfg.normalization_type is not None:
         x = model.ln_final(x)
     x = x[:, 0]
@@ -188,7 +194,7 @@ def _readout(model: HookedTransformer, tokens: Tensor, correct, wrong, metric: F
     if metric is None:
         correct, wrong = torch.as_tensor(correct), torch.as_tensor(wrong)
         check_pair(model, tokens, correct, wrong)
-        pair = torch.stack([correct, wrong], -1).to(tokens.device)
+        pair = torch.stack([correct, wrong], -1).to(model.W_U.device)
 
         def logit_diff(resid: Tensor) -> Tensor:
             logits = _final_logits(model, resid, _rows(pair, len(resid) // B))
@@ -253,7 +259,7 @@ def _sweep(
                         x = _block(model, clean, j, x, pos)
                     if j in swept:
                         new = _patched_block(model, clean, kind, j, pos, donor_cache[act_name(kind, j)], heads)
-                        x = new if x is None else torch.cat([x, new])
+                        x = new if x is None else torch.cat([x.to(new.device), new])
                         bar.update()
                 values = readout(x[:, -1]).detach().float().cpu()
                 for k, l in enumerate(swept):
