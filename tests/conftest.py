@@ -44,3 +44,13 @@ def forwards(pair):
 
     hf, tl = pair
     return {"tl": Forward(tl), "hf": Forward(tl, hf)}
+
+
+@pytest.fixture(scope="session")
+def ioi_tokenizer():
+    """A word-level tokenizer that knows every IOI template, name and the experiments' default texts."""
+    from tl_patching.experiments import e1_attention_scores as e1, e4_ioi_patching as e4
+    from tl_patching.prompts import NAMES, PIZZA_SENTENCES, TEMPLATES, ioi_prompts
+
+    texts = [e1.DEFAULT_TEXT, e4.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES] + [" " + n for n in NAMES] + [p.text for p in ioi_prompts(200)]
+    return word_tokenizer(texts)

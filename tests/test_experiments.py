@@ -19,16 +19,14 @@ from tl_patching.experiments import (
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
 from tl_patching.models import hooked_from_hf, random_gpt2
-from tl_patching.prompts import NAMES, PIZZA_SENTENCES, TEMPLATES, PromptError, ioi_batches, ioi_pair, ioi_prompts
-from tl_patching.recipe.word_tokenizer import word_tokenizer
+from tl_patching.prompts import PromptError, ioi_batches, ioi_pair, ioi_prompts
 
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def models():
-    texts = [e1.DEFAULT_TEXT, e4.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES] + [" " + n for n in NAMES] + [p.text for p in ioi_prompts(200)]
-    return random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=3, tokenizer=word_tokenizer(texts), n_ctx=64)
+def models(ioi_tokenizer):
+    return random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=3, tokenizer=ioi_tokenizer, n_ctx=64)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,14 @@ from tl_patching.experiments import (
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
 from tl_patching.models import random_pair
-from tl_patching.prompts import NAMES, PIZZA_SENTENCES, TEMPLATES, ioi_dataset, ioi_prompts
-from tl_patching.recipe.word_tokenizer import word_tokenizer
+from tl_patching.prompts import ioi_dataset
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [e1.DEFAULT_TEXT, e4.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES] + [" " + n for n in NAMES] + [p.text for p in ioi_prompts(200)]
-    return word_tokenizer(texts)
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tokenizer):
-    hf, tl = random_pair(request.param, n_layers=3, seed=2, tokenizer=tokenizer, n_ctx=64)
+def family(request, ioi_tokenizer):
+    hf, tl = random_pair(request.param, n_layers=3, seed=2, tokenizer=ioi_tokenizer, n_ctx=64)
     return request.param, Forward(tl), Forward(tl, hf)
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "ioi-gpt2"
 SHIPPED_NAME = "shipped"
-EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5")
 HEADINGS = {
     "e1": "E1 — raw attention scores per head and their distribution per layer",
     "e2": "E2 — editing a key, MLP neurons and a block's output",
