@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tl_patching.experiments import EXPERIMENTS  # light: imports no torch
+
 SHIPPED_DIR = Path(__file__).parent / "assets" / "ioi-gpt2"
 SHIPPED_NAME = "shipped"
 HEADINGS = {
