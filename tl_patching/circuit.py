@@ -5,12 +5,12 @@ logit difference (IO − S, nats) when the donor's head output travels along tha
 
 1. **Who writes the answer?** Every head → logits. Heads whose direct effect is large are the
    *name movers* (negative effect: the donor's output pushes toward S; positive: a negative name mover).
-2. **Who steers them?** Every head below them → the name movers' **queries**. A name mover attends from the
-   final position to the IO name; what decides where it looks is its query (the key side is the names
-   themselves). These are the *S-inhibition* heads of the paper.
-3. **What do the steering heads read?** Every head below them → the steering heads' **values** (they move
-   "S is repeated" from the S2 position to the end: the information is in the values at S2, written there by
-   duplicate-token and induction heads), and, for comparison, → their keys and queries.
+2. **Who steers them?** Every head below them → the name movers' **queries, keys and values** (all name
+   movers together, one sweep per input). Wang et al. use the queries (in GPT-2 small the S-inhibition heads
+   decide where the name movers look); we measure all three inputs and keep a head by its strongest one,
+   because a small model may route the same information differently (the shipped model: through values).
+3. **What do the steering heads read?** The same sweep, to the steering heads' q, k and v (in GPT-2 small:
+   duplicate-token and induction heads, read through the S-inhibition heads' values at S2).
 
 A head is kept at a level if its |effect| (mean over prompts) is at least ``threshold`` × |clean − donor
 logit difference| (default 10%), at most ``max_heads`` per level, largest first. Edges are path patches to
