@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tl_patching.experiments import EXPERIMENTS, TITLES  # light: imports no torch
+from tl_patching.experiments import STEPS, TITLES  # light: imports no torch
 
 SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.models.SHIPPED_MODEL_NAME (not imported: keeps --help light)
 
@@ -98,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
     text = argparse.ArgumentParser(add_help=False)
     text.add_argument("--text", help="the sentence to run (default: the experiment's own)")
     rep = sub.add_parser("reproduce", parents=[common, ioi], help="run E1–E5 and write figures, results JSON and an index page")
-    rep.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset, e.g. e3,e5")
+    rep.add_argument("--experiments", default=",".join(STEPS),
+                     help=f"comma-separated subset of {','.join(STEPS)}, e.g. e3,e5 (default: all; on --backend hf all but circuit)")
     sub.add_parser("e1", parents=[common, text], help=TITLES["e1"])
     p2 = sub.add_parser("e2", parents=[common, text], help=TITLES["e2"])
     p2.add_argument("--layer", type=int, help="the edited layer (default: 9 on 12-layer models, the seed; else 3/4 of the depth)")
@@ -128,10 +129,14 @@ def run(args: dict) -> None:
     dtype, n_devices = args.pop("dtype"), args.pop("n_devices")
     device = distributed.setup(resolve_device(args.pop("device")), n_devices)  # under torchrun: this rank's device
     if command == "reproduce":
-        experiments = [e.strip().lower() for e in args.pop("experiments").split(",") if e.strip()]
-        unknown = sorted(set(experiments) - set(EXPERIMENTS))
+        given = args.pop("experiments")
+        experiments = [e.strip().lower() for e in given.split(",") if e.strip()]
+        unknown = sorted(set(experiments) - set(STEPS))
         if unknown or not experiments:
-            raise ValueError(f"unknown experiment(s) {unknown or experiments}; choose from {', '.join(EXPERIMENTS)}")
+            raise ValueError(f"unknown experiment(s) {unknown or experiments}; choose from {', '.join(STEPS)}")
+        if backend == "hf" and given == ",".join(STEPS):  # the default list: the circuit step needs TL's blocks
+            experiments.remove("circuit")
+            print("note: the circuit step (path patching) runs on the tl backend only; skipped with --backend hf", file=sys.stderr)
     forward = load_forward(model_name, backend, device, dtype, n_devices)
     out_dir = out_root / model_slug(model_name)
     if command == "reproduce":

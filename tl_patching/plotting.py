@@ -331,4 +331,10 @@ def e5_figures(r: E5Result) -> dict[str, go.Figure]:
     return {"e5_head_heatmap": heat, "e5_layer_summary": bars}
 
 
-FIGURES = {"e1": e1_figures, "e2": e2_figures, "e3": e3_figures, "e4": e4_figures, "e5": e5_figures}
+def circuit_figures(r) -> dict[str, go.Figure]:
+    from tl_patching.circuit import circuit_figure
+
+    return {"circuit_graph": circuit_figure(r)}
+
+
+FIGURES = {"e1": e1_figures, "e2": e2_figures, "e3": e3_figures, "e4": e4_figures, "e5": e5_figures, "circuit": circuit_figures}

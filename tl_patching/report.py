@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tl_patching.experiments import EXPERIMENTS  # light: imports no torch
+from tl_patching.experiments import STEPS as EXPERIMENTS  # light: imports no torch
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "ioi-gpt2"
 SHIPPED_NAME = "shipped"
@@ -33,10 +33,11 @@ HEADINGS = {
     "e3": "E3 — silencing one head: cosine similarity between token vectors",
     "e4": "E4 — IOI: patching all heads of a layer vs the hidden state",
     "e5": "E5 — IOI: one head at the final position",
+    "circuit": "The IOI circuit — exact path patching from the answer back",
 }
 SEEDS = {  # the seed report each experiment redoes, and the model it used
     "e1": ("seed 003", "GPT-2 small"), "e2": ("seed 004", "GPT-2 small"), "e3": ("seed 002", "GPT-2 medium"),
-    "e4": ("seed 001", "GPT-2 small and medium"), "e5": ("seed 000", "GPT-2 large"),
+    "e4": ("seed 001", "GPT-2 small and medium"), "e5": ("seed 000", "GPT-2 large"), "circuit": ("seed 000", "GPT-2 large"),
 }
 CI = "95% bootstrap CI"
 BACKENDS = {"tl": "TransformerLens", "hf": "raw HuggingFace"}
@@ -364,7 +365,33 @@ def e5_finding(r) -> tuple[str, list[Claim]]:
     return text, claims
 
 
-FINDINGS = {"e1": e1_finding, "e2": e2_finding, "e3": e3_finding, "e4": e4_finding, "e5": e5_finding}
+def circuit_finding(r) -> tuple[str, list[Claim]]:
+    """The circuit in words: who writes the answer, who steers them and through which input, who those read from."""
+
+    def heads(level: str, tables: dict) -> list[str]:
+        out = []
+        for l, h in r.heads.get(level, []):
+            kind, effect = max(((k, float(t[l, h])) for k, t in tables.items()), key=lambda ke: abs(ke[1]))
+            out.append(f"layer {l} head {h} ({effect:+.2f} nats{'' if kind == 'direct' else ' through their ' + kind + ' inputs'})")
+        return out
+
+    movers, steering, sources = heads("name mover", {"direct": r.direct}), heads("steering", r.steer), heads("source", r.read)
+    cut = r.settings.get("cut_nats", float("nan"))
+    text = (f"Exact path patching (every other head frozen at its clean output, MLPs recomputed), mean over {len(r.clean)} "
+            f"prompts; clean logit difference {float(r.clean.mean()):.2f} nats, donor {float(r.donor.mean()):.2f}; a head counts "
+            f"when its path moves the logit difference by at least {cut:.2f} nats. Heads writing the answer directly "
+            f"(to the logits): {listing(movers)}. Heads steering them: {listing(steering)}. Heads those read from: "
+            f"{listing(sources)}. {len(r.edges)} edges of at least {r.settings.get('edge_min', 0):.2f} nats are drawn.")
+    direct_total = sum(abs(float(r.direct[l, h])) for l, h in r.heads.get("name mover", []))
+    claims = [Claim("to get a large effect, find and patch a group of heads with the same function",
+                    "agrees" if len(movers) >= 2 else "partly",
+                    f"{len(movers)} heads write the answer directly, {direct_total:.2f} nats together against "
+                    f"{max((abs(float(x)) for x in r.direct.flatten()), default=0):.2f} for the largest alone; path patching "
+                    "then finds which earlier heads feed them.")]
+    return text, claims
+
+
+FINDINGS = {"e1": e1_finding, "e2": e2_finding, "e3": e3_finding, "e4": e4_finding, "e5": e5_finding, "circuit": circuit_finding}
 
 
 def data_description(key: str, r) -> str:
@@ -394,8 +421,10 @@ def _load(out_dir: Path, key: str):
         e1_attention_scores, e2_activation_editing, e3_cosine_similarity, e4_ioi_patching, e5_head_token_patching,
     )
 
+    from tl_patching.circuit import CircuitResult
+
     cls = {"e1": e1_attention_scores.E1Result, "e2": e2_activation_editing.E2Result, "e3": e3_cosine_similarity.E3Result,
-           "e4": e4_ioi_patching.E4Result, "e5": e5_head_token_patching.E5Result}[key]
+           "e4": e4_ioi_patching.E4Result, "e5": e5_head_token_patching.E5Result, "circuit": CircuitResult}[key]
     return cls.from_json(out_dir / f"{key}_result.json")
 
 

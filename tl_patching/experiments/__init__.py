@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5")
+STEPS = EXPERIMENTS + ("circuit",)  # the main job: the five experiments, then the IOI circuit (path patching)
+CIRCUIT_PROMPTS = 50  # at most this many of the main job's prompts go into the circuit search (it is the slow step)
 TITLES = {
     "e1": "E1 — attention heads and raw-score distributions",
     "e2": "E2 — editing attention, MLP and hidden states",
     "e3": "E3 — head silencing and cosine similarity",
     "e4": "E4 — head vs hidden-state patching in IOI",
     "e5": "E5 — one head at one token",
+    "circuit": "IOI circuit — path patching from the name movers back",
 }
 
 
@@ -19,6 +22,7 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
 
     E4/E5 run over an IOI dataset of ``n_prompts`` (1: the seed's single pair); with ``donor_cache`` the
     donor run is loaded from that file (checked against model and tokens), or computed and saved there.
+    "circuit" finds the IOI circuit by exact path patching (`tl_patching.circuit`) over the first prompts.
     """
     from tl_patching import distributed
     from tl_patching.cache_store import cached_run
@@ -26,8 +30,8 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
     from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
     from tl_patching.prompts import ioi_dataset
 
-    if key not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {key!r}; choose from {', '.join(EXPERIMENTS)}")
+    if key not in STEPS:
+        raise ValueError(f"unknown experiment {key!r}; choose from {', '.join(STEPS)}")
     options = {k: v for k, v in options.items() if v is not None}
     distributed.init(forward.cfg.device)  # under torchrun only; rank 0 alone shows progress
     progress = progress and distributed.is_main()
@@ -36,6 +40,13 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
         return distributed.on_main(lambda: simple[key].run(forward, **options))
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be at least 1, got {n_prompts}")
+    if key == "circuit":  # exact path patching over (at most CIRCUIT_PROMPTS of) the same IOI prompts
+        from tl_patching import circuit
+
+        if forward.backend != "tl":
+            raise NotImplementedError("the circuit step runs exact path patching through TransformerLens's blocks: use the tl backend")
+        data = [e4.seed_pair(forward.model)] if n_prompts == 1 else ioi_dataset(forward.model, min(n_prompts, CIRCUIT_PROMPTS))
+        return distributed.on_main(lambda: circuit.run(forward, data))
     data = [e4.seed_pair(forward.model)] if n_prompts == 1 else ioi_dataset(forward.model, n_prompts)
     cache = None
     if donor_cache is not None:
