@@ -171,13 +171,14 @@ def circuit_figure(result: CircuitResult) -> go.Figure:
     dash = {"direct": "solid", "q": "solid", "k": "dot", "v": "dash"}
     from plotly.colors import sample_colorscale
 
-    for e in result.edges:
+    for i, e in enumerate(result.edges):
         (x0, y0), (x1, y1) = pos(e["sender"]), pos(e["receiver"])
+        t = (0.3, 0.5, 0.7)[i % 3]  # labels spread along their edges, so crossing edges' labels do not overlap
         color = sample_colorscale(colorscale, [(e["effect"] / scale + 1) / 2])[0]
         fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
                                  line=dict(color=color, width=1.5 + 4 * abs(e["effect"]) / scale, dash=dash[e["input"]]),
                                  text=f"{e['sender']} → {e['receiver']} ({e['input']}): {e['effect']:+.3f} nats"))
-        fig.add_annotation(x=(x0 + x1) / 2, y=(y0 + y1) / 2, text=f"{e['effect']:+.2f}" + ("" if e["input"] == "direct" else f" ({e['input']})"),
+        fig.add_annotation(x=x0 + t * (x1 - x0), y=y0 + t * (y1 - y0), text=f"{e['effect']:+.2f}" + ("" if e["input"] == "direct" else f" ({e['input']})"),
                            showarrow=False, font=dict(size=10), bgcolor="rgba(255,255,255,0.7)")
     in_circuit = {tuple(h) for hs in result.heads.values() for h in hs}
     others = [(l, h) for l in range(L) for h in range(H) if (l, h) not in in_circuit]
@@ -197,8 +198,9 @@ def circuit_figure(result: CircuitResult) -> go.Figure:
                              marker=dict(colorscale=colorscale, cmin=-scale, cmax=scale, color=[0], showscale=True,
                                          colorbar=dict(title="path effect<br>(nats)"))))
     fig.update_layout(
-        title=f"IOI circuit of {result.info.model_name} by path patching: edge = change in logit difference (nats) "
-              f"when the donor's head output travels that path alone; {len(result.clean)} prompts",
+        title=f"IOI circuit of {result.info.model_name}, found by exact path patching ({len(result.clean)} prompts)<br><sup>"
+              "edge = change in logit difference (nats) when the donor's head output travels that path alone; "
+              "line: solid = to the logits or a query, dashed = to a value, dotted = to a key</sup>",
         xaxis=dict(title="layer", tickvals=list(range(L)) + [L], ticktext=[str(l) for l in range(L)] + ["out"]),
         yaxis=dict(title="head", tickvals=list(range(H))), template="plotly_white",
     )
