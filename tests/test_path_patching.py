@@ -6,9 +6,10 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_patching import path_patching
 from tl_patching.edits import act_name, patch
+from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import random_gpt2
+from tl_patching.models import random_gpt2, random_pair
 
 ATOL = 1e-4
 
@@ -81,9 +82,10 @@ def two_pass_reference(model, tokens, clean, donor, correct, wrong, senders, rec
     return logit_diff(logits, correct, wrong)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "parallel", "postnorms"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "parallel", "postnorms"] + [f"hf-{f}" for f in FAMILIES])
 def family(request):
-    model = tiny(request.param)
+    """Hand-built TL configs of each block shape, and every loadable family's tiny model (its HF config converted)."""
+    model = random_pair(request.param[3:], n_layers=3, seed=4)[1] if request.param.startswith("hf-") else tiny(request.param)
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 64, (2, 7), generator=g)
     donor_tokens = tokens.clone()
