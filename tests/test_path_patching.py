@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching import path_patching
+from tl_patching import circuit, path_patching
 from tl_patching.edits import act_name, patch
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
@@ -224,3 +224,15 @@ def test_circuit_on_smollm2():
     result = circuit.run(Forward(model), data, max_heads=3)
     print(result.reading())
     assert (result.clean.mean() > 0) and result.heads["name mover"]
+
+
+def test_circuit_finder_on_a_grouped_query_model(ioi_tokenizer):
+    """Under GQA a name mover's key/value input is its shared key/value head's: the finder must address it so
+    (it asked for query-head indices before, out of range for the KV heads)."""
+    from tl_patching.prompts import ioi_dataset
+
+    _, model = random_pair("llama", n_layers=3, n_heads=4, n_kv_heads=2, seed=1, tokenizer=ioi_tokenizer)
+    result = circuit.run(Forward(model), ioi_dataset(model, 4), threshold=0.0, max_heads=2, edge_min=0.0)
+    assert result.heads["name mover"] and result.heads.get("steering")
+    kv_edges = [e for e in result.edges if e["input"] in ("k", "v")]
+    assert kv_edges and all(e["receiver"][1] < 4 for e in kv_edges)

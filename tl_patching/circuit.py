@@ -114,6 +114,14 @@ def run(
     def mean(senders, receivers) -> Tensor:
         return _mean_effect(forward, batches, senders, receivers, runs)
 
+    n_kv = model.cfg.n_key_value_heads or H
+
+    def inputs_of(receivers_of: Sequence[Sequence[int]], kind: str) -> list[tuple[int, int, str]]:
+        """The receivers' ``kind`` inputs; under grouped-query attention a key/value input belongs to the shared
+        key/value head of the receiver (``h // (n_heads / n_kv_heads)``), so two receivers may share it."""
+        share = H // n_kv if kind in ("k", "v") and not model.cfg.ungroup_grouped_query_attention else 1
+        return list(dict.fromkeys((l, h // share, kind) for l, h in receivers_of))
+
     direct = mean(all_heads(model), "logits").reshape(L, H)
     heads["name mover"] = _select(direct, all_heads(model), cut, max_heads)
     edges += [{"sender": h, "receiver": "logits", "input": "direct", "effect": float(direct[h[0], h[1]])} for h in heads["name mover"]]
@@ -125,7 +133,7 @@ def run(
         for kind in kinds:
             t = torch.zeros(L, H)
             if below:
-                t.view(-1)[: len(below)] = mean(below, [(l, h, kind) for l, h in receivers_of])
+                t.view(-1)[: len(below)] = mean(below, inputs_of(receivers_of, kind))
             tables[kind] = t
         return tables, [tuple(h) for h in below]
 
@@ -134,7 +142,7 @@ def run(
             below = [s for s in senders if s[0] < r[0]]
             if not below:
                 continue
-            effects = mean([tuple(s) for s in below], [(r[0], r[1], kind)])
+            effects = mean([tuple(s) for s in below], inputs_of([r], kind))
             edges.extend({"sender": s, "receiver": r, "input": kind, "effect": float(e)}
                          for s, e in zip(below, effects) if abs(float(e)) >= edge_min)
 
