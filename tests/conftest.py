@@ -54,3 +54,23 @@ def ioi_tokenizer():
 
     texts = [e1.DEFAULT_TEXT, e4.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES] + [" " + n for n in NAMES] + [p.text for p in ioi_prompts(200)]
     return word_tokenizer(texts)
+
+
+@pytest.fixture(scope="module", params=["raw", "processed"])
+def patch_setup(request):
+    """A 4-layer random GPT-2 (raw or processed weights) with recipient/donor prompts differing at position 4 (as
+    IOI's S2), answer ids, the donor's z and resid_post, and a logit-difference metric."""
+    from tl_patching.edits import act_name
+    from tl_patching.forward import Forward
+    from tl_patching.metrics import logit_diff
+    from tl_patching.models import hooked_from_hf
+
+    hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
+    forward = Forward(tl if request.param == "raw" else hooked_from_hf(hf, weights="processed"))
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, 64, (3, 10), generator=g)
+    donor_tokens = tokens.clone()
+    donor_tokens[:, 4] = torch.randint(0, 64, (3,), generator=g)
+    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
+    return forward, tokens, donor_tokens, donor, correct, wrong, lambda logits: logit_diff(logits, correct, wrong)

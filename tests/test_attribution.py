@@ -9,22 +9,12 @@ from tl_patching import attribution, path_patching
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import hooked_from_hf, random_gpt2
+from tl_patching.models import random_gpt2
 
 
-@pytest.fixture(scope="module", params=["raw", "processed"])
-def setup(request):
-    hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
-    model = tl if request.param == "raw" else hooked_from_hf(hf, weights="processed")
-    forward = Forward(model)
-    g = torch.Generator().manual_seed(11)
-    tokens = torch.randint(0, 64, (3, 10), generator=g)
-    donor_tokens = tokens.clone()
-    donor_tokens[:, 4] = torch.randint(0, 64, (3,), generator=g)  # one differing position, as in IOI
-    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
-    _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
-    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
-    return forward, tokens, donor_tokens, donor, correct, wrong, metric
+@pytest.fixture(scope="module")
+def setup(patch_setup):
+    return patch_setup
 
 
 def test_attribution_is_the_first_order_term_of_exact_patching(setup):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_patching import distributed, fast
+from tl_patching import fast
 from tl_patching.cache_store import load_cache, save_cache
 from tl_patching.experiments import e4_ioi_patching as e4, run_experiment
 from tl_patching.forward import load_forward

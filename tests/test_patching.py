@@ -8,25 +8,16 @@ from tl_patching import fast, patching
 from tl_patching.edits import act_name, patch, scale, zero
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import hooked_from_hf, random_gpt2
+from tl_patching.models import random_gpt2
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["raw", "processed"])
-def setup(request):
-    hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
-    model = tl if request.param == "raw" else hooked_from_hf(hf, weights="processed")
-    forward = Forward(model)
-    g = torch.Generator().manual_seed(11)
-    tokens = torch.randint(0, 64, (3, 10), generator=g)
-    donor_tokens = tokens.clone()
-    donor_tokens[:, 4] = torch.randint(0, 64, (3,), generator=g)  # one differing position, as in IOI
-    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
-    _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
-    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
-    reference = patching.head_sweep(forward, tokens, donor, metric)
-    return forward, tokens, donor_tokens, donor, correct, wrong, metric, reference
+@pytest.fixture(scope="module")
+def setup(patch_setup):
+    """conftest's patch_setup plus the reference head sweep of the driver."""
+    forward, tokens, _, donor, _, _, metric = patch_setup
+    return (*patch_setup, patching.head_sweep(forward, tokens, donor, metric))
 
 
 @pytest.mark.parametrize("max_rows", [64, 3, 1])
