@@ -130,3 +130,16 @@ def test_saving_into_a_missing_folder_is_an_error(pair, forwards, tokens, tmp_pa
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_cache(tmp_path / "no" / "such" / "dir" / "c.safetensors", cache, tl, tokens, True)
     assert not (tmp_path / "no").exists()
+
+
+def test_fingerprint_follows_in_place_changes_of_the_weights():
+    """The fingerprint is remembered per model, but an in-place edit of any weight must change it."""
+    _, tl = random_gpt2(n_layers=1, n_heads=4, d_head=8, seed=3)
+    before = cache_store.weights_fingerprint(tl)
+    assert cache_store.weights_fingerprint(tl) == before
+    with torch.no_grad():
+        tl.blocks[0].attn.W_Q[0, 0, 0] += 1.0
+    after = cache_store.weights_fingerprint(tl)
+    assert after != before
+    _, same = random_gpt2(n_layers=1, n_heads=4, d_head=8, seed=3)
+    assert cache_store.weights_fingerprint(same) == before  # a fresh model with the original weights

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -39,13 +40,25 @@ class CorruptCacheError(ValueError):
     """A cache file that is truncated, altered, or not a tl_patching cache."""
 
 
+# model -> (which tensors, at which in-place version, were hashed; their digest): hashing GPT-2 large's weights
+# takes seconds, and a main job saves and loads its donor cache against the same unchanged model several times.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def weights_fingerprint(model: HookedTransformer) -> str:
-    """SHA-256 over every parameter (name, shape, bytes): two checkpoints of the same shape and name differ here."""
+    """SHA-256 over every parameter and buffer (name, shape, dtype, bytes): two checkpoints of the same shape and
+    name differ here. Recomputed whenever a tensor was replaced or changed in place since the last call."""
+    state = sorted(model.state_dict().items())
+    key = tuple((name, t.data_ptr(), t._version) for name, t in state)
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == key:
+        return known[1]
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in state:
         t = p.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _FINGERPRINTS[model] = (key, h.hexdigest())
     return h.hexdigest()
 
 
