@@ -33,6 +33,8 @@ Index = Union[int, slice, Sequence[int], Tensor, None]
 # (whole activation in TL layout, index tuple) -> new values for activation[index] (broadcastable to it)
 Rewrite = Callable[[Tensor, tuple], Tensor]
 
+# TransformerLens applies QK-norm (Qwen3, Gemma 3) to queries/keys flattened over batch, position and head.
+_FLAT = "[(batch pos head), d_head] in TransformerLens (QK-norm runs on flattened heads)"
 HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result")
 PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
 KV_HOOKS = ("hook_k", "hook_v", "hook_rot_k")
@@ -102,14 +104,6 @@ def check_name(name: str, known: Iterable[str], n_layers: int, what: str = "hook
     raise HookNameError(f"unknown {what} {name!r}{hint}")
 
 
-def _as_index(index: Index) -> int | slice | Tensor:
-    if index is None:
-        return slice(None)
-    if isinstance(index, (int, slice, Tensor)):
-        return index
-    return torch.as_tensor(list(index), dtype=torch.long)
-
-
 def _check_in_range(index: Index, size: int, what: str, name: str, note: str = "") -> None:
     if index is None:
         return
@@ -126,17 +120,26 @@ def _check_in_range(index: Index, size: int, what: str, name: str, note: str = "
         raise IndexError(f"{what} {bad[0]} out of range for {name}: size {size}{note}")
 
 
-def _broadcastable(index: tuple) -> tuple:
-    """Turn several 1-d tensor indices into an outer product (numpy would zip them instead)."""
-    tensor_dims = [i for i, x in enumerate(index) if isinstance(x, Tensor) and x.ndim > 0]
-    if len(tensor_dims) < 2:
-        return index
-    out = list(index)
-    for rank, dim in enumerate(tensor_dims):
-        shape = [1] * len(tensor_dims)
+def _outer(values: list[Index], sizes: list[int]) -> tuple:
+    """Index tensors selecting every combination of ``values`` (one per axis after the batch axis), so the selected
+    slice is ``[batch, *(one axis per non-int value, in axis order)]``: an int removes its axis, a list or a slice
+    keeps it, and several lists combine as an outer product (numpy would zip them; a slice between two lists
+    would move their axes to the front)."""
+    as_tensors = []
+    for value, size in zip(values, sizes):
+        if value is None:
+            value = slice(None)
+        if isinstance(value, slice):
+            value = range(size)[value]
+        as_tensors.append(torch.as_tensor(value if isinstance(value, int) else list(value), dtype=torch.long)
+                          if not isinstance(value, Tensor) else value.long())
+    kept = [i for i, t in enumerate(as_tensors) if t.ndim > 0]
+    out = list(as_tensors)
+    for rank, i in enumerate(kept):
+        shape = [1] * len(kept)
         shape[rank] = -1
-        out[dim] = index[dim].reshape(shape)
-    return tuple(out)
+        out[i] = as_tensors[i].reshape(shape)
+    return (slice(None), *out)
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,12 @@ class Edit:
 
     ``pos`` indexes the (query) position, ``head`` the head axis of head-shaped hooks (on ``hook_k``/``hook_v``
     of a grouped-query model: the key/value head), ``neurons`` the last axis (neurons of ``mlp.hook_post``,
-    dimensions of the residual stream, or ``d_head`` components). ``rows`` restricts the edit to a range
-    of batch rows (the sweep driver stacks several variants on the batch axis); the rewrite then sees only
-    those rows.
+    dimensions of the residual stream, or ``d_head`` components). Each is an int, a list or tensor of ints, a
+    slice, or None (all). The selection is every combination: ``pos=[1, 4], head=[0, 2]`` is the four
+    (position, head) pairs, and the rewrite sees the selected values as ``[batch, pos, head, neurons]`` in that
+    order, an int removing its axis (so noise is drawn, and a replacement broadcast, in that order). ``rows``
+    restricts the edit to a range of batch rows (the sweep driver stacks several variants on the batch axis);
+    the rewrite then sees only those rows.
     """
 
     name: str
@@ -162,25 +168,30 @@ class Edit:
         suffix = hook_suffix(self.name)
         if self.head is not None and suffix not in HEAD_HOOKS + PATTERN_HOOKS:
             raise ValueError(f"{self.name} has no head axis; `head` applies to {HEAD_HOOKS + PATTERN_HOOKS}")
+        if activation.ndim == 2 and self.pos is not None:
+            raise ValueError(f"{self.name} is {_FLAT}: it has no position axis; only `neurons` can index it "
+                             "(edit attn.hook_q / hook_k or hook_rot_q / hook_rot_k to address positions and heads)")
         if suffix in PATTERN_HOOKS:  # [batch, head, query_pos, key_pos]
             dims = {"head": 1, "pos": 2, "neurons": 3}
         elif suffix in HEAD_HOOKS:  # [batch, pos, head, d_head]
             dims = {"pos": 1, "head": 2, "neurons": 3}
         else:  # [batch, pos, features]
             dims = {"pos": 1, "neurons": activation.ndim - 1}
-        index: list = [slice(None)] * activation.ndim
+        by_dim: list[Index] = [None] * (activation.ndim - 1)
         for what, dim in dims.items():
             value = getattr(self, what)
             note = ""
             if what == "head" and suffix in KV_HOOKS:
                 note = " (key/value heads: on a grouped-query model each is shared by several query heads)"
             _check_in_range(value, activation.shape[dim], what, self.name, note)
-            index[dim] = _as_index(value)
-        return _broadcastable(tuple(index))
+            by_dim[dim - 1] = value
+        return _outer(by_dim, list(activation.shape[1:]))
 
     def __call__(self, activation: Tensor, hook=None) -> Tensor:
         """Hook function: returns the edited copy of ``activation`` (TL layout)."""
         if self.rows is not None:
+            if activation.ndim == 2:
+                raise ValueError(f"{self.name} is {_FLAT}: its rows are not prompts, so it cannot be edited per variant")
             if len(range(activation.shape[0])[self.rows]) == 0:
                 raise IndexError(f"{self.name}: rows {self.rows} select nothing of a batch of {activation.shape[0]}")
             edited = activation.clone()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_patching.backends.hf_maps import OUTPUT, HookMap, Site, hook_map_of
+from tl_patching.backends.hf_maps import NETWORK_ORDER, OUTPUT, HookMap, Site, Sum, View, hook_map_of
 from tl_patching.edits import Edit, check_name, run_collecting
 
 
@@ -31,8 +32,8 @@ def hook_names(hf_model: nn.Module) -> list[str]:
     return top + [f"blocks.{l}.{s}" for l in range(n_layers) for s in block]
 
 
-def resolve(hf_model: nn.Module, name: str, write: bool = False) -> tuple[Site, nn.Module, int | None]:
-    """The `Site`, the HF module and the layer of a TL hook name; a clear error where there is none."""
+def resolve(hf_model: nn.Module, name: str, write: bool = False) -> tuple[Site | Sum, int | None]:
+    """The `Site` (or `Sum`) and the layer of a TL hook name; a clear error where there is none."""
     family: HookMap = hook_map_of(hf_model)
     check_name(name, hook_names(hf_model), family.n_layers(hf_model.config))
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
@@ -40,12 +41,16 @@ def resolve(hf_model: nn.Module, name: str, write: bool = False) -> tuple[Site, 
     if suffix in family.refused:
         raise NotImplementedError(f"{name} has no HF counterpart in {family.architecture}: {family.refused[suffix]}")
     site = family.sites[suffix]
-    if write and site.view.write is None:
+    if write and isinstance(site, Site) and site.view.write is None:
         raise NotImplementedError(f"{name} is read-only on the HF backend: {family.architecture} has no module boundary there")
     if suffix == "attn.hook_pattern" and hf_model.config._attn_implementation != "eager":
         raise ValueError(f"{name}: HF returns attention probabilities only with eager attention; load the model with "
                          "attn_implementation='eager' (tl_patching.models.load_hf does)")
-    return site, hf_model.get_submodule(site.module.format(l=layer)), layer
+    return site, layer
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _torch_hook(site: Site, hf_model: nn.Module, layer: int | None, fn: Callable[[Tensor], Tensor | None]) -> Callable:
@@ -67,13 +72,21 @@ def _torch_hook(site: Site, hf_model: nn.Module, layer: int | None, fn: Callable
         return hook
 
     def pre_hook(module, args, kwargs):
-        in_args = len(args) > 0
-        new = apply(args[0] if in_args else kwargs["hidden_states"])
+        new = apply(_first_input(args, kwargs))
         if new is None:
             return None
-        return ((new,) + tuple(args[1:]), kwargs) if in_args else (args, {**kwargs, "hidden_states": new})
+        return ((new,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
     return pre_hook
+
+
+def _sum_site(hf_model: nn.Module, total: Sum, layer: int, captured: dict[int, Tensor]) -> Site:
+    """``total``'s site: the module of ``total.added``, seen as ``base + added`` with ``base`` taken from ``captured``."""
+    family = hook_map_of(hf_model)
+    added = family.sites[total.added]
+    view = View(lambda raw, hf, l: captured[l] + added.view.read(raw, hf, l),
+                lambda raw, new, hf, l: added.view.write(raw, new - captured[l], hf, l))
+    return Site(added.module, added.kind, view, added.element)
 
 
 @contextlib.contextmanager
@@ -82,22 +95,29 @@ def hooks(
 ) -> Iterator[None]:
     """Inside: ``edits`` applied, in order, and the (edited) activations at ``names`` recorded into ``cache``.
 
-    Raises on exit if an edit never ran (its module was not called).
+    As on TransformerLens: hooks at one place run in the order given, edits before readers; where several
+    TL names share one HF module they run in TL's order (`NETWORK_ORDER`). Raises on exit if an edit never
+    ran (its module was not called).
     """
     for edit in edits:
         resolve(hf_model, edit.name, write=True)
-    for name in names:
+    readers = list(names) if cache is not None else []
+    for name in readers:
         resolve(hf_model, name)
-    handles = []
     ran: set[int] = set()
+    captured: dict[int, Tensor] = {}  # layer -> the base of a `Sum` (resid_pre), as the block received it
+    planned: dict[tuple[nn.Module, str], list[tuple[tuple, Callable]]] = defaultdict(list)  # (module, kind) -> hooks
 
-    def register(name: str, fn: Callable[[Tensor], Tensor | None]) -> None:
-        site, module, layer = resolve(hf_model, name)
-        hook = _torch_hook(site, hf_model, layer, fn)
-        if site.kind == OUTPUT:
-            handles.append(module.register_forward_hook(hook, prepend=True))
-        else:
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+    def plan(name: str, order: tuple, fn: Callable[[Tensor], Tensor | None]) -> None:
+        site, layer = resolve(hf_model, name)
+        if isinstance(site, Sum):
+            base = hook_map_of(hf_model).sites[site.base]
+            capture_at = (hf_model.get_submodule(base.module.format(l=layer)), "capture")
+            planned[capture_at] = [((), _capture(captured, layer))]
+            site = _sum_site(hf_model, site, layer, captured)
+        module = hf_model.get_submodule(site.module.format(l=layer))
+        rank = NETWORK_ORDER.index(name.split(".", 2)[-1] if layer is not None else name)
+        planned[module, site.kind].append(((rank,) + order, _torch_hook(site, hf_model, layer, fn)))
 
     def apply(i: int, edit: Edit) -> Callable[[Tensor], Tensor]:
         def fn(act: Tensor) -> Tensor:
@@ -112,13 +132,23 @@ def hooks(
 
         return fn
 
+    for i, edit in enumerate(edits):
+        plan(edit.name, (0, i), apply(i, edit))  # edits before readers, in the order given
+    for i, name in enumerate(readers):
+        plan(name, (1, i), record(name))
+    handles = []
     try:
-        # prepend=True reverses the order at one module: register readers first and edits last (reversed),
-        # so the edits run in the given order and the readers see their result, as on the TL backend.
-        for name in names if cache is not None else ():
-            register(name, record(name))
-        for i, edit in reversed(list(enumerate(edits))):
-            register(edit.name, apply(i, edit))
+        for (module, kind), entries in planned.items():
+            if kind == "capture":  # appended: it runs after every edit at the block input
+                handles.append(module.register_forward_pre_hook(entries[0][1], with_kwargs=True))
+                continue
+            # prepend=True (before transformers' own output_hidden_states recorder) reverses the order at one
+            # module: register the last to run first.
+            for _, hook in sorted(entries, key=lambda e: e[0], reverse=True):
+                if kind == OUTPUT:
+                    handles.append(module.register_forward_hook(hook, prepend=True))
+                else:
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
         yield
     finally:
         for handle in handles:
@@ -126,6 +156,13 @@ def hooks(
     never = [e.name for i, e in enumerate(edits) if i not in ran]
     if never:
         raise RuntimeError(f"the edit at {never[0]} never ran: its HF module was not called")
+
+
+def _capture(captured: dict[int, Tensor], layer: int) -> Callable:
+    def pre_hook(module, args, kwargs) -> None:
+        captured[layer] = _first_input(args, kwargs)
+
+    return pre_hook
 
 
 def run(

@@ -40,12 +40,39 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Sum:
+    """A TL activation that HF computes only as a sum inside the block, never at a module boundary:
+    ``base + added`` (``hook_resid_mid = hook_resid_pre + hook_attn_out``). It is read and written at the
+    module of ``added``: the edit sees ``base + added``, and ``added`` is replaced by ``edited − base``, so the
+    block's own residual sum gives the edited value. (A pre-hook on the next norm would change only the
+    MLP's input: HF adds the MLP output to the residual it kept before that norm.)"""
+
+    base: str  # TL suffix of the first summand (its site: the block input)
+    added: str  # TL suffix of the second summand, whose module output is replaced on write
+
+
+@dataclass(frozen=True)
 class HookMap:
     architecture: str
     n_layers: Callable[[object], int]  # HF config -> number of blocks
-    sites: dict[str, Site]  # TL suffix ("hook_embed", or "attn.hook_z" inside block l) -> Site
+    sites: dict[str, Site | Sum]  # TL suffix ("hook_embed", or "attn.hook_z" inside block l) -> Site
     refused: dict[str, str] = field(default_factory=dict)  # TL suffix -> why there is no HF boundary
     unsupported: Callable[[object], str | None] = lambda config: None  # a config this map does not describe, and why
+
+
+# Where each TL hook fires in TransformerLens's forward. Several TL names can sit on one HF module
+# (``hook_attn_out`` and ``hook_resid_mid``; ``ln1_post.hook_normalized`` and ``hook_attn_out`` on Gemma): the HF
+# backend runs their hooks in this order, as TL does.
+NETWORK_ORDER = (
+    "hook_embed", "hook_pos_embed", "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized",
+    "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "ln1_post.hook_scale",
+    "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized",
+    "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale", "ln_final.hook_normalized",
+)
+RESID_MID = Sum("hook_resid_pre", "hook_attn_out")
 
 
 # --- views: a few named functions ---
@@ -148,7 +175,7 @@ GPT2 = HookMap(
         "attn.hook_pattern": Site("transformer.h.{l}.attn", OUTPUT, View(lambda raw, hf, l: raw, None), element=1),
         "attn.hook_z": Site("transformer.h.{l}.attn.c_proj", INPUT, heads(lambda c: c.n_head)),
         "hook_attn_out": Site("transformer.h.{l}.attn.c_proj", OUTPUT, WHOLE),
-        "hook_resid_mid": Site("transformer.h.{l}.ln_2", INPUT, WHOLE),
+        "hook_resid_mid": RESID_MID,
         "ln2.hook_normalized": Site("transformer.h.{l}.ln_2", OUTPUT, ln_affine("transformer.h.{l}.ln_2")),
         "mlp.hook_pre": Site("transformer.h.{l}.mlp.c_fc", OUTPUT, WHOLE),
         "mlp.hook_post": Site("transformer.h.{l}.mlp.act", OUTPUT, WHOLE),
@@ -220,7 +247,7 @@ def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: str | N
         "attn.hook_pattern": Site(attn, OUTPUT, READ_ONLY, element=1),
         "attn.hook_z": Site(f"{attn}.o_proj", INPUT, heads(_q_heads)),
         "hook_attn_out": Site(f"{layer}.post_attention_layernorm" if sandwich_norms else f"{attn}.o_proj", OUTPUT, WHOLE),
-        "hook_resid_mid": Site(ln2, INPUT, WHOLE),
+        "hook_resid_mid": RESID_MID,
         "ln2.hook_normalized": Site(ln2, OUTPUT, rms_affine(ln2, norm_offset)),
         "mlp.hook_pre": Site(f"{layer}.mlp.gate_proj", OUTPUT, WHOLE),
         "mlp.hook_pre_linear": Site(f"{layer}.mlp.up_proj", OUTPUT, WHOLE),
