@@ -129,6 +129,34 @@ def test_gqa_and_sliding_windows_are_exercised(raw_pair, family):
         assert (cfg.rotary_dim, cfg.parallel_attn_mlp, cfg.rotary_adjacent_pairs) == (4, True, False)
 
 
+def test_cache_shapes_from_the_config_are_every_hooks_shape(raw_pair, family):
+    """`cache_store.hook_shape` (which the cache loader checks each tensor against) gives the shape of every hook
+    this family's model fires: grouped and ungrouped keys, and with TL's per-head input and result hooks on."""
+    from tl_patching.cache_store import hook_shape
+
+    _, tl = raw_pair
+    cfg, tokens = tl.cfg, torch.arange(5)[None].repeat(3, 1)
+    variants = [dict(), dict(ungroup_grouped_query_attention=True),
+                dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True),
+                dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True, ungroup_grouped_query_attention=True)]
+    # TL's attn_in is one copy per query head: it runs on grouped-query models only once they are ungrouped
+    variants.append(dict(use_attn_in=True, ungroup_grouped_query_attention=cfg.n_key_value_heads is not None))
+    checked = set()
+    for variant in variants:
+        before = {k: getattr(cfg, k) for k in variant}
+        try:
+            for k, v in variant.items():
+                setattr(cfg, k, v)
+            _, cache = tl.run_with_cache(tokens)
+            for name, act in cache.items():
+                assert hook_shape(cfg, name, 3, 5) == tuple(act.shape), (variant, name)
+                checked.add(name)
+        finally:
+            for k, v in before.items():
+                setattr(cfg, k, v)
+    assert checked == set(tl.hook_dict)  # every hook the model has was fired and checked
+
+
 def raw_model_with_cfg(hf, cfg):
     """hf's weights, unprocessed, in a HookedTransformer built from ``cfg`` (possibly altered)."""
     model = HookedTransformer(cfg, move_to_device=False)
