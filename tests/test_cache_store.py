@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 from types import SimpleNamespace
 
 import pytest
@@ -353,6 +354,19 @@ def test_cached_run_loads_for_the_same_tokens_and_refuses_others(pair, tmp_path)
     again = cached_run(path, forward, tokens, names, True)
     assert len(calls) == 1  # loaded, not recomputed
     assert all(torch.equal(again[n], first[n]) for n in names)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_cache_files_honour_the_umask(pair, tokens, tmp_path, umask, mode):
+    _, tl = pair
+    _, cache = Forward(tl).run(tokens, cache=[act_name("z", 0)])
+    old = os.umask(umask)
+    try:
+        path = save_cache(tmp_path / "c.safetensors", cache, tl, tokens, True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert os.listdir(tmp_path) == ["c.safetensors"]
 
 
 def test_load_without_a_model_builds_none(saved, monkeypatch):

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 import weakref
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -101,10 +101,10 @@ def save_cache(
     }
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save the cache to {path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
+    tmp, mode = _new_temporary(path)
     try:
         save_file(tensors, tmp, metadata={"tl_patching": json.dumps(header)})
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
@@ -112,6 +112,21 @@ def save_cache(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """An empty file next to ``path`` under a fresh name, and the mode the umask gives a new file (0o666 less
+    the umask, as for any file the user creates: mkstemp and safetensors both write 0o600 whatever the umask)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        mode = os.fstat(fd).st_mode & 0o777  # read back rather than os.umask(), which sets it process-wide
+        os.close(fd)
+        return tmp, mode
+    raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
 # What a header must hold for a load to check anything; "versions" is information for the reader only.
