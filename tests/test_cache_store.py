@@ -190,7 +190,8 @@ def test_tokens_in_the_header_are_checked(pair, tokens, saved, tmp_path):
     ids[2][5] += 1
     path = doctored(saved[0], tmp_path / "c.safetensors", header=set_field("token_ids", ids))
     assert load_cache(path, tl).keys() == load_cache(saved[0]).keys()  # no tokens given: nothing to compare with
-    with pytest.raises(CacheMismatchError, match=rf"row 2, position 5: the cache has id {ids[2][5]}, the tokens given have {ids[2][5] - 1}$"):
+    expected = f"row 2, position 5: the cache has id {ids[2][5]}, the tokens given have {ids[2][5] - 1}$"
+    with pytest.raises(CacheMismatchError, match=expected):
         load_cache(path, tl, tokens)
 
 
@@ -202,7 +203,8 @@ def test_token_mismatch_names_the_first_difference(pair, tmp_path):
     other[1, 9] = tokens[1, 9] + 1
     _, cache = Forward(tl).run(tokens, cache=[act_name("z", 0)])
     path = save_cache(tmp_path / "c.safetensors", cache, tl, tokens, True)
-    expected = f"other tokens: first difference at row 1, position 9: the cache has id {tokens[1, 9].item()}, the tokens given have {tokens[1, 9].item() + 1}"
+    cached_id = tokens[1, 9].item()
+    expected = f"other tokens: first difference at row 1, position 9: the cache has id {cached_id}, the tokens given have {cached_id + 1}"
     with pytest.raises(CacheMismatchError, match=f"{expected}$"):
         load_cache(path, tl, other)
     with pytest.raises(CacheMismatchError, match="the cache holds 2×12 token ids, the tokens given are 2×11$"):
@@ -246,8 +248,10 @@ def test_checksum_of_each_tensor(saved, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda h: h.__setitem__("format", "tl_patching.cache/0"), "unknown cache format 'tl_patching.cache/0'"),
-    (lambda h: h["dtype"].pop("blocks.0.attn.hook_q"), r"the header's dtype does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
-    (lambda h: h["sha256"].pop("blocks.0.attn.hook_q"), r"the header's sha256 does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
+    (lambda h: h["dtype"].pop("blocks.0.attn.hook_q"),
+     r"the header's dtype does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
+    (lambda h: h["sha256"].pop("blocks.0.attn.hook_q"),
+     r"the header's sha256 does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
     (lambda h: h["hook_names"].append(h["hook_names"][0]), "the header's hook_names are not a list of distinct names"),
     (lambda h: h["token_ids"][1].pop(), "the header's token_ids are not a rectangular batch of integer ids"),
 ], ids=["format", "dtype-entry", "sha256-entry", "duplicate-name", "ragged-tokens"])
@@ -305,11 +309,12 @@ def test_each_tensor_shape_is_checked_against_the_model_and_tokens(pair, tokens,
 def test_a_tensor_of_a_hook_the_model_lacks(pair, saved, tmp_path):
     _, tl = pair
 
-    def rename(h, t=None):
+    def rename(h):
         h["hook_names"] = [n.replace("blocks.2.", "blocks.7.") for n in h["hook_names"]]
-    path = doctored(saved[0], tmp_path / "c.safetensors", header=rename,
-                    tensors=lambda t: t.update({k.replace("blocks.2.", "blocks.7."): t.pop(k) for k in list(t) if k.startswith("blocks.2.")}),
-                    reseal=True)
+
+    def move(t):
+        t.update({k.replace("blocks.2.", "blocks.7."): t.pop(k) for k in list(t) if k.startswith("blocks.2.")})
+    path = doctored(saved[0], tmp_path / "c.safetensors", header=rename, tensors=move, reseal=True)
     with pytest.raises(CacheMismatchError, match="holds 'blocks.7.hook_resid_pre', which is not a hook of"):
         load_cache(path, tl)
 
@@ -324,7 +329,8 @@ def test_grouped_keys_are_checked_against_the_models_view(tmp_path):
     _, cache = tl.run_with_cache(tokens, names_filter=names)
     path = save_cache(tmp_path / "ungrouped.safetensors", cache, tl, tokens, True)
     tl.set_ungroup_grouped_query_attention(False)
-    with pytest.raises(CacheMismatchError, match=r"'blocks.0.attn.hook_k' has shape \(2, 6, 4, 8\).*n_key_value_heads is 4 in the cache, 2 here"):
+    expected = r"'blocks.0.attn.hook_k' has shape \(2, 6, 4, 8\).*n_key_value_heads is 4 in the cache, 2 here$"
+    with pytest.raises(CacheMismatchError, match=expected):
         load_cache(path, tl, tokens)
     tl.set_ungroup_grouped_query_attention(True)
     assert torch.equal(load_cache(path, tl, tokens)["blocks.0.attn.hook_k"], cache["blocks.0.attn.hook_k"])
@@ -354,6 +360,14 @@ def test_cached_run_loads_for_the_same_tokens_and_refuses_others(pair, tmp_path)
     again = cached_run(path, forward, tokens, names, True)
     assert len(calls) == 1  # loaded, not recomputed
     assert all(torch.equal(again[n], first[n]) for n in names)
+
+
+def test_cached_run_refuses_a_cache_without_the_hooks_asked_for(pair, tokens, tmp_path):
+    _, tl = pair
+    path = tmp_path / "donor.safetensors"
+    cached_run(path, Forward(tl), tokens, [act_name("z", 1)], True)
+    with pytest.raises(CacheMismatchError, match=r"holds no 'blocks.2.hook_resid_post' \(and 0 more of the 2 needed\)"):
+        cached_run(path, Forward(tl), tokens, [act_name("z", 1), act_name("resid_post", 2)], True)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])

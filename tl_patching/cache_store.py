@@ -205,7 +205,8 @@ def _token_difference(cached: list[list[int]], tokens: Tensor) -> str | None:
     if tokens.dim() != 2 or tuple(tokens.shape) != shape:
         return f"the cache holds {shape[0]}×{shape[1]} token ids, the tokens given are {'×'.join(map(str, tokens.shape))}"
     row, pos = next((r, p) for r in range(shape[0]) for p in range(shape[1]) if cached[r][p] != given[r][p])
-    return f"first difference at row {row}, position {pos}: the cache has id {cached[row][pos]}, the tokens given have {given[row][pos]}"
+    return (f"first difference at row {row}, position {pos}: "
+            f"the cache has id {cached[row][pos]}, the tokens given have {given[row][pos]}")
 
 
 def _check_against_header(path: str | Path, header: dict, tensors: Mapping[str, Tensor]) -> None:
@@ -238,7 +239,9 @@ def _check_shapes(path: str | Path, header: dict, tensors: Mapping[str, Tensor],
         if len(shape) != len(axes):
             detail = f"{len(shape)} axes, not {len(axes)}"
         else:
-            detail = "; ".join(f"{axis} is {got} in the cache, {want} here" for (axis, want), got in zip(axes, shape) if got != want)
+            detail = "; ".join(
+                f"{axis} is {got} in the cache, {want} here" for (axis, want), got in zip(axes, shape) if got != want
+            )
         raise CacheMismatchError(
             f"{path}: tensor {name!r} has shape {shape}, but {model.cfg.model_name} and the cache's {batch}×{pos} "
             f"tokens give {expected} [{', '.join(a for a, _ in axes)}]: {detail}"
