@@ -1,16 +1,30 @@
 """Caches on disk: exact round trip, refusal of mismatches, detection of damage, reuse in E4/E5."""
 
+import json
 import os
+import re
+import stat
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tl_patching import cache_store
-from tl_patching.cache_store import CacheMismatchError, CorruptCacheError, bytes_per_token, cached_run, load_cache, save_cache
+from tl_patching.cache_store import (
+    CacheMismatchError,
+    CorruptCacheError,
+    bytes_per_token,
+    cached_run,
+    load_cache,
+    read_header,
+    save_cache,
+)
 from tl_patching.edits import act_name
 from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
 from tl_patching.forward import Forward
-from tl_patching.models import hooked_from_hf, random_gpt2
+from tl_patching.models import hooked_from_hf, random_gpt2, random_pair
 
 
 @pytest.fixture()
@@ -112,6 +126,261 @@ def test_bytes_per_token():
     assert bytes_per_token(tl.cfg, "blocks.0.attn.hook_z") == 4 * 8 * 4
     assert bytes_per_token(tl.cfg, "blocks.0.mlp.hook_post") == 4 * 32 * 4
     assert bytes_per_token(tl.cfg, "blocks.0.attn.hook_pattern", pos=10) == 4 * 10 * 4
+    assert bytes_per_token(tl.cfg, "blocks.0.hook_resid_post") == 32 * 4
+    assert bytes_per_token(tl.cfg, "unembed.hook_out") == 64 * 4  # logits: d_vocab wide, not d_model
+    assert bytes_per_token(tl.cfg, "blocks.0.ln1.hook_scale") == 1 * 4
+    with pytest.raises(ValueError, match="no known shape for the hook 'blocks.0.attn.hook_typo'"):
+        bytes_per_token(tl.cfg, "blocks.0.attn.hook_typo")
+
+
+def test_bytes_per_token_under_grouped_query_attention():
+    """Keys and values have n_key_value_heads heads (2 of the 4 here), n_heads once TL's ungrouped view is on."""
+    _, tl = random_pair("llama", n_layers=1, n_heads=4, d_head=8)
+    assert tl.cfg.n_key_value_heads == 2
+    for name in ("blocks.0.attn.hook_k", "blocks.0.attn.hook_v"):
+        assert bytes_per_token(tl.cfg, name) == 2 * 8 * 4
+    assert bytes_per_token(tl.cfg, "blocks.0.attn.hook_q") == 4 * 8 * 4
+    tl.set_ungroup_grouped_query_attention(True)
+    assert bytes_per_token(tl.cfg, "blocks.0.attn.hook_k") == 4 * 8 * 4
+
+
+# ---- each check of the loader, tripped alone --------------------------------------------------------------
+
+def doctored(path, out, header=None, tensors=None, reseal=False):
+    """A copy of the cache at ``path`` whose header and/or tensors ``header(h)`` / ``tensors(t)`` edit in place.
+    ``reseal``: rewrite the header's dtype and checksum of every tensor it lists, so that the file stays
+    consistent with itself and only the edited field is wrong."""
+    with safe_open(str(path), framework="pt") as f:
+        h = json.loads(f.metadata()["tl_patching"])
+    t = load_file(str(path))
+    if header:
+        header(h)
+    if tensors:
+        tensors(t)
+    if reseal:
+        h["dtype"] = {n: str(t[n].dtype).removeprefix("torch.") for n in h["hook_names"]}
+        h["sha256"] = {n: cache_store._digest(t[n]) for n in h["hook_names"]}
+    save_file({n: v.contiguous() for n, v in t.items()}, str(out), metadata={"tl_patching": json.dumps(h)})
+    return out
+
+
+def set_field(field, value):
+    return lambda h: h.__setitem__(field, value)
+
+
+MODEL_FIELDS = {
+    "model_name": "another-model", "weight_mode": "processed", "n_layers": 4, "n_heads": 8, "d_model": 64,
+    "d_vocab": 128, "weights_sha256": "0" * 64,
+}
+
+
+@pytest.mark.parametrize("field", MODEL_FIELDS)
+def test_each_model_field_is_checked(pair, saved, tmp_path, field):
+    _, tl = pair
+    path = doctored(saved[0], tmp_path / "c.safetensors", header=set_field(field, MODEL_FIELDS[field]))
+    load_cache(path)  # the file itself is sound: only the comparison with the model fails
+    with pytest.raises(CacheMismatchError, match=f"another model: {field}: cache has {MODEL_FIELDS[field]!r}, model has") as e:
+        load_cache(path, tl)
+    assert str(e.value).count("cache has") == 1
+
+
+def test_tokens_in_the_header_are_checked(pair, tokens, saved, tmp_path):
+    _, tl = pair
+    ids = tokens.tolist()
+    ids[2][5] += 1
+    path = doctored(saved[0], tmp_path / "c.safetensors", header=set_field("token_ids", ids))
+    assert load_cache(path, tl).keys() == load_cache(saved[0]).keys()  # no tokens given: nothing to compare with
+    expected = f"row 2, position 5: the cache has id {ids[2][5]}, the tokens given have {ids[2][5] - 1}$"
+    with pytest.raises(CacheMismatchError, match=expected):
+        load_cache(path, tl, tokens)
+
+
+def test_token_mismatch_names_the_first_difference(pair, tmp_path):
+    """Tokens that differ only at position 9: the first 8 ids of both are the same and tell the user nothing."""
+    _, tl = pair
+    tokens = torch.randint(2, tl.cfg.d_vocab - 1, (2, 12), generator=torch.Generator().manual_seed(5))
+    other = tokens.clone()
+    other[1, 9] = tokens[1, 9] + 1
+    _, cache = Forward(tl).run(tokens, cache=[act_name("z", 0)])
+    path = save_cache(tmp_path / "c.safetensors", cache, tl, tokens, True)
+    cached_id = tokens[1, 9].item()
+    expected = f"other tokens: first difference at row 1, position 9: the cache has id {cached_id}, the tokens given have {cached_id + 1}"
+    with pytest.raises(CacheMismatchError, match=f"{expected}$"):
+        load_cache(path, tl, other)
+    with pytest.raises(CacheMismatchError, match="the cache holds 2×12 token ids, the tokens given are 2×11$"):
+        load_cache(path, tl, tokens[:, :11])
+    with pytest.raises(CacheMismatchError, match="the cache holds 2×12 token ids, the tokens given are 24$"):
+        load_cache(path, tl, tokens.flatten())
+    assert torch.equal(load_cache(path, tl, tokens)[act_name("z", 0)], cache[act_name("z", 0)])
+
+
+def test_a_listed_tensor_missing_from_the_file(saved, tmp_path):
+    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.pop("blocks.1.attn.hook_z"))
+    with pytest.raises(CorruptCacheError, match="lists 'blocks.1.attn.hook_z' but the file holds no such tensor"):
+        load_cache(path)
+
+
+def test_an_unlisted_tensor_in_the_file(saved, tmp_path):
+    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__("blocks.9.hook_extra", torch.zeros(3)))
+    with pytest.raises(CorruptCacheError, match="holds a tensor 'blocks.9.hook_extra' that its header does not list"):
+        load_cache(path)
+
+
+def test_dtype_is_checked_against_the_header(saved, tmp_path):
+    """The same bytes read as int32: the checksum (over bytes) passes, only the dtype check can see it."""
+    name = "blocks.0.hook_resid_post"
+    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__(name, t[name].view(torch.int32)))
+    assert cache_store._digest(load_file(str(path))[name]) == read_header(path)["sha256"][name]
+    with pytest.raises(CorruptCacheError, match=f"tensor '{name}' is int32, its header says float32"):
+        load_cache(path)
+
+
+def test_checksum_of_each_tensor(saved, tmp_path):
+    name = "blocks.2.mlp.hook_post"
+
+    def nudge(t):
+        t[name] = t[name].clone()
+        t[name][1, 4, 7] += 1e-3
+    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=nudge)
+    with pytest.raises(CorruptCacheError, match=f"tensor '{name}' does not match its checksum"):
+        load_cache(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.__setitem__("format", "tl_patching.cache/0"), "unknown cache format 'tl_patching.cache/0'"),
+    (lambda h: h["dtype"].pop("blocks.0.attn.hook_q"),
+     r"the header's dtype does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
+    (lambda h: h["sha256"].pop("blocks.0.attn.hook_q"),
+     r"the header's sha256 does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
+    (lambda h: h["hook_names"].append(h["hook_names"][0]), "the header's hook_names are not a list of distinct names"),
+    (lambda h: h["token_ids"][1].pop(), "the header's token_ids are not a rectangular batch of integer ids"),
+], ids=["format", "dtype-entry", "sha256-entry", "duplicate-name", "ragged-tokens"])
+def test_header_consistency(saved, tmp_path, edit, message):
+    path = doctored(saved[0], tmp_path / "c.safetensors", header=edit)
+    with pytest.raises(CorruptCacheError, match=message):
+        load_cache(path)
+
+
+@pytest.mark.parametrize("field", cache_store._HEADER_FIELDS)
+def test_every_header_field_is_required(saved, tmp_path, field):
+    path = doctored(saved[0], tmp_path / "c.safetensors", header=lambda h: h.pop(field))
+    with pytest.raises(CorruptCacheError, match=f"the header lacks the field '{field}'"):
+        load_cache(path)
+
+
+def test_a_header_that_is_not_json_or_absent(saved, tmp_path):
+    t = load_file(str(saved[0]))
+    save_file(t, str(tmp_path / "bad.safetensors"), metadata={"tl_patching": "{not json"})
+    with pytest.raises(CorruptCacheError, match="header is not valid JSON"):
+        load_cache(tmp_path / "bad.safetensors")
+    save_file(t, str(tmp_path / "plain.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CorruptCacheError, match="a safetensors file without a tl_patching header"):
+        load_cache(tmp_path / "plain.safetensors")
+
+
+# (hook, edit of its tensor, what the error must say); the pair's model: 3 layers, 4 heads of 8, d_model 32,
+# d_mlp 128, d_vocab V (its tokenizer's), and the tokens are 3×9.
+SHAPE_CASES = {
+    "d_head": ("blocks.0.attn.hook_z", lambda x: x[..., :4], "d_head is 4 in the cache, 8 here"),
+    "n_heads": ("blocks.1.attn.hook_z", lambda x: x[:, :, :3], "n_heads is 3 in the cache, 4 here"),
+    "k-heads": ("blocks.1.attn.hook_k", lambda x: x[:, :, :2], "n_heads is 2 in the cache, 4 here"),
+    "d_model": ("blocks.2.hook_resid_post", lambda x: x[..., :31], "d_model is 31 in the cache, 32 here"),
+    "d_mlp": ("blocks.0.mlp.hook_pre", lambda x: x[..., :96], "d_mlp is 96 in the cache, 128 here"),
+    "d_vocab": ("unembed.hook_out", lambda x: x[..., :-1], "d_vocab is {V_1} in the cache, {V} here"),
+    "batch": ("blocks.0.hook_resid_pre", lambda x: x[:2], "batch is 2 in the cache, 3 here"),
+    "pos": ("blocks.0.attn.hook_pattern", lambda x: x[..., :8], "pos is 8 in the cache, 9 here"),
+    "axes": ("blocks.2.attn.hook_v", lambda x: x.flatten(2), "3 axes, not 4"),
+}
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_each_tensor_shape_is_checked_against_the_model_and_tokens(pair, tokens, saved, tmp_path, case):
+    """The file is consistent with itself (checksums resealed): only the comparison with the model can fail."""
+    _, tl = pair
+    name, edit, message = SHAPE_CASES[case]
+    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__(name, edit(t[name])), reseal=True)
+    load_cache(path)
+    expected = re.escape(str(tuple(saved[1][name].shape)))
+    message = message.format(V=tl.cfg.d_vocab, V_1=tl.cfg.d_vocab - 1)
+    with pytest.raises(CacheMismatchError, match=f"tensor '{name}' has shape .* give {expected} .*: {message}$"):
+        load_cache(path, tl, tokens)
+
+
+def test_a_tensor_of_a_hook_the_model_lacks(pair, saved, tmp_path):
+    _, tl = pair
+
+    def rename(h):
+        h["hook_names"] = [n.replace("blocks.2.", "blocks.7.") for n in h["hook_names"]]
+
+    def move(t):
+        t.update({k.replace("blocks.2.", "blocks.7."): t.pop(k) for k in list(t) if k.startswith("blocks.2.")})
+    path = doctored(saved[0], tmp_path / "c.safetensors", header=rename, tensors=move, reseal=True)
+    with pytest.raises(CacheMismatchError, match="holds 'blocks.7.hook_resid_pre', which is not a hook of"):
+        load_cache(path, tl)
+
+
+def test_grouped_keys_are_checked_against_the_models_view(tmp_path):
+    """A cache of ungrouped keys (one per query head) does not load into the grouped model, and loads once the
+    model is ungrouped too: same weights, same fingerprint, only the key tensor's head count tells them apart."""
+    _, tl = random_pair("llama", n_layers=1, n_heads=4, d_head=8)
+    tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    names = ["blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_q"]
+    tl.set_ungroup_grouped_query_attention(True)
+    _, cache = tl.run_with_cache(tokens, names_filter=names)
+    path = save_cache(tmp_path / "ungrouped.safetensors", cache, tl, tokens, True)
+    tl.set_ungroup_grouped_query_attention(False)
+    expected = r"'blocks.0.attn.hook_k' has shape \(2, 6, 4, 8\).*n_key_value_heads is 4 in the cache, 2 here$"
+    with pytest.raises(CacheMismatchError, match=expected):
+        load_cache(path, tl, tokens)
+    tl.set_ungroup_grouped_query_attention(True)
+    assert torch.equal(load_cache(path, tl, tokens)["blocks.0.attn.hook_k"], cache["blocks.0.attn.hook_k"])
+    tl.set_ungroup_grouped_query_attention(False)
+    _, grouped = tl.run_with_cache(tokens, names_filter=names)
+    path = save_cache(tmp_path / "grouped.safetensors", grouped, tl, tokens, True)
+    assert load_cache(path, tl, tokens)["blocks.0.attn.hook_v"].shape == (2, 6, 2, 8)
+
+
+def test_cached_run_loads_for_the_same_tokens_and_refuses_others(pair, tmp_path):
+    _, tl = pair
+    inner, calls = Forward(tl), []
+
+    def run(tokens, **kwargs):
+        calls.append(tokens)
+        return inner.run(tokens, **kwargs)
+    forward = SimpleNamespace(model=inner.model, run=run)  # what cached_run uses of a Forward, counting its runs
+    tokens = torch.randint(2, tl.cfg.d_vocab - 1, (2, 10), generator=torch.Generator().manual_seed(8))
+    other = tokens.clone()
+    other[0, 3] += 1
+    names = [act_name("z", 1), act_name("resid_post", 2)]
+    path = tmp_path / "donor.safetensors"
+    first = cached_run(path, forward, tokens, names, True)
+    assert len(calls) == 1 and path.exists()
+    with pytest.raises(CacheMismatchError, match="other tokens: first difference at row 0, position 3"):
+        cached_run(path, forward, other, names, True)
+    again = cached_run(path, forward, tokens, names, True)
+    assert len(calls) == 1  # loaded, not recomputed
+    assert all(torch.equal(again[n], first[n]) for n in names)
+
+
+def test_cached_run_refuses_a_cache_without_the_hooks_asked_for(pair, tokens, tmp_path):
+    _, tl = pair
+    path = tmp_path / "donor.safetensors"
+    cached_run(path, Forward(tl), tokens, [act_name("z", 1)], True)
+    with pytest.raises(CacheMismatchError, match=r"holds no 'blocks.2.hook_resid_post' \(and 0 more of the 2 needed\)"):
+        cached_run(path, Forward(tl), tokens, [act_name("z", 1), act_name("resid_post", 2)], True)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_cache_files_honour_the_umask(pair, tokens, tmp_path, umask, mode):
+    _, tl = pair
+    _, cache = Forward(tl).run(tokens, cache=[act_name("z", 0)])
+    old = os.umask(umask)
+    try:
+        path = save_cache(tmp_path / "c.safetensors", cache, tl, tokens, True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert os.listdir(tmp_path) == ["c.safetensors"]
 
 
 def test_load_without_a_model_builds_none(saved, monkeypatch):

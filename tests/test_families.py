@@ -129,6 +129,68 @@ def test_gqa_and_sliding_windows_are_exercised(raw_pair, family):
         assert (cfg.rotary_dim, cfg.parallel_attn_mlp, cfg.rotary_adjacent_pairs) == (4, True, False)
 
 
+def test_cache_shapes_from_the_config_are_every_hooks_shape(raw_pair, family):
+    """`cache_store.hook_shape` (which the cache loader checks each tensor against) gives the shape of every hook
+    this family's model fires: grouped and ungrouped keys, and with TL's per-head input and result hooks on."""
+    from tl_patching.cache_store import hook_shape
+
+    _, tl = raw_pair
+    cfg, tokens = tl.cfg, torch.arange(5)[None].repeat(3, 1)
+    variants = [dict(), dict(ungroup_grouped_query_attention=True),
+                dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True),
+                dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True, ungroup_grouped_query_attention=True)]
+    # TL's attn_in is one copy per query head: it runs on grouped-query models only once they are ungrouped
+    variants.append(dict(use_attn_in=True, ungroup_grouped_query_attention=cfg.n_key_value_heads is not None))
+    checked = set()
+    for variant in variants:
+        before = {k: getattr(cfg, k) for k in variant}
+        try:
+            for k, v in variant.items():
+                setattr(cfg, k, v)
+            _, cache = tl.run_with_cache(tokens)
+            for name, act in cache.items():
+                assert hook_shape(cfg, name, 3, 5) == tuple(act.shape), (variant, name)
+                checked.add(name)
+        finally:
+            for k, v in before.items():
+                setattr(cfg, k, v)
+    assert checked == set(tl.hook_dict)  # every hook the model has was fired and checked
+
+
+# ---- weight processing: each of TL's steps alone is detected unless it changes nothing ------------------
+
+STEPS = {"fold_ln": "ln_folded", "center_writing_weights": "writing_weights_centred",
+         "center_unembed": "unembed_centred", "fold_value_biases": "value_biases_folded"}
+# The single steps that are numerically the identity: TL centres writing weights under LayerNorm only
+# (Qwen2, Llama: RMSNorm), and folding value biases moves nothing where attention has no biases (Llama).
+IDENTITY = {("qwen2", "center_writing_weights"), ("llama", "center_writing_weights"), ("llama", "fold_value_biases")}
+
+
+@pytest.fixture(scope="module")
+def step_pairs():
+    """GPT-2 (LayerNorm, attention biases), Qwen2 (RMSNorm, q/k/v biases), Llama (RMSNorm, no biases)."""
+    return {name: random_pair(name, seed=2) for name in ("gpt2", "qwen2", "llama")}
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("family_name", ["gpt2", "qwen2", "llama"])
+def test_each_processing_step_alone_is_detected_unless_it_is_the_identity(step_pairs, family_name, step):
+    hf, raw = step_pairs[family_name]
+    cfg = hooked_config(hf.config)
+    model = HookedTransformer(cfg, move_to_device=False)
+    model.load_and_process_state_dict(
+        FAMILIES[family_name].convert_weights(hf, cfg), refactor_factored_attn_matrices=False,
+        **{s: s == step for s in STEPS},
+    )
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(6))
+    raw_logits, raw_cache = raw.run_with_cache(tokens)
+    logits, cache = model.run_with_cache(tokens)
+    identity = torch.equal(logits, raw_logits) and all(torch.equal(cache[k], raw_cache[k]) for k in raw_cache.keys())
+    assert identity == ((family_name, step) in IDENTITY)
+    assert weight_mode(model) == ("raw" if identity else "processed")
+    assert weight_processing(model) == {flag: flag == STEPS[step] and not identity for flag in STEPS.values()}
+
+
 def raw_model_with_cfg(hf, cfg):
     """hf's weights, unprocessed, in a HookedTransformer built from ``cfg`` (possibly altered)."""
     model = HookedTransformer(cfg, move_to_device=False)

@@ -1,12 +1,26 @@
 """Model loading: weight modes, local directories with no network, clear errors."""
 
+import dataclasses
+import re
 import time
 
 import pytest
 import torch
 
+from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.models import ModelNotFoundError, hooked_from_hf, load_hf, load_model, load_pair, weight_mode
+from tl_patching.models import (
+    PROBE_TOLERANCE,
+    ModelMismatchError,
+    ModelNotFoundError,
+    hooked_from_hf,
+    load_hf,
+    load_model,
+    load_pair,
+    probe_tokens,
+    verify_against_hf,
+    weight_mode,
+)
 
 
 def test_processed_keeps_log_probs_but_changes_resid_and_z(pair, tokens):
@@ -63,3 +77,74 @@ def test_missing_model_fails_fast_and_clearly(tmp_path, monkeypatch):
         load_hf(tmp_path)
     with pytest.raises(ModelNotFoundError, match="no model directory"):
         load_hf(tmp_path / "missing" / "dir")
+
+
+# ---- the probe check after loading ------------------------------------------------------------------------
+
+def probe_scale(hf):
+    """max(1, max|HF logit|) on the probe input: what PROBE_TOLERANCE is relative to."""
+    with torch.no_grad():
+        return max(1.0, hf(probe_tokens(hf.config.vocab_size, hf.config.n_positions)).logits.abs().max().item())
+
+
+def test_probe_boundary_and_message(pair):
+    """Every logit shifted by the same amount: the measured relative difference is that amount over the
+    scale (plus float32 noise, 0.4% of the tolerance on this model), just under the tolerance or just over."""
+    hf, _ = pair
+    scale = probe_scale(hf)
+    under, over = hooked_from_hf(hf, name="probe-under"), hooked_from_hf(hf, name="probe-over")
+    with torch.no_grad():
+        under.unembed.b_U += 0.98 * PROBE_TOLERANCE * scale
+        over.unembed.b_U += 1.02 * PROBE_TOLERANCE * scale
+    assert 0.97 * PROBE_TOLERANCE < verify_against_hf(hf, under) <= PROBE_TOLERANCE
+    with pytest.raises(ModelMismatchError, match=r"^probe-over \(GPT2LMHeadModel, raw\): TransformerLens logits differ "
+                       r"from HF's by ([0-9.e-]+) \(relative ([0-9.e-]+) > 0.0001\) on the probe input$") as e:
+        verify_against_hf(hf, over)
+    diff, relative = map(float, re.search(r"by (\S+) \(relative (\S+) ", str(e.value)).groups())
+    assert diff == pytest.approx(1.02 * PROBE_TOLERANCE * scale, rel=0.01)
+    assert relative == pytest.approx(1.02 * PROBE_TOLERANCE, rel=0.01)
+
+
+def test_processed_model_is_compared_on_log_probs(pair):
+    """A shift of every logit leaves log-probs alone: a processed model passes with it, a raw one does not;
+    a change of one logit fails the processed model too."""
+    hf, _ = pair
+    processed, raw = hooked_from_hf(hf, weights="processed"), hooked_from_hf(hf)
+    with torch.no_grad():
+        processed.unembed.b_U += 1.0
+        raw.unembed.b_U += 1.0
+    assert verify_against_hf(hf, processed) < 1e-5
+    with pytest.raises(ModelMismatchError, match=r"raw\): TransformerLens logits differ from HF's by 1 "):
+        verify_against_hf(hf, raw)
+    with torch.no_grad():
+        processed.unembed.b_U[5] += 0.5
+    with pytest.raises(ModelMismatchError, match=r"processed\): TransformerLens log-probs differ from HF's by 0.\d+ "):
+        verify_against_hf(hf, processed)
+
+
+def test_nan_weight_fails_the_probe(pair):
+    hf, _ = pair
+    model = hooked_from_hf(hf, name="with-nan")
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out[3, 7] = float("nan")
+    with pytest.raises(ModelMismatchError, match=r"^with-nan \(GPT2LMHeadModel, raw\): TransformerLens logits differ from HF's by nan"):
+        verify_against_hf(hf, model)
+
+
+def test_hooked_from_hf_verifies_by_default(pair, monkeypatch):
+    """A conversion that gets one weight wrong is refused at load time; verify=False is the only way past."""
+    hf, _ = pair
+    family = FAMILIES["gpt2"]
+
+    def nudged(hf_model, cfg):
+        state = family.convert_weights(hf_model, cfg)
+        state["blocks.2.attn.W_O"] = state["blocks.2.attn.W_O"].clone()
+        state["blocks.2.attn.W_O"][1, 2, 3] += 0.5
+        return state
+    monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(family, convert_weights=nudged))
+    for weights, what in (("raw", "logits"), ("processed", "log-probs")):
+        with pytest.raises(ModelMismatchError, match=f"^wrong \\(GPT2LMHeadModel, {weights}\\): TransformerLens {what} differ"):
+            hooked_from_hf(hf, weights=weights, name="wrong")
+        unchecked = hooked_from_hf(hf, weights=weights, name="wrong", verify=False)
+        with pytest.raises(ModelMismatchError):
+            verify_against_hf(hf, unchecked)

@@ -2,19 +2,25 @@
 
 One file per cache. The header (stored in the safetensors metadata) records the model name, weight
 mode, sizes and a SHA-256 fingerprint of its weights, the exact token ids, the BOS choice, dtype, hook names, package versions and a SHA-256
-per tensor. Loading against a model or tokens refuses any mismatch with an error naming it; a truncated
-or altered file is detected. Writes go to a temporary file that replaces the target only when complete,
-so a crash never leaves a half file that later loads. Nothing is unpickled.
+per tensor. Loading against a model or tokens refuses any mismatch with an error naming it
+(`CacheMismatchError`), including a tensor whose shape is not the one the model and tokens give; a
+truncated, altered or self-contradicting file (a listed tensor missing, an unlisted one present, a dtype
+or checksum that is not the header's) raises `CorruptCacheError`. Writes go to a temporary file that
+replaces the target only when complete, so a crash never leaves a half file that later loads. Nothing is
+unpickled.
 
-Bytes per token per hook (fp32) are ``bytes_per_token(cfg, name, pos)``; see docs/caching.md.
+Each hook's shape comes from the model's config (`hook_shape`); bytes per token per hook are
+``bytes_per_token(cfg, name, pos)``; see docs/caching.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
 import weakref
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -95,10 +101,10 @@ def save_cache(
     }
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save the cache to {path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
+    tmp, mode = _new_temporary(path)
     try:
         save_file(tensors, tmp, metadata={"tl_patching": json.dumps(header)})
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
@@ -106,6 +112,26 @@ def save_cache(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """An empty file next to ``path`` under a fresh name, and the mode the umask gives a new file (0o666 less
+    the umask, as for any file the user creates: mkstemp and safetensors both write 0o600 whatever the umask)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        mode = os.fstat(fd).st_mode & 0o777  # read back rather than os.umask(), which sets it process-wide
+        os.close(fd)
+        return tmp, mode
+    raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
+# What a header must hold for a load to check anything; "versions" is information for the reader only.
+_HEADER_FIELDS = ("model_name", "weight_mode", "n_layers", "n_heads", "d_model", "d_vocab", "weights_sha256",
+                  "token_ids", "prepend_bos", "dtype", "hook_names", "sha256")
 
 
 def read_header(path: str | Path) -> dict:
@@ -119,9 +145,27 @@ def read_header(path: str | Path) -> dict:
         raise CorruptCacheError(f"{path}: not a readable safetensors file ({e})") from None
     if "tl_patching" not in meta:
         raise CorruptCacheError(f"{path}: a safetensors file without a tl_patching header")
-    header = json.loads(meta["tl_patching"])
-    if header.get("format") != FORMAT:
-        raise CorruptCacheError(f"{path}: unknown cache format {header.get('format')!r}")
+    try:
+        header = json.loads(meta["tl_patching"])
+    except json.JSONDecodeError:
+        raise CorruptCacheError(f"{path}: its tl_patching header is not valid JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise CorruptCacheError(f"{path}: unknown cache format {found!r} (this version reads {FORMAT!r})")
+    missing = [k for k in _HEADER_FIELDS if k not in header]
+    if missing:
+        raise CorruptCacheError(f"{path}: the header lacks the field {missing[0]!r}")
+    ids = header["token_ids"]
+    if not (isinstance(ids, list) and ids and all(isinstance(row, list) and len(row) == len(ids[0]) for row in ids)
+            and all(isinstance(i, int) for row in ids for i in row)):
+        raise CorruptCacheError(f"{path}: the header's token_ids are not a rectangular batch of integer ids")
+    names = header["hook_names"]
+    if not isinstance(names, list) or len(set(names)) != len(names):
+        raise CorruptCacheError(f"{path}: the header's hook_names are not a list of distinct names")
+    for field in ("dtype", "sha256"):  # one entry per hook, or a tensor would go unchecked
+        if not isinstance(header[field], dict) or set(header[field]) != set(names):
+            odd = sorted(set(header[field]) ^ set(names)) if isinstance(header[field], dict) else header[field]
+            raise CorruptCacheError(f"{path}: the header's {field} does not list exactly its hook_names (differs on {odd})")
     return header
 
 
@@ -129,27 +173,79 @@ def load_cache(
     path: str | Path, model: HookedTransformer | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Tensor]:
-    """Load a saved cache as ``{hook name: tensor}``, verified against its checksums and, if given, against
-    ``model`` (name, sizes, weight mode and a fingerprint of the weights) and ``tokens``."""
+    """Load a saved cache as ``{hook name: tensor}``, verified against its header (hook names, dtypes,
+    checksums) and, if given, against ``model`` (name, sizes, weight mode, a fingerprint of the weights and
+    each tensor's shape) and ``tokens``."""
     header = read_header(path)
     if model is not None:
         expected = _model_identity(model)
         diffs = [f"{k}: cache has {header.get(k)!r}, model has {v!r}" for k, v in expected.items() if header.get(k) != v]
         if diffs:
             raise CacheMismatchError(f"{path} was made with another model: " + "; ".join(diffs))
-    if tokens is not None and header["token_ids"] != tokens.tolist():
-        raise CacheMismatchError(
-            f"{path} was made for other tokens: cache {len(header['token_ids'])}×{len(header['token_ids'][0])} ids "
-            f"{header['token_ids'][0][:8]}…, given {tuple(tokens.shape)} ids {tokens[0, :8].tolist()}…"
-        )
+    if tokens is not None:
+        difference = _token_difference(header["token_ids"], tokens)
+        if difference:
+            raise CacheMismatchError(f"{path} was made for other tokens: {difference}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CorruptCacheError(f"{path}: truncated or damaged ({e})") from None
-    for name, digest in header["sha256"].items():
-        if name not in tensors or _digest(tensors[name]) != digest:
-            raise CorruptCacheError(f"{path}: tensor {name!r} does not match its checksum")
+    _check_against_header(path, header, tensors)
+    if model is not None:
+        _check_shapes(path, header, tensors, model)
     return {n: tensors[n].to(device) for n in header["hook_names"]}
+
+
+def _token_difference(cached: list[list[int]], tokens: Tensor) -> str | None:
+    """None if ``tokens`` are the cached ids, else where they first differ, in words."""
+    given = tokens.tolist()
+    if given == cached:
+        return None
+    shape = (len(cached), len(cached[0]))
+    if tokens.dim() != 2 or tuple(tokens.shape) != shape:
+        return f"the cache holds {shape[0]}×{shape[1]} token ids, the tokens given are {'×'.join(map(str, tokens.shape))}"
+    row, pos = next((r, p) for r in range(shape[0]) for p in range(shape[1]) if cached[r][p] != given[r][p])
+    return (f"first difference at row {row}, position {pos}: "
+            f"the cache has id {cached[row][pos]}, the tokens given have {given[row][pos]}")
+
+
+def _check_against_header(path: str | Path, header: dict, tensors: Mapping[str, Tensor]) -> None:
+    """The file holds exactly the header's tensors, each of its dtype and checksum (`CorruptCacheError`)."""
+    names = header["hook_names"]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CorruptCacheError(f"{path}: the header lists {missing[0]!r} but the file holds no such tensor")
+    unexpected = sorted(set(tensors) - set(names))
+    if unexpected:
+        raise CorruptCacheError(f"{path}: the file holds a tensor {unexpected[0]!r} that its header does not list")
+    for name in names:
+        dtype = str(tensors[name].dtype).removeprefix("torch.")
+        if dtype != header["dtype"][name]:  # the checksum covers bytes only: int32 bytes read as float32 pass it
+            raise CorruptCacheError(f"{path}: tensor {name!r} is {dtype}, its header says {header['dtype'][name]}")
+        if _digest(tensors[name]) != header["sha256"][name]:
+            raise CorruptCacheError(f"{path}: tensor {name!r} does not match its checksum")
+
+
+def _check_shapes(path: str | Path, header: dict, tensors: Mapping[str, Tensor], model: HookedTransformer) -> None:
+    """Each tensor has the shape ``model`` gives its hook for the header's tokens (`CacheMismatchError`)."""
+    batch, pos = len(header["token_ids"]), len(header["token_ids"][0])
+    for name in header["hook_names"]:
+        if name not in model.hook_dict:
+            raise CacheMismatchError(f"{path} holds {name!r}, which is not a hook of {model.cfg.model_name}")
+        axes = hook_axes(model.cfg, name, batch, pos)
+        shape, expected = tuple(tensors[name].shape), tuple(size for _, size in axes)
+        if shape == expected:
+            continue
+        if len(shape) != len(axes):
+            detail = f"{len(shape)} axes, not {len(axes)}"
+        else:
+            detail = "; ".join(
+                f"{axis} is {got} in the cache, {want} here" for (axis, want), got in zip(axes, shape) if got != want
+            )
+        raise CacheMismatchError(
+            f"{path}: tensor {name!r} has shape {shape}, but {model.cfg.model_name} and the cache's {batch}×{pos} "
+            f"tokens give {expected} [{', '.join(a for a, _ in axes)}]: {detail}"
+        )
 
 
 def cached_run(
@@ -168,12 +264,53 @@ def cached_run(
     return cache
 
 
+# The axes of each hook's activation, named by what sizes them: batch and pos are the tokens', the rest the
+# config's fields ("kv_heads": n_key_value_heads on a grouped-query model, n_heads otherwise; "a*b": one
+# axis of that product). Keys are hook names without "blocks.{layer}.".
+_AXES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                     "hook_attn_out", "hook_mlp_in", "hook_mlp_out", "unembed.hook_in", "ln1.hook_normalized",
+                     "ln2.hook_normalized", "ln1_post.hook_normalized", "ln2_post.hook_normalized",
+                     "ln_final.hook_normalized"), ("batch", "pos", "d_model")),
+    **dict.fromkeys(("ln1.hook_scale", "ln2.hook_scale", "ln1_post.hook_scale", "ln2_post.hook_scale",
+                     "ln_final.hook_scale"), ("batch", "pos", "1")),
+    **dict.fromkeys(("attn.hook_q", "attn.hook_rot_q", "attn.hook_z"), ("batch", "pos", "n_heads", "d_head")),
+    **dict.fromkeys(("attn.hook_k", "attn.hook_rot_k", "attn.hook_v"), ("batch", "pos", "kv_heads", "d_head")),
+    **dict.fromkeys(("attn.hook_attn_scores", "attn.hook_pattern"), ("batch", "n_heads", "pos", "pos")),
+    **dict.fromkeys(("attn.hook_result", "hook_attn_in", "hook_q_input"), ("batch", "pos", "n_heads", "d_model")),
+    **dict.fromkeys(("hook_k_input", "hook_v_input"), ("batch", "pos", "kv_heads", "d_model")),
+    **dict.fromkeys(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"), ("batch", "pos", "d_mlp")),
+    "unembed.hook_out": ("batch", "pos", "d_vocab"),
+    # QK-norm (Qwen3, Gemma 3) normalises each head's vector alone: TL flattens batch, pos and heads into one axis
+    "attn.q_norm.hook_normalized": ("batch*pos*n_heads", "d_head"), "attn.q_norm.hook_scale": ("batch*pos*n_heads", "1"),
+    "attn.k_norm.hook_normalized": ("batch*pos*kv_heads", "d_head"), "attn.k_norm.hook_scale": ("batch*pos*kv_heads", "1"),
+}
+
+
+def hook_axes(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> tuple[tuple[str, int], ...]:
+    """``(axis name, size)`` of each axis of hook ``name``'s activation on ``batch`` × ``pos`` tokens, from the
+    config alone, e.g. ``blocks.0.attn.hook_z`` → batch, pos, n_heads, d_head. Raises ValueError for a hook
+    name it does not know."""
+    key = re.sub(r"^blocks\.\d+\.", "", name)
+    if key not in _AXES:
+        raise ValueError(f"no known shape for the hook {name!r}")
+    axes = _AXES[key]
+    grouped = cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
+    if key.startswith("ln1.") and (cfg.use_split_qkv_input or cfg.use_attn_in):
+        # ln1 then normalises per-head copies of the input; the last call, hence the cache, is the value input's
+        axes = axes[:2] + ("kv_heads" if cfg.use_split_qkv_input else "n_heads",) + axes[2:]
+    size = {"batch": batch, "pos": pos, "n_heads": cfg.n_heads, "d_head": cfg.d_head, "d_model": cfg.d_model,
+            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "1": 1,
+            "kv_heads": cfg.n_key_value_heads if grouped else cfg.n_heads}
+    kv_name = "n_key_value_heads" if grouped else "n_heads"
+    return tuple((axis.replace("kv_heads", kv_name), math.prod(size[part] for part in axis.split("*"))) for axis in axes)
+
+
+def hook_shape(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> tuple[int, ...]:
+    """The shape of hook ``name``'s activation on ``batch`` × ``pos`` tokens (see `hook_axes`)."""
+    return tuple(size for _, size in hook_axes(cfg, name, batch, pos))
+
+
 def bytes_per_token(cfg: HookedTransformerConfig, name: str, pos: int = 1, dtype_bytes: int = 4) -> int:
     """Bytes one token costs in a cache for hook ``name`` (e.g. ``"blocks.0.attn.hook_z"``) at sequence length ``pos``."""
-    suffix = name.split(".")[-1]
-    widths = {
-        "hook_q": cfg.n_heads * cfg.d_head, "hook_k": cfg.n_heads * cfg.d_head, "hook_v": cfg.n_heads * cfg.d_head,
-        "hook_z": cfg.n_heads * cfg.d_head, "hook_pre": cfg.d_mlp, "hook_post": cfg.d_mlp,
-        "hook_attn_scores": cfg.n_heads * pos, "hook_pattern": cfg.n_heads * pos,
-    }
-    return widths.get(suffix, cfg.d_model) * dtype_bytes
+    return math.prod(hook_shape(cfg, name, 1, pos)) // pos * dtype_bytes
