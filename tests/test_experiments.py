@@ -158,7 +158,9 @@ def test_e3_by_hand(both):
     r = e3.run(forward, layer=1, head=2)
     tokens = torch.tensor(r.info.token_ids)
     m = tokens.shape[1]
-    assert r.n_pairs == m * (m - 1) // 2 == r.clean_pairs.shape[1] and not r.info.prepend_bos
+    assert r.n_pairs == m * (m - 1) // 2 == r.clean_pairs.shape[1]
+    assert r.info.prepend_bos and tokens[0, 0] == forward.model.tokenizer.bos_token_id  # the word tokenizer adds it
+    assert e3.run(forward, layer=1, head=2, prepend_bos=False).n_pairs == (m - 1) * (m - 2) // 2
 
     def pairs(x):
         unit = x[0] / x[0].norm(dim=-1, keepdim=True)

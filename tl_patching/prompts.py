@@ -13,6 +13,7 @@ of equal token length. Prompts of different lengths are batched per length.
 from __future__ import annotations
 
 import random
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -118,33 +119,95 @@ def token_strings(model: HookedTransformer, ids: Tensor | Sequence[int]) -> list
     return [model.tokenizer.decode([i]) for i in ids]
 
 
-def _unknown_words(model: HookedTransformer, text: str, ids: Tensor) -> list[str]:
-    """The pieces of ``text`` that the tokenizer mapped to its unknown token."""
-    tokenizer = model.tokenizer
+def adds_start_token(tokenizer) -> bool:
+    """The model's own convention: whether its tokenizer starts an encoded text with its start (BOS) token
+    (Llama, Mistral, Gemma, SmolLM2's GGUF: yes; GPT-2, Pythia, Qwen: no)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    return with_special[:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def start_token_setting(model: HookedTransformer, prepend_bos: bool | None) -> bool:
+    """``prepend_bos`` as given, or the model's own convention (`adds_start_token`) when None."""
+    return adds_start_token(model.tokenizer) if prepend_bos is None else bool(prepend_bos)
+
+
+def _unknown_words(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[str]:
+    """The pieces of ``text`` the tokenizer mapped to its unknown token. A piece that *is* the token's own text is
+    not unknown: GPT-2's and Pythia's unknown token is also their start and end token, ``<|endoftext|>``."""
     unk = tokenizer.unk_token_id
-    if unk is None or not bool((ids == unk).any()):
+    if unk is None:
         return []
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [text[a:b].strip() for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk] or ["?"]
+    return [text[a:b].strip() for i, (a, b) in zip(ids, offsets) if i == unk and text[a:b].strip() != tokenizer.unk_token]
 
 
-def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool = True) -> Int[Tensor, "1 pos"]:
-    """``text`` as ``[1, pos]`` token ids, or `PromptError` for an empty text, words the tokenizer does not know
-    (it would map them to its unknown token) and a text longer than the model's context (never truncated)."""
+def _normalised(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _first_word_lost(text: str, decoded: str) -> str:
+    """The first word of ``text`` that ``decoded`` does not give back."""
+    given, back = _normalised(text).split(), _normalised(decoded).split()
+    for i, word in enumerate(given):
+        if i >= len(back) or back[i] != word:
+            return word
+    return given[-1] if given else text
+
+
+def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool | None = None) -> Int[Tensor, "1 pos"]:
+    """``text`` as ``[1, pos]`` token ids, with the start token if ``prepend_bos`` (None: the model's own
+    convention, `adds_start_token`), or `PromptError` for an empty text, words the tokenizer does not know (it
+    would map them to its unknown token), a text it cannot give back (decoding the ids, up to whitespace, is
+    not the text: the model would see other words), and a text longer than the model's context (never
+    truncated). Special tokens the toolkit adds are never taken for words of the text."""
     if not text or not text.strip():
         raise PromptError("empty text: give at least one word")
-    ids = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)
-    unknown = _unknown_words(model, text, ids)
+    tokenizer = model.tokenizer
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    unknown = _unknown_words(tokenizer, text, ids, encoded["offset_mapping"])
     if unknown:
         raise PromptError(f"the tokenizer of {model.cfg.model_name} does not know {', '.join(repr(w) for w in unknown)}: "
                           "they would all become its unknown token")
-    if ids.shape[1] > model.cfg.n_ctx:
-        raise PromptError(f"the text is {ids.shape[1]} tokens, longer than the model's context of {model.cfg.n_ctx}")
-    return ids
+    decoded = tokenizer.decode(ids)
+    if _normalised(decoded) != _normalised(text):
+        raise PromptError(f"the tokenizer of {model.cfg.model_name} cannot give this text back: {_first_word_lost(text, decoded)!r} "
+                          f"is lost (the ids decode to {decoded!r}), so the model would see other words")
+    if start_token_setting(model, prepend_bos):
+        if tokenizer.bos_token_id is None:
+            raise PromptError(f"the tokenizer of {model.cfg.model_name} has no start token: use prepend_bos=False")
+        ids = [tokenizer.bos_token_id] + ids
+    if len(ids) > model.cfg.n_ctx:
+        raise PromptError(f"the text is {len(ids)} tokens, longer than the model's context of {model.cfg.n_ctx}")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def answer_token(model: HookedTransformer, prompt: str, word: str) -> int:
+    """The token id of ``word`` said right after ``prompt`` (e.g. ``" Sally"`` after "… gave a gift to"), or
+    `PromptError` unless it is exactly one token there. Read in context, so it is the id the model predicts
+    whatever the tokenizer does with a word alone (sentencepiece tokenizers add a space before a text's first
+    word)."""
+    before = to_tokens(model, prompt, prepend_bos=False)[0].tolist()
+    after = to_tokens(model, prompt + word, prepend_bos=False)[0].tolist()
+    if after[: len(before)] == before and len(after) == len(before) + 1:
+        return after[-1]
+    if not word.startswith(" "):
+        try:
+            spaced = answer_token(model, prompt, " " + word)
+        except PromptError:
+            spaced = None
+        if spaced is not None:
+            raise PromptError(f"{word!r} has no leading space: after {prompt[-20:]!r} the tokenizer reads {' ' + word!r}, "
+                              f"token {spaced} {token_strings(model, [spaced])}; pass {' ' + word!r}")
+    extra = after[len(before):] if after[: len(before)] == before else after
+    raise PromptError(f"{word!r} after the prompt is {len(extra)} tokens {token_strings(model, extra)}, not one; "
+                      "logit differences need single-token answers (with their leading space)")
 
 
 def single_token(model: HookedTransformer, word: str) -> int:
-    """Token id of ``word`` (e.g. ``" Sally"``), or `PromptError` if it is not exactly one known token."""
+    """Token id of ``word`` (e.g. ``" Sally"``) on its own, or `PromptError` if it is not exactly one known token."""
     ids = to_tokens(model, word, prepend_bos=False)[0]
     if len(ids) != 1:
         raise PromptError(f"{word!r} is {len(ids)} tokens {token_strings(model, ids)}, not one; "
@@ -157,7 +220,7 @@ class IOIBatch:
     """Recipient and donor prompts of one token length, with the answer token ids.
 
     ``tokens``/``donor_tokens``: ``[batch, pos]``; ``correct``/``wrong``: ``[batch]`` ids of the recipient's
-    answer (IO) and of the repeated name (S). ``prepend_bos`` says whether ``<|endoftext|>`` leads.
+    answer (IO) and of the repeated name (S). ``prepend_bos`` says whether the start token leads.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -166,7 +229,7 @@ class IOIBatch:
     wrong: Int[Tensor, " batch"]
     texts: list[str] = field(default_factory=list)
     donor_texts: list[str] = field(default_factory=list)
-    prepend_bos: bool = True
+    prepend_bos: bool = False
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -178,15 +241,16 @@ def token_rows(batches: Sequence[IOIBatch]) -> list[list[int]]:
 
 
 def ioi_pair(
-    model: HookedTransformer, recipient: str, donor: str, correct: str, wrong: str, prepend_bos: bool = True
+    model: HookedTransformer, recipient: str, donor: str, correct: str, wrong: str, prepend_bos: bool | None = None
 ) -> IOIBatch:
     """A checked one-prompt batch from explicit text, e.g. the seed's
     ``ioi_pair(model, "Sam and Sally went to the park. Sam gave a gift to", "… Sally gave a gift to", " Sally", " Sam")``."""
     if not recipient.strip() or not donor.strip():
         raise PromptError("empty prompt")
-    correct_id, wrong_id = single_token(model, correct), single_token(model, wrong)
+    correct_id, wrong_id = answer_token(model, recipient, correct), answer_token(model, recipient, wrong)
     if correct_id == wrong_id:
         raise PromptError(f"correct and wrong answers are the same token {correct!r}")
+    prepend_bos = start_token_setting(model, prepend_bos)
     tokens = to_tokens(model, recipient, prepend_bos=prepend_bos)
     donor_tokens = to_tokens(model, donor, prepend_bos=prepend_bos)
     if tokens.shape != donor_tokens.shape:
@@ -197,8 +261,9 @@ def ioi_pair(
     return IOIBatch(tokens, donor_tokens, torch.tensor([correct_id]), torch.tensor([wrong_id]), [recipient], [donor], prepend_bos)
 
 
-def ioi_batches(model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_bos: bool = True) -> list[IOIBatch]:
+def ioi_batches(model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_bos: bool | None = None) -> list[IOIBatch]:
     """Tokenise prompts and their donors, every pair checked, grouped into one batch per token length."""
+    prepend_bos = start_token_setting(model, prepend_bos)
     groups: dict[int, list[IOIBatch]] = defaultdict(list)
     for p in prompts:
         d = p.donor()

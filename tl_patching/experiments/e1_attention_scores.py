@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
-from tl_patching.prompts import to_tokens
+from tl_patching.prompts import start_token_setting, to_tokens
 from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to Sally"
@@ -89,8 +89,9 @@ def raw_scores(forward: Forward, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor
     return split, by("attn_scores"), by("pattern")
 
 
-def run(forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool = True, grid_points: int = 200) -> E1Result:
+def run(forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool | None = None, grid_points: int = 200) -> E1Result:
     """Raw-score statistics per layer × head, from Q and K at the hook points (the seed's method)."""
+    prepend_bos = start_token_setting(forward.model, prepend_bos)  # None: the model's own convention
     tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
     split, hooked, pattern = raw_scores(forward, tokens)
     visible = torch.isfinite(hooked)  # [layer, batch, head, q, k]: the mask the model applied (causal, windows)

@@ -29,7 +29,7 @@ from torch import nn
 from tl_patching.backends.hf_maps import hook_map_of
 from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
 from tl_patching.forward import Forward
-from tl_patching.prompts import token_strings, to_tokens
+from tl_patching.prompts import start_token_setting, token_strings, to_tokens
 from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to"
@@ -133,13 +133,14 @@ def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str
 
 def run(
     forward: Forward, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 2,
-    noise_mean: float = 10.0, seed: int = 0, top_k: int = 5, prepend_bos: bool = True,
+    noise_mean: float = 10.0, seed: int = 0, top_k: int = 5, prepend_bos: bool | None = None,
 ) -> E2Result:
     """Run the four interventions through the forward's backend; the residual spread per layer and top-k tokens."""
     cfg = forward.cfg
     layer = default_layer(cfg.n_layers) if layer is None else layer
     edits = interventions(cfg, layer, head, noise_mean, seed)
     with one_key_per_query_head(forward) as ungrouped:  # TL backend: hook_k indexed by query head
+        prepend_bos = start_token_setting(forward.model, prepend_bos)  # None: the model's own convention
         tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
         resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
 

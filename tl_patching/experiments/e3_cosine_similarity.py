@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tl_patching.edits import act_name, zero
 from tl_patching.forward import Forward
-from tl_patching.prompts import PIZZA_SENTENCE, to_tokens
+from tl_patching.prompts import PIZZA_SENTENCE, start_token_setting, to_tokens
 from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = PIZZA_SENTENCE
@@ -78,7 +78,7 @@ def default_layer(n_layers: int) -> int:
 
 
 def run(
-    forward: Forward, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 0, prepend_bos: bool = False,
+    forward: Forward, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 0, prepend_bos: bool | None = None,
     alpha: float = 0.05,
 ) -> E3Result:
     """Clean vs head-silenced cosine similarities per layer. BOS is off by default, as in the seed's HF
@@ -94,6 +94,7 @@ def run(
     if not 0 <= head < cfg.n_heads:
         raise IndexError(f"head {head} out of range: the model has {cfg.n_heads} heads (0..{cfg.n_heads - 1})")
     edit = zero(act_name("z", layer), head=head)
+    prepend_bos = start_token_setting(forward.model, prepend_bos)  # None: the model's own convention
     tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
     if tokens.shape[1] < 3:
         raise ValueError(f"E3 needs a text of at least 3 tokens, got {tokens.shape[1]}")

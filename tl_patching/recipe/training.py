@@ -147,7 +147,7 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], n_ctx: int) -> 
     ids = torch.full((len(texts), n_ctx), tokenizer.bos_token_id, dtype=torch.long)
     mask = torch.zeros((len(texts), n_ctx), dtype=torch.bool)
     for i, text in enumerate(texts):
-        row = [tokenizer.bos_token_id] + tokenizer(text).input_ids
+        row = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
         if len(row) > n_ctx:
             raise ValueError(f"sentence longer than n_ctx={n_ctx}: {text!r}")
         ids[i, : len(row)] = torch.tensor(row)
@@ -171,8 +171,8 @@ def evaluate(model: GPT2LMHeadModel, tokenizer, corpus: Corpus, train_ids: torch
         for name, group in (("held_out_template", prompts[:100]), ("train_templates", prompts[100:]), ("all", prompts)):
             diffs = []
             for p in group:
-                ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(p.text).input_ids])
-                io, s = (tokenizer(" " + x).input_ids for x in (p.io, p.s))
+                ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(p.text, add_special_tokens=False).input_ids])
+                io, s = (tokenizer(" " + x, add_special_tokens=False).input_ids for x in (p.io, p.s))
                 assert len(io) == len(s) == 1 and tokenizer.unk_token_id not in ids
                 diffs.append(logit_diff(model(ids).logits, torch.tensor(io), torch.tensor(s)))
             summary = summarize(torch.cat(diffs))

@@ -1,16 +1,17 @@
 """A GPT-2-style word-level tokenizer: GPT-2's byte-level pre-tokenizer, one token per word.
 
 Words keep their leading space as GPT-2's do (" Sally" is the single token ``"ĠSally"``), so every
-piece of code that works with the real GPT-2 tokenizer (``model.to_single_token(" Sally")``,
-``model.to_tokens`` with BOS) works unchanged. It saves as an ordinary ``tokenizer.json`` that
-``AutoTokenizer.from_pretrained(directory)`` loads with no network.
+piece of code that works with the real GPT-2 tokenizer works unchanged. Unlike GPT-2's, it starts every
+encoded text with ``<|endoftext|>`` (its post-processor adds it, as Llama 3's does): the shipped model was
+trained on that start token followed by the sentence, so that is its convention. It saves as an ordinary
+``tokenizer.json`` that ``AutoTokenizer.from_pretrained(directory)`` loads with no network.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 BOS = "<|endoftext|>"
@@ -38,4 +39,6 @@ def word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                        special_tokens=[(BOS, vocab[BOS])])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=BOS, unk_token=UNK, pad_token=BOS)
