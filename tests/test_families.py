@@ -261,8 +261,12 @@ def test_config_variants_equal_hf(variant):
 
 
 def test_unrepresentable_configs_raise_not_implemented():
-    with pytest.raises(NotImplementedError, match="rope_type 'dynamic'"):
-        random_pair("llama", rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    # "dynamic" RoPE, refused here before, equals the default one up to max_position_embeddings (TL's n_ctx):
+    # it is loaded now (tests/test_config_fields.py), longrope's per-frequency factors are not.
+    with pytest.raises(NotImplementedError, match="rope_type 'longrope'"):
+        random_pair("llama", rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, factor=2.0,
+                                                  short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0] * 4,
+                                                  original_max_position_embeddings=16))
     with pytest.raises(NotImplementedError, match="attention_bias"):
         random_pair("llama", attention_bias=True)
 

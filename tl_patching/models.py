@@ -170,6 +170,10 @@ def hooked_from_hf(
             f"{type(hf_model).__name__} is not {family.architecture}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     cfg = hooked_config(hf_model.config, device="cpu")
+    dtypes = {p.dtype for p in hf_model.parameters()}
+    if dtypes != {torch.float32}:  # TL's model is float32: a half-precision HF model computes something else
+        raise NotImplementedError(f"dtype {', '.join(sorted(map(str, dtypes)))}: tl_patching converts float32 models "
+                                  "(load with dtype=torch.float32, cast the HookedTransformer afterwards)")
     if name:
         cfg.model_name = name
     model = HookedTransformer(cfg, tokenizer=_tokenizer_for_tl(tokenizer), move_to_device=False)
