@@ -192,7 +192,7 @@ def e1_finding(r) -> tuple[str, list[Claim]]:
     hmin, hmax = int(flat.argmin()), int(flat.argmax())
     mean, frac = float(r.mean_score.mean()), float(r.frac_negative.mean())
     self_attention = float(r.first_token_self_attention.min())
-    text = (f"Over the visible (query, key) pairs of the sentence, the mean raw score Q·Kᵀ/√d_head of all {L * H} heads is "
+    text = (f"Over the visible (query, key) pairs of the sentence, the mean raw score {r.score_formula} of all {L * H} heads is "
             f"{mean:.2f}, and {frac:.0%} of the scores are below zero. Layer means run from {float(layer_means[lo]):.2f} "
             f"(layer {lo}) to {float(layer_means[hi]):.2f} (layer {hi}); single heads from {float(flat[hmin]):.2f} (layer {hmin // H}, "
             f"head {hmin % H}) to {float(flat[hmax]):.2f} (layer {hmax // H}, head {hmax % H}). The density plot shows each "
