@@ -281,8 +281,9 @@ def test_circuit_cut_is_a_fraction_of_the_clean_donor_gap(shipped_circuit):
     """cut = threshold × |mean clean − mean donor logit difference|, both computed by hand; the name movers are the
     heads with |direct effect| at or above it, largest |effect| first, at most max_heads."""
     model, data, result = shipped_circuit
-    clean = torch.cat([logit_diff(model(b.tokens), b.correct, b.wrong) for b in data])
-    donor = torch.cat([logit_diff(model(b.donor_tokens), b.correct, b.wrong) for b in data])
+    with torch.no_grad():
+        clean = torch.cat([logit_diff(model(b.tokens), b.correct, b.wrong) for b in data])
+        donor = torch.cat([logit_diff(model(b.donor_tokens), b.correct, b.wrong) for b in data])
     cut = 0.1 * abs(float(clean.mean() - donor.mean()))
     assert result.settings["cut_nats"] == pytest.approx(cut, rel=1e-5)
     ranked = sorted(((l, h) for l in range(4) for h in range(4)), key=lambda lh: -abs(float(result.direct[lh])))
