@@ -441,3 +441,15 @@ def test_model_card_reads_each_familys_config(tmp_path, config, architecture, he
     assert rows["architecture"] == architecture and rows["layers × heads"] == heads
     d_model = config.get("hidden_size", config.get("n_embd"))
     assert rows["d_model / d_mlp"] == f"{d_model} / {config.get('intermediate_size', 4 * d_model)}"
+
+
+def test_model_card_of_a_loaded_model_with_head_dim_apart_from_d_model():
+    from tl_patching.models import random_pair
+
+    hf, tl = random_pair("gemma3", n_layers=2, hidden_size=48)  # 4 heads of head_dim 8 on d_model 48 (48 / 4 = 12)
+    rows = dict(report.model_card("tiny-gemma3", model=tl))
+    assert rows["architecture"] == "Gemma3ForCausalLM (activation gelu_pytorch_tanh)" and rows["layers × heads"] == "2 × 4 (d_head 8)"
+    assert rows["d_model / d_mlp"] == "48 / 96"
+    from_config = dict(report._hf_config_rows(hf.config.to_dict(), None))  # "architectures": null in an unsaved config
+    assert all(from_config[k] == rows[k] for k in ("layers × heads", "d_model / d_mlp"))
+    assert from_config["architecture"] == "gemma3_text (gemma3_text, activation gelu_pytorch_tanh)"

@@ -111,7 +111,7 @@ def _hf_config_rows(config: dict, parameters: int | None) -> list[tuple[str, str
     d_head = config.get("head_dim") or (d_model // heads if d_model and heads else "?")
     activation = _first(config, "activation_function", "hidden_activation", "hidden_act") or "?"
     rows = [
-        ("architecture", f"{', '.join(config.get('architectures', [])) or config.get('model_type', '?')} "
+        ("architecture", f"{', '.join(config.get('architectures') or []) or config.get('model_type', '?')} "
                          f"({config.get('model_type', '?')}, activation {activation})"),
         ("layers × heads", f"{layers} × {heads} (d_head {d_head})"),
         ("d_model / d_mlp", f"{d_model} / {d_mlp}"),
