@@ -95,6 +95,25 @@ def test_e1_json_round_trip(both):
     assert torch.allclose(back.mean_score, r.mean_score, rtol=1e-5, atol=1e-12) and back.info == r.info  # 6 significant digits
 
 
+def test_e1_fraction_negative_counts_scores_below_zero_not_at_zero(ioi_tokenizer):
+    """Known answer: a head whose query weights are zero scores every visible pair exactly 0, so its fraction below
+    zero is 0 (counting "<= 0" would give 1) and its mean is 0; every head's numbers equal hook_attn_scores' by hand."""
+    _, model = random_gpt2(n_layers=2, n_heads=4, d_head=8, seed=5, tokenizer=ioi_tokenizer, n_ctx=64)
+    with torch.no_grad():
+        model.blocks[1].attn.W_Q[2] = 0.0
+        model.blocks[1].attn.b_Q[2] = 0.0
+    r = e1.run(Forward(model))
+    _, cache = model.run_with_cache(torch.tensor(r.info.token_ids))
+    for l in range(2):
+        scores = cache[act_name("attn_scores", l)][0]  # [head, q, k], future keys −inf
+        visible = torch.isfinite(scores)
+        n = visible.sum((1, 2))
+        assert torch.allclose(r.mean_score[l], scores.where(visible, 0.0).sum((1, 2)) / n, atol=ATOL)
+        assert torch.equal(r.frac_negative[l], ((scores < 0) & visible).sum((1, 2)) / n)
+    assert r.mean_score[1, 2] == 0 and r.frac_negative[1, 2] == 0
+    assert 0.2 < r.frac_negative[1, [0, 1, 3]].min()  # the other heads do have negative scores
+
+
 # --- E2 ---
 
 def test_e2_same_on_both_backends(both):
@@ -142,6 +161,28 @@ def test_e2_checks_its_arguments(both):
     with pytest.raises(IndexError, match="head 99 out of range"):  # never clamped to the last head
         e2.run(both[0], head=99)
     assert type(e2.E2Result.from_json(e2.run(both[0]).to_json()).interventions[0]) is e2.Intervention
+
+
+def test_e2_kl_is_from_clean_to_edited_and_spread_is_over_positions_and_d_model(both):
+    """Known answers: kl_from_clean is KL(clean ‖ edited) = Σ p_clean·log(p_clean / p_edited), which differs from
+    KL(edited ‖ clean) here; the spread is the std of all positions × d_model values of a layer (n − 1 in the
+    denominator, torch's default), not the mean of per-position stds."""
+    forward = both[0]
+    model = forward.model
+    r = e2.run(forward, layer=2, head=1)
+    tokens = torch.tensor(r.info.token_ids)
+    clean_logits, clean_resid = hooked(model, tokens, [])
+    spread = [float(np.std(x[0].double().numpy(), ddof=1)) for x in clean_resid]
+    assert np.allclose(r.clean_resid_std.numpy(), spread, rtol=1e-5)
+    for wrong in ([float(x[0].std(-1).mean()) for x in clean_resid], [float(x[0, -1].std()) for x in clean_resid]):
+        assert np.abs(np.array(spread) - wrong).max() > 1e-2  # per-position stds averaged; the last position's
+    p = clean_logits[0, -1].double().softmax(-1).numpy()
+    for i, factor in ((2, 0.1), (3, 10.0)):
+        logits, _ = hooked(model, tokens, [(act_name("resid_post", 2), lambda x, hook, f=factor: x * f)])
+        q = logits[0, -1].double().softmax(-1).numpy()
+        forward_kl, reverse_kl = stats.entropy(p, q), stats.entropy(q, p)  # scipy: entropy(p, q) = KL(p ‖ q)
+        assert abs(r.interventions[i].kl_from_clean - forward_kl) < 1e-6 * max(1.0, forward_kl)
+        assert abs(forward_kl - reverse_kl) > 1e-3, (forward_kl, reverse_kl)  # 1000 times the tolerance above
 
 
 # --- E3 ---
@@ -202,6 +243,43 @@ def test_e3_refuses_processed_weights_from_any_source(models):
         e3.run(Forward(tl_processed))
 
 
+def test_e3_paired_t_test_direction_and_two_sided_p_by_hand():
+    """t is of silenced − clean (silenced higher here: t > 0; the other order gives −t), p two-sided."""
+    clean = torch.tensor([0.10, 0.20, 0.30, 0.40, 0.50])
+    silenced = clean + torch.tensor([0.10, 0.05, 0.15, 0.10, 0.12])
+    d = (silenced - clean).double().numpy()
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    got_t, got_p = e3.paired_t_test(clean, silenced)
+    assert got_t == pytest.approx(t, rel=1e-9) and t > 0
+    assert got_p == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1), rel=1e-9)  # one-sided would be half
+    assert e3.paired_t_test(clean, clean) == (0.0, 1.0)
+
+
+def test_e3_bonferroni_decides_strictly_below_alpha_over_n():
+    """Four tests at alpha 0.05: threshold 0.0125; p exactly at it is not significant, p between 0.0125 and 0.05
+    is not (the uncorrected level would call it significant)."""
+    assert e3.bonferroni([0.5] * 5, alpha=0.05)[0] == 0.01  # alpha over the number of tests
+    threshold, significant = e3.bonferroni([0.0124, 0.05 / 4, 0.03, 0.0126], alpha=0.05)
+    assert threshold == 0.0125 and significant == [True, False, False, False]
+
+
+def test_e3_run_t_direction_and_corrected_decision(both):
+    """On the model: head 0 of layer 0 silenced lowers the similarities (t < 0 as silenced − clean), and layer 1's
+    p lies between 0.05/4 and 0.05, so the run's decision must use the corrected threshold; an alpha that puts the
+    threshold exactly on a p-value leaves that layer not significant."""
+    forward = both[0]
+    r = e3.run(forward, layer=0, head=0)
+    d = (r.silenced_pairs - r.clean_pairs).double().numpy()
+    t = d.mean(1) / (d.std(1, ddof=1) / np.sqrt(d.shape[1]))
+    assert np.allclose(r.t_statistic.numpy(), t, rtol=1e-4) and (t < 0).all()
+    p = r.p_value.numpy()
+    assert np.allclose(p, 2 * stats.t.sf(np.abs(t), d.shape[1] - 1), rtol=1e-4)
+    assert r.threshold == 0.05 / 4 and 0.05 / 4 < p[1] < 0.05 and p[3] < 0.05 / 4
+    assert r.significant == [False, False, False, True] != [bool(x < 0.05) for x in p]
+    at = e3.run(forward, layer=0, head=0, alpha=4 * float(p[3]))
+    assert at.threshold == p[3] and at.significant == [False, False, False, False]
+
+
 # --- E4 ---
 
 def test_e4_same_on_both_backends(both):
@@ -258,6 +336,23 @@ def test_e4_pair_builder_rejects_bad_pairs(both):
         ioi_pair(tl, "  ", e4.SEED_DONOR, " Sally", " Sam")
 
 
+def test_e4_probability_ratio_is_exp_of_the_mean_logit_difference_with_its_interval():
+    """Known answer on a result whose layer 2 has three very confident prompts: the ratio is exp(mean logit diff),
+    the geometric mean of P(correct)/P(wrong), and its interval exp of the logit difference's interval; the
+    arithmetic mean of the per-prompt ratios is far off there."""
+    import synthetic_results as synth
+
+    r = synth.e4()
+    ratio, low, high = r.prob_ratio("heads_patched", with_ci=True)
+    for l in range(4):
+        x = r.heads_patched[l].double()
+        assert float(ratio[l]) == pytest.approx(float(x.mean().exp()), rel=1e-6)
+        assert (float(low[l]), float(high[l])) == pytest.approx((np.exp(r.heads_summary[l].ci_low), np.exp(r.heads_summary[l].ci_high)))
+    assert float(r.heads_patched[2].double().exp().mean()) > 100 * float(ratio[2])
+    clean = r.prob_ratio("clean")
+    assert float(clean) == pytest.approx(float(r.clean.double().mean().exp()), rel=1e-6)
+
+
 # --- E5 ---
 
 def test_e5_fast_equals_the_driver_equals_hf(both):
@@ -289,3 +384,24 @@ def test_e5_effect_by_hand(both):
     assert r.heatmap.abs().max() > 1e-2  # non-trivial effects, so the sign check above means something
     summary = r.layer_summary()
     assert summary["n_positive"].sum() == (r.heatmap > 0).sum()
+
+
+def test_e5_layer_summary_and_reading_locate_heads_row_major():
+    """Known answer on a 3-layer × 5-head heatmap (H ≠ L, so a transposed index names another head): the largest
+    rise at layer 2 head 0 (flat index 10), the largest fall at layer 1 head 3 (flat 8; transposed: layer 2 head 2)."""
+    import synthetic_results as synth
+
+    heatmap = torch.tensor([[0.1, -0.2, 0.0, 0.3, 0.05],
+                            [0.2, 0.1, -0.1, -0.9, 0.0],
+                            [0.8, -0.3, 0.4, 0.2, -0.1]])
+    r = e5.E5Result(info=synth.info(n_layers=3, n_heads=5), clean=torch.tensor([4.0, 6.0]),
+                    effect=torch.stack([heatmap + 0.25, heatmap - 0.25], -1), method="fast")
+    assert torch.allclose(r.heatmap, heatmap, atol=1e-6)  # the mean over prompts
+    summary = r.layer_summary()
+    assert torch.allclose(summary["mean_abs"], torch.tensor([0.65, 1.3, 1.8]) / 5, atol=1e-6)
+    assert torch.allclose(summary["max"], torch.tensor([0.3, 0.2, 0.8])) and torch.allclose(summary["min"], torch.tensor([-0.2, -0.9, -0.3]))
+    assert summary["n_positive"].tolist() == [3, 2, 3]
+    reading = r.reading()
+    assert "largest rise +0.800 (layer 2, head 0)" in reading and "largest fall -0.900 (layer 1, head 3)" in reading
+    assert "8 of 15 heads raise the score" in reading
+    assert "mean |effect| 0.130 in the first half of the layers, 0.310 in the second" in reading  # layer 0 | layers 1–2

@@ -41,6 +41,27 @@ def test_e1_scores_are_the_ones_the_attention_applies(family):
         assert close(r.mean_score, e1.run(hf).mean_score)
 
 
+# The raw score each family's attention applies (tiny Gemma 2: soft-cap 3, query_pre_attn_scalar = d_head + 4 ≠ d_head).
+SCORE_FORMULAS = {"gpt2": "Q·Kᵀ/√d_head", "neox": "Q·Kᵀ/√d_head", "llama": "Q·Kᵀ/√d_head", "mistral": "Q·Kᵀ/√d_head",
+                  "qwen2": "Q·Kᵀ/√d_head", "qwen3": "Q·Kᵀ/√d_head", "gemma2": "3·tanh((Q·Kᵀ/√query_pre_attn_scalar)/3)",
+                  "gemma3": "Q·Kᵀ/√query_pre_attn_scalar"}
+
+
+def test_e1_records_the_score_formula_of_the_family(family):
+    name, tl, _ = family
+    assert e1.run(tl).score_formula == SCORE_FORMULAS[name]  # the run's own check proves the scores follow it
+
+
+@pytest.mark.parametrize("overrides, formula", [
+    (dict(scale_attn_by_inverse_layer_idx=True), "Q·Kᵀ/(√d_head·(layer+1))"),
+    (dict(scale_attn_weights=False), "Q·Kᵀ"),  # E1 refused this model before: it divided by TL's unused attn_scale (−1)
+])
+def test_e1_score_formula_of_gpt2_variants(ioi_tokenizer, overrides, formula):
+    _, tl = random_pair("gpt2", n_layers=3, seed=2, tokenizer=ioi_tokenizer, n_ctx=64, **overrides)
+    r = e1.run(Forward(tl))
+    assert r.score_formula == formula and r.max_diff_split_vs_hook < e1.SPLIT_CHECK_TOLERANCE
+
+
 def test_e2_zeroes_the_key_of_one_query_head(family):
     """Under grouped-query attention E2 uses TL's ungrouped view, so zeroing "the key of head 2" changes head 2's
     attention pattern and no other head's (checked with a hand-written hook); the HF backend refuses."""

@@ -236,3 +236,55 @@ def test_circuit_finder_on_a_grouped_query_model(ioi_tokenizer):
     assert result.heads["name mover"] and result.heads.get("steering")
     kv_edges = [e for e in result.edges if e["input"] in ("k", "v")]
     assert kv_edges and all(e["receiver"][1] < 4 for e in kv_edges)
+
+
+def test_circuit_finder_addresses_a_grouped_query_receivers_shared_kv_head(ioi_tokenizer):
+    """4 query heads share 2 key/value heads, query head h reading KV head h // 2. The name mover here is layer 1
+    head 2: its keys and values are KV head 1 (``h % 2`` would address KV head 0). The finder's k and v tables (and its
+    edges) equal hand path patches to KV head 1 and differ from those to KV head 0; its q table is query head 2's."""
+    from tl_patching.prompts import ioi_dataset
+
+    _, model = random_pair("llama", n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, seed=0, tokenizer=ioi_tokenizer)
+    forward, data = Forward(model), ioi_dataset(model, 4)
+    result = circuit.run(forward, data, threshold=0.0, max_heads=1, edge_min=0.0)
+    assert result.heads["name mover"] == [[1, 2]] and result.heads["steering"] == [[0, 3]]
+    senders = [(0, h) for h in range(4)]  # every head below the name mover
+
+    def by_hand(receiver) -> torch.Tensor:
+        """Mean over the prompts of the path-patched minus the clean logit difference, per sender."""
+        with torch.no_grad():
+            total = sum((path_patching.path_patch(forward, b.tokens, b.donor_tokens, b.correct, b.wrong, senders=senders,
+                                                  receivers=[receiver]) - logit_diff(model(b.tokens), b.correct, b.wrong)).sum(-1)
+                        for b in data)
+        return total / sum(len(b) for b in data)
+
+    for kind in ("k", "v"):
+        right, wrong = by_hand((1, 1, kind)), by_hand((1, 0, kind))
+        assert (result.steer[kind][0] - right).abs().max() < 1e-5, kind
+        assert (result.steer[kind][0] - wrong).abs().max() > 1e-2, kind  # a thousand times the tolerance
+        edge = next(e for e in result.edges if e["input"] == kind and e["receiver"] == [1, 2])
+        assert edge["sender"] == [0, 3] and abs(edge["effect"] - float(right[3])) < 1e-5
+    assert (result.steer["q"][0] - by_hand((1, 2, "q"))).abs().max() < 1e-5
+    assert (result.steer["q"][1:] == 0).all()  # no head of layer 1 or 2 lies below the name mover
+
+
+def test_select_ranks_by_absolute_effect_and_keeps_heads_at_the_cut():
+    """A strongly negative head outranks a weak positive one; |effect| equal to the cut is kept, just below is not."""
+    table = torch.tensor([[0.0, -2.0, 0.3], [0.5, -0.5, 0.49]])
+    heads = [(l, h) for l in range(2) for h in range(3)]
+    assert circuit._select(table, heads, cut=0.5, max_heads=1) == [[0, 1]]  # by signed value: a +0.5 head
+    assert circuit._select(table, heads, cut=0.5, max_heads=4) == [[0, 1], [1, 0], [1, 1]]  # 0.49 and 0.3 fall below
+    assert circuit._select(table, heads[3:], cut=0.5, max_heads=4) == [[1, 0], [1, 1]]  # candidates only
+
+
+def test_circuit_cut_is_a_fraction_of_the_clean_donor_gap(shipped_circuit):
+    """cut = threshold × |mean clean − mean donor logit difference|, both computed by hand; the name movers are the
+    heads with |direct effect| at or above it, largest |effect| first, at most max_heads."""
+    model, data, result = shipped_circuit
+    with torch.no_grad():
+        clean = torch.cat([logit_diff(model(b.tokens), b.correct, b.wrong) for b in data])
+        donor = torch.cat([logit_diff(model(b.donor_tokens), b.correct, b.wrong) for b in data])
+    cut = 0.1 * abs(float(clean.mean() - donor.mean()))
+    assert result.settings["cut_nats"] == pytest.approx(cut, rel=1e-5)
+    ranked = sorted(((l, h) for l in range(4) for h in range(4)), key=lambda lh: -abs(float(result.direct[lh])))
+    assert result.heads["name mover"] == [list(lh) for lh in ranked if abs(float(result.direct[lh])) >= cut][:2]

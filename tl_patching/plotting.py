@@ -156,7 +156,7 @@ def e1_figures(r: E1Result) -> dict[str, go.Figure]:
     model = r.info.model_name
     n_tokens = len(r.info.token_ids[0])
     mean = _heatmap(
-        r.mean_score, f"E1 ({model}): mean raw attention score Q·Kᵀ/√d_head per head (pre-softmax)",
+        r.mean_score, f"E1 ({model}): mean raw attention score {r.score_formula} per head (pre-softmax)",
         f"averaged over the visible (query, key) pairs of {n_tokens} tokens; overall mean {float(r.mean_score.mean()):.2f}; "
         f"{NEGATIVE_COLOUR} = below 0, {POSITIVE_COLOUR} = above 0", "mean raw score")
     frac = _heatmap(
@@ -194,7 +194,7 @@ def _ridge(r: E1Result) -> go.Figure:
         title=_title(f"E1 ({r.info.model_name}): distribution of raw attention scores per layer (KDE over all heads)",
                      "each layer's density rises from its own baseline, all on one scale (bar on the right); "
                      "dashed line = 0, black tick = the layer's mean"),
-        xaxis=dict(title="raw attention score Q·Kᵀ/√d_head (pre-softmax, visible positions)"), margin=dict(r=110),
+        xaxis=dict(title=f"raw attention score {r.score_formula} (pre-softmax, visible positions)"), margin=dict(r=110),
         yaxis=dict(title="layer (baseline of each density)", tickmode="array", tickvals=[(L - 1 - l) * row for l in range(L)],
                    ticktext=[str(l) for l in range(L)], range=[-0.05 * row, L * row], showgrid=False, zeroline=False),
         showlegend=False, height=max(HEIGHT, 150 + 45 * L),

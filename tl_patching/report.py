@@ -98,14 +98,22 @@ def _safetensors_parameters(path: Path) -> int | None:
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
+def _first(config: dict, *keys: str) -> Any:
+    """The first of ``keys`` the config sets: families name the same quantity differently."""
+    return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
 def _hf_config_rows(config: dict, parameters: int | None) -> list[tuple[str, str]]:
-    layers, heads = config.get("n_layer", config.get("num_hidden_layers")), config.get("n_head", config.get("num_attention_heads"))
-    d_model = config.get("n_embd", config.get("hidden_size"))
+    layers, heads = _first(config, "n_layer", "num_hidden_layers"), _first(config, "n_head", "num_attention_heads")
+    d_model = _first(config, "n_embd", "hidden_size")
     d_mlp = config.get("n_inner") or config.get("intermediate_size") or (4 * d_model if d_model else None)
+    # Qwen3 and Gemma set head_dim apart from d_model / n_heads; Gemma's MLP reads hidden_activation, not hidden_act.
+    d_head = config.get("head_dim") or (d_model // heads if d_model and heads else "?")
+    activation = _first(config, "activation_function", "hidden_activation", "hidden_act") or "?"
     rows = [
-        ("architecture", f"{', '.join(config.get('architectures', [])) or config.get('model_type', '?')} "
-                         f"({config.get('model_type', '?')}, activation {config.get('activation_function', config.get('hidden_act', '?'))})"),
-        ("layers × heads", f"{layers} × {heads} (d_head {d_model // heads if d_model and heads else '?'})"),
+        ("architecture", f"{', '.join(config.get('architectures') or []) or config.get('model_type', '?')} "
+                         f"({config.get('model_type', '?')}, activation {activation})"),
+        ("layers × heads", f"{layers} × {heads} (d_head {d_head})"),
         ("d_model / d_mlp", f"{d_model} / {d_mlp}"),
         ("vocabulary", f"{config.get('vocab_size')} tokens"),
         ("context", f"{config.get('n_positions', config.get('max_position_embeddings'))} tokens"),
@@ -180,8 +188,12 @@ def card_markdown(rows: list[tuple[str, str]]) -> str:
 
 
 def _tokens(info) -> str:
-    n = len(info.token_ids[0])
-    return f"{n} tokens{' including the start token <|endoftext|>' if info.prepend_bos else ', no start token'}"
+    n = len(info.token_ids[0])  # the ids the model ran on: the start token among them when one was prepended
+    if not info.prepend_bos:
+        return f"{n} tokens, no start token"
+    # GPT-2's (and the shipped model's) start token is <|endoftext|>; other families' differ (<bos>, <s>, …).
+    named = str(info.model_name) == SHIPPED_NAME or str(info.model_name).startswith("gpt2")
+    return f"{n} tokens including the start token" + (" <|endoftext|>" if named else "")
 
 
 def e1_finding(r) -> tuple[str, list[Claim]]:
@@ -192,7 +204,7 @@ def e1_finding(r) -> tuple[str, list[Claim]]:
     hmin, hmax = int(flat.argmin()), int(flat.argmax())
     mean, frac = float(r.mean_score.mean()), float(r.frac_negative.mean())
     self_attention = float(r.first_token_self_attention.min())
-    text = (f"Over the visible (query, key) pairs of the sentence, the mean raw score Q·Kᵀ/√d_head of all {L * H} heads is "
+    text = (f"Over the visible (query, key) pairs of the sentence, the mean raw score {r.score_formula} of all {L * H} heads is "
             f"{mean:.2f}, and {frac:.0%} of the scores are below zero. Layer means run from {float(layer_means[lo]):.2f} "
             f"(layer {lo}) to {float(layer_means[hi]):.2f} (layer {hi}); single heads from {float(flat[hmin]):.2f} (layer {hmin // H}, "
             f"head {hmin % H}) to {float(flat[hmax]):.2f} (layer {hmax // H}, head {hmax % H}). The density plot shows each "
@@ -266,11 +278,12 @@ def e3_finding(r) -> tuple[str, list[Claim]]:
     sig = [l for l, s in enumerate(r.significant) if s]
     diff = silenced - clean
     big = int(diff.abs().argmax())
+    alpha = r.info.settings.get("alpha", 0.05)  # E3's family-wise level (a run option)
     text = (f"On the sentence ({m} tokens) every pair of token vectors is compared: M(M−1)/2 = {r.n_pairs} pairs for M = {m} "
             f"tokens. The clean mean cosine similarity is {float(clean[0]):.2f} at layer 0, lowest ({float(clean[lo]):.2f}) at "
             f"layer {lo}, and {float(clean[-1]):.2f} at the last layer ({L - 1}). Silencing head {r.head} of layer {r.layer} "
             f"changes the mean similarity by at most {float(diff[big]):+.3f} (layer {big}); a paired t-test over the same pairs, "
-            f"significant below the Bonferroni threshold 0.05/{L} = {r.threshold:.4g}, finds a difference {at_layers(sig)}"
+            f"significant below the Bonferroni threshold {alpha:g}/{L} = {r.threshold:.4g}, finds a difference {at_layers(sig)}"
             + (f" and none {at_layers([l for l in range(L) if l not in sig])}" if sig and len(sig) < L else "") + ".")
     falls = float(clean[: max(1, L // 2) + 1].min()) < float(clean[0]) - 0.02
     rises = float(clean[-1]) - float(clean.min()) > 0.1
@@ -464,9 +477,14 @@ def _conclusion(model_name: str, found: dict[str, tuple[str, list[Claim]]], resu
     if "e4" in results:
         r = results["e4"]
         final = [l for l, s in enumerate(r.resid_final_summary) if s.mean < 0]
-        points.append(f"The answer is carried by the final position's hidden state from layer {final[0]} on: patching it there "
-                      f"gives the donor's answer (E4)." if final else
-                      "No single layer's hidden state at the final position carries the donor's answer (E4).")
+        if not final:
+            points.append("No single layer's hidden state at the final position carries the donor's answer (E4).")
+        elif final == list(range(final[0], len(r.resid_final_summary))):  # "from layer l on" only if every later layer flips too
+            points.append(f"The answer is carried by the final position's hidden state from layer {final[0]} on: patching it "
+                          f"there gives the donor's answer (E4).")
+        else:
+            points.append(f"The final position's hidden state carries the donor's answer {at_layers(final)}: patching it there "
+                          f"gives the donor's answer (E4).")
     if "e5" in results:
         m = results["e5"].heatmap
         H = m.shape[1]

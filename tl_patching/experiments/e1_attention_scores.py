@@ -39,6 +39,7 @@ class E1Result(Result):
     kde_grid: Float[Tensor, " grid"]
     kde_density: Float[Tensor, "layer grid"]  # density of all heads' visible raw scores per layer
     max_diff_split_vs_hook: float  # max |scores from Q·K − hook_attn_scores| / max |score|, visible positions
+    score_formula: str = "Q·Kᵀ/√d_head"  # the raw score as this family computes it (`score_formula`); results saved before it: GPT-2's
 
     def reading(self) -> str:
         layers = self.mean_score.mean(-1)
@@ -59,7 +60,7 @@ def qk_scores(cfg, q: Tensor, k: Tensor, layer: int) -> Float[Tensor, "batch hea
     keys −inf."""
     if k.shape[2] != q.shape[2]:  # grouped-query: each key head serves n_heads / n_kv_heads query heads
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+    scale = (cfg.attn_scale if cfg.use_attn_scale else 1.0) * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
     scores = einops.einsum(q, k, "b q h d, b k h d -> b h q k") / scale
     if cfg.attn_scores_soft_cap > 0:
         scores = cfg.attn_scores_soft_cap * torch.tanh(scores / cfg.attn_scores_soft_cap)
@@ -70,6 +71,25 @@ def qk_scores(cfg, q: Tensor, k: Tensor, layer: int) -> Float[Tensor, "batch hea
     if window is not None:
         hidden |= i - j >= window
     return scores.masked_fill(hidden, float("-inf"))
+
+
+def score_formula(cfg) -> str:
+    """The raw score `qk_scores` computes, in symbols, for the report and the figures' axes: the scale is 1/√d_head
+    on most families, 1/√query_pre_attn_scalar on Gemma, also 1/(layer+1) under GPT-2's
+    scale_attn_by_inverse_layer_idx; soft-capping (Gemma 2) wraps it in c·tanh(s/c)."""
+    if not cfg.use_attn_scale:
+        scale = ""
+    elif "Gemma" in (cfg.original_architecture or ""):  # HF: query_pre_attn_scalar**-0.5, which need not be d_head's
+        scale = "√query_pre_attn_scalar"
+    elif np.isclose(cfg.attn_scale, np.sqrt(cfg.d_head)):
+        scale = "√d_head"
+    else:
+        scale = f"{cfg.attn_scale:.4g}"
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale = f"({scale}·(layer+1))" if scale else "(layer+1)"
+    formula = f"Q·Kᵀ/{scale}" if scale else "Q·Kᵀ"
+    cap = cfg.attn_scores_soft_cap
+    return f"{cap:g}·tanh(({formula})/{cap:g})" if cap > 0 else formula
 
 
 def qk_names(cfg, layer: int) -> tuple[str, str]:
@@ -115,4 +135,5 @@ def run(forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool | None = N
         kde_grid=torch.tensor(grid, dtype=torch.float32),
         kde_density=torch.tensor(density, dtype=torch.float32),
         max_diff_split_vs_hook=difference,
+        score_formula=score_formula(forward.cfg),
     )
