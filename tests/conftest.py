@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+# The tests run tiny models: one thread is faster than two there, and does not collapse when the machine is busy
+# (two threads contending with other work made tiny forwards ~10x slower).
+torch.set_num_threads(1)
+
 from tl_patching.models import random_gpt2
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
