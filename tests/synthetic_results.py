@@ -23,7 +23,8 @@ def gen(seed: int) -> torch.Generator:
 
 def info(model_name: str = "shipped", n_layers: int = L, n_heads: int = H, **settings) -> RunInfo:
     return RunInfo(model_name=model_name, weight_mode="raw", n_layers=n_layers, n_heads=n_heads,
-                   token_ids=[[0, 5, 6, 7, 8, 9]], prepend_bos=True, settings=settings)
+                   token_ids=[[0, 5, 6, 7, 8, 9]], prepend_bos=True, settings=settings, start_token="<|endoftext|>",
+                   start_token_convention=True)
 
 
 def e1(model_name: str = "shipped") -> E1Result:

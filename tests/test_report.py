@@ -371,16 +371,22 @@ def test_circuit_finding_numbers_by_hand():
 
 def test_data_description_token_count_and_start_token():
     e1 = synth.e1()  # token ids [0, 5, 6, 7, 8, 9]: 6 tokens, the first the prepended start token
-    assert report.data_description("e1", e1) == "Text: “Sam and Sally went to the park.” (6 tokens including the start token <|endoftext|>)."
+    assert report.data_description("e1", e1) == ("Text: “Sam and Sally went to the park.” (6 tokens, start token <|endoftext|> "
+                                                 "prepended (as its tokenizer does)).")
     e1.info.token_ids, e1.info.prepend_bos = [[5, 6, 7, 8, 9]], False
-    assert report.data_description("e1", e1).endswith("(5 tokens, no start token).")
-    other = synth.e1("smollm2-135m")  # another family's start token is not <|endoftext|>
-    assert report.data_description("e1", other).endswith("(6 tokens including the start token).")
+    assert report.data_description("e1", e1).endswith("(5 tokens, no start token (its tokenizer would add one; set by the caller)).")
+    e1.info.start_token_convention = False
+    assert report.data_description("e1", e1).endswith("(5 tokens, no start token (as its tokenizer does)).")
+    e1.info.prepend_bos, e1.info.start_token = True, "<bos>"
+    assert report.data_description("e1", e1).endswith("(5 tokens, start token <bos> prepended (its tokenizer adds none; "
+                                                      "set by the caller)).")
+    e1.info.start_token_convention = None  # a result saved before the convention was recorded
+    assert report.data_description("e1", e1).endswith("(5 tokens, start token prepended).")
     assert report.data_description("e2", synth.e2()).endswith("Edits at layer 2 (head 2 for the key).")
     assert report.data_description("e3", synth.e3()).endswith("Silenced: head 0 of layer 0.")
     e4 = synth.e4()
     assert report.data_description("e4", e4).startswith("24 IOI prompts, each with a donor")
-    assert report.data_description("e4", e4).endswith("Start token prepended: yes.")
+    assert report.data_description("e4", e4).endswith("Start token <|endoftext|> prepended (as its tokenizer does).")
     one = synth.e4(n=1)
     one.info.settings["n_prompts"] = 1
     assert report.data_description("e4", one) == ("The seed's single prompt pair: “Sam and Sally went to the park. Sam gave a gift to” "

@@ -1,5 +1,6 @@
 """The write matrix: every hook each family's HF table maps × every edit kind × every index form, on every
-family's tiny model.
+family's tiny model shaped like a real checkpoint (`tl_patching.testing`: GPT-2, Pythia-160m, Llama-3.2-1B,
+Mistral-7B, Qwen2.5-0.5B, Qwen3-0.6B, Gemma-2-2b, Gemma-3-270m).
 
 Each cell is checked three ways (fp32, ≤1e-4 relative to max(1, max |value|)): the TL backend, the HF backend (the logits and every mapped
 activation, so the effect downstream of the edit is compared too), and a plain TransformerLens hook written
@@ -22,7 +23,7 @@ from tl_patching.edits import (
 )
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.models import random_pair
+from tl_patching.testing import checkpoint_of_family, tiny_pair
 
 ATOL = 1e-4
 KINDS = ("zero", "scale", "replace", "noise", "patch", "patch_where")
@@ -47,7 +48,7 @@ _MODELS: dict[str, tuple] = {}
 def setup(family: str):
     """(TL forward, HF forward, tokens, donor cache of every TL hook, patch_where mask), built once per family."""
     if family not in _MODELS:
-        hf, tl = random_pair(family, n_layers=2, seed=1)
+        hf, tl = tiny_pair(checkpoint_of_family(family), seed=1)
         g = torch.Generator().manual_seed(3)
         tokens = torch.randint(1, tl.cfg.d_vocab, (2, N_POS), generator=g)
         donor_tokens = torch.randint(1, tl.cfg.d_vocab, (2, N_POS), generator=g)
@@ -66,10 +67,11 @@ def forms(name: str, act: torch.Tensor) -> dict[str, dict]:
         return {"all": {}, "neurons slice": {"neurons": slice(0, None, 2)}, "neurons list": {"neurons": [0, 3]}}
     out = {"all": {}, "one position": {"pos": 3}, "positions list": {"pos": [1, 4]}}
     if suffix in HEAD_HOOKS:
-        n = act.shape[2]
-        out |= {"one head": {"head": 1}, "heads list": {"head": [0, n - 1]},
-                "positions × heads": {"pos": [1, 4], "head": [0, n - 1]},
-                "positions × heads × neurons": {"pos": [1, 4], "head": [0, n - 1], "neurons": [0, 3]}}
+        n = act.shape[2]  # a single key/value head on Llama-3.2-1B-, Mistral- and Gemma-3-shaped fixtures
+        heads = [0, n - 1] if n > 1 else [0]
+        out |= {"one head": {"head": min(1, n - 1)}, "heads list": {"head": heads},
+                "positions × heads": {"pos": [1, 4], "head": heads},
+                "positions × heads × neurons": {"pos": [1, 4], "head": heads, "neurons": [0, 3]}}
     out |= {"neurons slice": {"neurons": slice(0, None, 2)}, "neurons list": {"neurons": [0, 3]},
             "positions × neurons": {"pos": [1, 4], "neurons": [0, 3]}}
     return out

@@ -117,11 +117,14 @@ def _processing_flags(cfg: HookedTransformerConfig, processed: bool) -> dict[str
 
 
 def _tokenizer_for_tl(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase | None:
-    if tokenizer is not None and not tokenizer.init_kwargs.get("name_or_path"):
-        # Built in memory: TL would try to reload it from disk with add_bos_token=True. Marked as
-        # already set, TL keeps it, sees that it adds no BOS itself, and prepends BOS in to_tokens.
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.init_kwargs.update(name_or_path="in-memory", add_bos_token=True)
+    """The tokenizer as it is, for TL to keep: TL 3.x would otherwise reload it from disk with add_bos_token=True
+    (a tokenizer built in memory has no disk to reload from; GPT-2's and Pythia's would then add a start token
+    their own never adds). tl_patching tokenises itself (`tl_patching.prompts.to_tokens`), following the model's
+    convention recorded in ``cfg.default_prepend_bos``."""
+    if tokenizer is None:
+        return None
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.init_kwargs.update(name_or_path=tokenizer.init_kwargs.get("name_or_path") or "in-memory", add_bos_token=True)
     return tokenizer
 
 
@@ -176,6 +179,10 @@ def hooked_from_hf(
                                   "(load with dtype=torch.float32, cast the HookedTransformer afterwards)")
     if name:
         cfg.model_name = name
+    if tokenizer is not None:  # the model's own start-token convention: what its tokenizer does
+        from tl_patching.prompts import adds_start_token
+
+        cfg.default_prepend_bos = adds_start_token(tokenizer)
     model = HookedTransformer(cfg, tokenizer=_tokenizer_for_tl(tokenizer), move_to_device=False)
     with torch.no_grad():  # TL's processing is out of place and loading copies: hf_model is left as it was
         _load_weights(model, family.convert_weights(hf_model, cfg), _processing_flags(cfg, weights == "processed"))

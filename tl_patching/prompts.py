@@ -130,8 +130,9 @@ def adds_start_token(tokenizer) -> bool:
 
 
 def start_token_setting(model: HookedTransformer, prepend_bos: bool | None) -> bool:
-    """``prepend_bos`` as given, or the model's own convention (`adds_start_token`) when None."""
-    return adds_start_token(model.tokenizer) if prepend_bos is None else bool(prepend_bos)
+    """``prepend_bos`` as given, or the model's own convention when None: ``cfg.default_prepend_bos``, which
+    `tl_patching.models.hooked_from_hf` sets to what the model's tokenizer does (`adds_start_token`)."""
+    return bool(model.cfg.default_prepend_bos) if prepend_bos is None else bool(prepend_bos)
 
 
 def _unknown_words(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[str]:
@@ -189,11 +190,8 @@ def answer_token(model: HookedTransformer, prompt: str, word: str) -> int:
     `PromptError` unless it is exactly one token there. Read in context, so it is the id the model predicts
     whatever the tokenizer does with a word alone (sentencepiece tokenizers add a space before a text's first
     word)."""
-    before = to_tokens(model, prompt, prepend_bos=False)[0].tolist()
-    after = to_tokens(model, prompt + word, prepend_bos=False)[0].tolist()
-    if after[: len(before)] == before and len(after) == len(before) + 1:
-        return after[-1]
-    if not word.startswith(" "):
+    if not word[:1].isspace() and not prompt[-1:].isspace():
+        # "…gave a gift toSally" may well be one token more, but not the one the model predicts for the name.
         try:
             spaced = answer_token(model, prompt, " " + word)
         except PromptError:
@@ -201,6 +199,10 @@ def answer_token(model: HookedTransformer, prompt: str, word: str) -> int:
         if spaced is not None:
             raise PromptError(f"{word!r} has no leading space: after {prompt[-20:]!r} the tokenizer reads {' ' + word!r}, "
                               f"token {spaced} {token_strings(model, [spaced])}; pass {' ' + word!r}")
+    before = to_tokens(model, prompt, prepend_bos=False)[0].tolist()
+    after = to_tokens(model, prompt + word, prepend_bos=False)[0].tolist()
+    if after[: len(before)] == before and len(after) == len(before) + 1:
+        return after[-1]
     extra = after[len(before):] if after[: len(before)] == before else after
     raise PromptError(f"{word!r} after the prompt is {len(extra)} tokens {token_strings(model, extra)}, not one; "
                       "logit differences need single-token answers (with their leading space)")

@@ -189,11 +189,7 @@ def card_markdown(rows: list[tuple[str, str]]) -> str:
 
 def _tokens(info) -> str:
     n = len(info.token_ids[0])  # the ids the model ran on: the start token among them when one was prepended
-    if not info.prepend_bos:
-        return f"{n} tokens, no start token"
-    # GPT-2's (and the shipped model's) start token is <|endoftext|>; other families' differ (<bos>, <s>, …).
-    named = str(info.model_name) == SHIPPED_NAME or str(info.model_name).startswith("gpt2")
-    return f"{n} tokens including the start token" + (" <|endoftext|>" if named else "")
+    return f"{n} tokens, {info.start_token_words()}"
 
 
 def e1_finding(r) -> tuple[str, list[Claim]]:
@@ -423,7 +419,7 @@ def data_description(key: str, r) -> str:
             f"the token length does not), half with the names in ABBA order and half BABA, built from the "
             f"{len(TEMPLATES) + len(HELD_OUT_TEMPLATES)} templates in tl_patching.prompts"
             + (" (the last is never used to train the shipped model)" if info.model_name == SHIPPED_NAME else "")
-            + f"; e.g. “{'”, “'.join(examples)}”. Start token prepended: {'yes' if info.prepend_bos else 'no'}.")
+            + f"; e.g. “{'”, “'.join(examples)}”. {info.start_token_words()[0].upper() + info.start_token_words()[1:]}.")
 
 
 # ------------------------------------------------------------------------------------------------ page

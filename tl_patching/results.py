@@ -29,16 +29,30 @@ class RunInfo:
     backend: str = "tl"  # "tl" (TransformerLens hooks) or "hf" (raw HF hooks)
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    start_token: str | None = None  # the start token's text when one was prepended ("<|endoftext|>", "<bos>", …)
+    start_token_convention: bool | None = None  # whether the model's own tokenizer prepends one (None: not recorded)
+
+    def start_token_words(self) -> str:
+        """In words: which start token led the prompts, and whether that is the model's own convention."""
+        if self.start_token_convention is None:
+            return f"start token {'prepended' if self.prepend_bos else 'not prepended'}"
+        as_own = "as its tokenizer does" if self.prepend_bos == self.start_token_convention else (
+            "its tokenizer would add one; set by the caller" if self.start_token_convention
+            else "its tokenizer adds none; set by the caller")
+        return (f"start token {self.start_token or '?'} prepended" if self.prepend_bos else "no start token") + f" ({as_own})"
 
     @classmethod
     def of(cls, forward, tokens: Tensor | list[list[int]], prepend_bos: bool, seed: int = 0, **settings) -> RunInfo:
         """``forward``: the `tl_patching.forward.Forward` that ran; ``tokens``: ``[batch, pos]`` ids, or a list of
         rows of any lengths (a dataset of several batches)."""
+        tokenizer = forward.model.tokenizer
         return cls(
             model_name=forward.cfg.model_name, weight_mode=forward.weight_mode,
             n_layers=forward.cfg.n_layers, n_heads=forward.cfg.n_heads,
             token_ids=tokens.tolist() if isinstance(tokens, Tensor) else tokens, prepend_bos=prepend_bos,
             backend=forward.backend, seed=seed, settings=settings,
+            start_token=tokenizer.bos_token if prepend_bos and tokenizer is not None else None,
+            start_token_convention=bool(forward.cfg.default_prepend_bos) if tokenizer is not None else None,
         )
 
 

@@ -23,6 +23,7 @@ bytes.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -220,10 +221,11 @@ def tiny_checkpoint(name: str, seed: int = 0, weight_std: float = 0.2, n_layers:
         if fields.get(key) is not None:
             token = CHECKPOINTS[name].special[role] or CHECKPOINTS[name].special["eos"]
             fields[key] = tokenizer.convert_tokens_to_ids(token)
-    config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+    config = CONFIG_MAPPING[fields["model_type"]].from_dict(copy.deepcopy(fields))  # HF edits nested dicts in place
     family = family_of(config)
     generator = torch.Generator().manual_seed(seed)
-    hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    # float32 whatever the config's dtype says (bfloat16 / float16 on most real checkpoints), as load_hf loads them.
+    hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():
         for pname, param in hf_model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * weight_std
@@ -249,3 +251,22 @@ def save_tiny_checkpoint(name: str, directory: str | Path, seed: int = 0) -> Pat
         written["tokenizer_class"] = CHECKPOINTS[name].tokenizer_class
     tokenizer_config.write_text(json.dumps(written, indent=2) + "\n")
     return directory
+
+
+def tiny_pair(name: str, seed: int = 0, weights: str = "raw"):
+    """(HF model, TransformerLens model with the same weights, probe-checked) of `tiny_checkpoint` ``name``."""
+    from tl_patching.models import hooked_from_hf
+
+    hf_model, tokenizer, _ = tiny_checkpoint(name, seed=seed)
+    return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, name=f"tiny-{name}")
+
+
+def checkpoint_of_family(family: str) -> str:
+    """The real checkpoint that stands for ``family`` (a key of `tl_patching.families.FAMILIES`) in the tests."""
+    from tl_patching.families import family_of
+    from types import SimpleNamespace
+
+    for name in CHECKPOINTS:
+        if family_of(SimpleNamespace(**real_config(name))).name == family:
+            return name
+    raise KeyError(f"no checkpoint of family {family!r}")
