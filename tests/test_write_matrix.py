@@ -294,3 +294,12 @@ def test_flat_qk_norm_hooks_refuse_positions_and_rows():
     with pytest.raises(ValueError, match="rows are not prompts"):
         tl.run(tokens, [scale(name, 2.0).on_rows(slice(0, 1))])
 
+
+
+def test_docs_list_every_family_table():
+    """docs/hook_points.md shows, per family, which hooks are written on the HF backend and how: the tables' text."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "hook_points.md").read_text()
+    start, end = "<!-- generated: hf_maps.markdown() -->\n", "\n<!-- end generated -->"
+    assert doc[doc.index(start) + len(start) : doc.index(end)] == hf_maps.markdown()

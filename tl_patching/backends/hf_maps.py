@@ -29,6 +29,7 @@ class View:
 
     read: Callable[[Tensor, nn.Module, int | None], Tensor]
     write: Callable[[Tensor, Tensor, nn.Module, int | None], Tensor] | None
+    label: str = ""  # what the view does, in words (docs/hook_points.md is generated from it)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ RESID_MID = Sum("hook_resid_pre", "hook_attn_out")
 
 # --- views: a few named functions ---
 
-WHOLE = View(lambda raw, hf, l: raw, lambda raw, new, hf, l: new)
+WHOLE = View(lambda raw, hf, l: raw, lambda raw, new, hf, l: new, "as it is")
 
 
 def _split(x: Float[Tensor, "batch pos d"], n_heads: int) -> Float[Tensor, "batch pos head d_head"]:
@@ -90,7 +91,7 @@ def _merge(x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch po
 
 def heads(n_heads: Callable[[object], int]) -> View:
     """A ``[batch, pos, n_heads·d_head]`` tensor split into heads."""
-    return View(lambda raw, hf, l: _split(raw, n_heads(hf.config)), lambda raw, new, hf, l: _merge(new))
+    return View(lambda raw, hf, l: _split(raw, n_heads(hf.config)), lambda raw, new, hf, l: _merge(new), "split into heads")
 
 
 def fused_qkv(layout: str, which: int, n_heads: Callable[[object], int]) -> View:
@@ -106,7 +107,7 @@ def fused_qkv(layout: str, which: int, n_heads: Callable[[object], int]) -> View
         parts[:, :, which] = new
         return einops.rearrange(parts, f"b p three h dh -> b p {layout}")
 
-    return View(lambda qkv, hf, l: split(qkv, hf)[:, :, which], write)
+    return View(lambda qkv, hf, l: split(qkv, hf)[:, :, which], write, f"{'QKV'[which]} of the fused columns {layout}")
 
 
 def causal_scores(
@@ -126,7 +127,8 @@ def _gpt2_scores(qkv: Tensor, hf, l: int) -> Float[Tensor, "batch head query_pos
     return causal_scores(q, k, scale)
 
 
-GPT2_SCORES = View(_gpt2_scores, None)  # no module boundary holds the scores: computed from Q, K, read only
+# No module boundary holds the scores: computed from Q and K, read only.
+GPT2_SCORES = View(_gpt2_scores, None, "Q·Kᵀ·scale computed from it, future keys −inf")
 
 
 def ln_affine(path: str) -> View:
@@ -138,6 +140,7 @@ def ln_affine(path: str) -> View:
     return View(
         lambda out, hf, l: (out - module(hf, l).bias) / module(hf, l).weight,
         lambda out, new, hf, l: new * module(hf, l).weight + module(hf, l).bias,
+        "(output − b) / w",
     )
 
 
@@ -172,7 +175,8 @@ GPT2 = HookMap(
         "attn.hook_k": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 1, lambda c: c.n_head)),
         "attn.hook_v": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 2, lambda c: c.n_head)),
         "attn.hook_attn_scores": Site("transformer.h.{l}.attn.c_attn", OUTPUT, GPT2_SCORES),
-        "attn.hook_pattern": Site("transformer.h.{l}.attn", OUTPUT, View(lambda raw, hf, l: raw, None), element=1),
+        "attn.hook_pattern": Site("transformer.h.{l}.attn", OUTPUT, View(lambda raw, hf, l: raw, None, "attention probabilities"),
+                                  element=1),
         "attn.hook_z": Site("transformer.h.{l}.attn.c_proj", INPUT, heads(lambda c: c.n_head)),
         "hook_attn_out": Site("transformer.h.{l}.attn.c_proj", OUTPUT, WHOLE),
         "hook_resid_mid": RESID_MID,
@@ -207,7 +211,8 @@ def rms_affine(path: str, offset: float = 0.0, head_layout: str | None = None) -
             new = einops.rearrange(new, f"(b p h) d -> {head_layout}", b=b, p=p)
         return new * weight(hf, l)
 
-    return View(read, write)
+    w = f"({offset:g} + w)" if offset else "w"
+    return View(read, write, f"output / {w}" + (f", heads from {head_layout} to (b p h) d" if head_layout else ""))
 
 
 def _q_heads(config) -> int:
@@ -218,7 +223,7 @@ def _kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-READ_ONLY = View(lambda raw, hf, l: raw, None)
+READ_ONLY = View(lambda raw, hf, l: raw, None, "attention probabilities")
 _ROTARY = ("rotary embeddings are applied inside the attention's forward: no module boundary holds rotated "
            "queries/keys or the scores; read hook_q/hook_k (before rotation) or hook_pattern")
 _RMS_SCALE = "TL's RMSNorm scale is computed inside HF's RMSNorm forward: no module boundary holds it"
@@ -323,3 +328,32 @@ def hook_map_of(hf_model: nn.Module) -> HookMap:
     if reason:
         raise NotImplementedError(f"no HF hook map for {reason}")
     return hook_map
+
+
+def describe(hook_map: HookMap) -> list[tuple[str, str, str]]:
+    """(TL hook, where it is on the HF model and how it is seen, how an edit is written) for every site of a
+    family's table, in TransformerLens's order: the table docs/hook_points.md shows."""
+    rows = []
+    for suffix in sorted(hook_map.sites, key=NETWORK_ORDER.index):
+        site = hook_map.sites[suffix]
+        if isinstance(site, Sum):
+            base, added = hook_map.sites[site.base], hook_map.sites[site.added]
+            rows.append((suffix, f"`{base.module}` input + `{added.module}` output",
+                         f"as a change of `{added.module}`'s output: edited − {site.base}"))
+            continue
+        where = f"`{site.module}` {'output' if site.kind == OUTPUT else 'input'}" + (
+            f"[{site.element}]" if site.element else "") + f", {site.view.label}"
+        rows.append((suffix, where, "read only: no module boundary holds it" if site.view.write is None
+                     else "replaces the " + ("output" if site.kind == OUTPUT else "input")))
+    return rows
+
+
+def markdown() -> str:
+    """Every family's table as Markdown: docs/hook_points.md holds this text (a test keeps the two equal)."""
+    out = []
+    for architecture, hook_map in FAMILIES.items():
+        out.append(f"### {architecture}\n\n| TL hook (in block l) | HF boundary, view | edits |\n|---|---|---|")
+        out += [f"| `{suffix}` | {where} | {write} |" for suffix, where, write in describe(hook_map)]
+        refused = ", ".join(f"`{s}`" for s in hook_map.refused)
+        out.append(f"\nRefused, with the reason in the error: {refused}.\n")
+    return "\n".join(out)
