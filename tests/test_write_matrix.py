@@ -267,6 +267,10 @@ def test_two_edits_on_one_hook_apply_in_the_order_given(family):
         assert torch.allclose(z[:, [2, 5]], torch.full_like(z[:, [2, 5]], 0.5))  # replace ran last
     for order in (first, second):
         assert _close(tl(tokens, order), hf(tokens, order)) <= ATOL
+    # Two hooks at different places: each runs where the network reaches it, so the list's order cannot matter.
+    apart = [scale(act_name("z", LAYER), 3.0, head=0), replace(act_name("resid_post", LAYER), 0.5, pos=2)]
+    for forward in (tl, hf):
+        assert _close(forward(tokens, apart), forward(tokens, apart[::-1])) == 0.0
     if "hook_resid_mid" in _table_of(hf).sites:
         # Two names on one HF module: TL runs hook_attn_out before hook_resid_mid whatever the list's order.
         pair = [replace(act_name("resid_mid", LAYER), 0.2, pos=3), scale(act_name("attn_out", LAYER), 5.0)]
