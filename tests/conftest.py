@@ -3,9 +3,6 @@
 import pytest
 import torch
 
-# The tests run tiny models: one thread is faster than two there, and does not collapse when the machine is busy
-# (two threads contending with other work made tiny forwards ~10x slower).
-torch.set_num_threads(1)
 
 from tl_patching.models import random_gpt2
 from tl_patching.recipe.word_tokenizer import word_tokenizer
@@ -78,3 +75,14 @@ def patch_setup(request):
     correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
     _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
     return forward, tokens, donor_tokens, donor, correct, wrong, lambda logits: logit_diff(logits, correct, wrong)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run faster on one thread than on two, and do not collapse when the machine is busy (two threads
+    contending with other work made tiny forwards ~10x slower); the slow tests' larger models keep every thread."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -71,7 +71,7 @@ def simulated_ranks(monkeypatch, world: int, compute):
             raise Recorded
         out[:] = [contributions[r] for r in range(world)]
 
-    monkeypatch.setattr(distributed, "init_default", lambda: True)
+    monkeypatch.setattr(distributed, "running", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: world)
     monkeypatch.setattr(distributed, "rank", lambda: current["rank"])
     monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)

@@ -11,6 +11,7 @@ import torch
 import synthetic_results as synth
 
 from tl_patching import plotting
+from tl_patching.experiments import load
 from tl_patching.experiments.e4_ioi_patching import E4Result
 from tl_patching.results import round_sig
 
@@ -20,14 +21,14 @@ def rgb(colour: str) -> tuple[int, ...]:
 
 
 def test_same_figure_saved_twice_gives_identical_html(tmp_path):
-    fig = lambda: plotting.e5_figures(synth.e5())["e5_head_heatmap"]  # noqa: E731
+    fig = lambda: load("e5").figures(synth.e5())["e5_head_heatmap"]  # noqa: E731
     a = plotting.save(fig(), tmp_path / "a", "e5_head_heatmap", png=False)[0].read_bytes()
     b = plotting.save(fig(), tmp_path / "b", "e5_head_heatmap", png=False)[0].read_bytes()
     assert a == b and b'id="e5_head_heatmap"' in a
     # A rerun whose numbers differ in the 8th significant digit writes the same file.
     r = synth.e5()
     r.effect = r.effect * (1 + 1e-8)
-    c = plotting.save(plotting.e5_figures(r)["e5_head_heatmap"], tmp_path / "c", "e5_head_heatmap", png=False)[0].read_bytes()
+    c = plotting.save(load("e5").figures(r)["e5_head_heatmap"], tmp_path / "c", "e5_head_heatmap", png=False)[0].read_bytes()
     assert c == a
 
 
@@ -45,7 +46,7 @@ def test_result_json_round_trips_and_is_stable():
 
 
 def test_e5_colour_scale_maps_negative_to_the_colour_the_subtitle_names():
-    fig = plotting.e5_figures(synth.e5())["e5_head_heatmap"]
+    fig = load("e5").figures(synth.e5())["e5_head_heatmap"]
     heat = fig.data[0]
     assert heat.zmid == 0 and heat.zmin == -heat.zmax < 0
     low, high = rgb(heat.colorscale[0][1]), rgb(heat.colorscale[-1][1])  # colours at zmin (negative) and zmax
@@ -56,14 +57,14 @@ def test_e5_colour_scale_maps_negative_to_the_colour_the_subtitle_names():
 
 
 def test_heatmap_ticks_are_integers():
-    figs = {**plotting.e1_figures(synth.e1()), **plotting.e5_figures(synth.e5())}
+    figs = {**load("e1").figures(synth.e1()), **load("e5").figures(synth.e5())}
     for name in ("e1_mean_raw_score", "e1_fraction_negative", "e5_head_heatmap"):
         fig = figs[name]
         for axis, n in ((fig.layout.xaxis, synth.H), (fig.layout.yaxis, synth.L)):
             assert axis.tickmode == "array" and list(axis.tickvals) == list(range(n)), name
             assert all(float(t).is_integer() for t in axis.tickvals)
         assert fig.data[0].texttemplate, name
-    many = plotting.e5_figures(synth.e5(n_layers=36, n_heads=20))["e5_head_heatmap"]
+    many = load("e5").figures(synth.e5(n_layers=36, n_heads=20))["e5_head_heatmap"]
     assert list(many.layout.yaxis.tickvals) == list(range(0, 36, 2)) and many.data[0].texttemplate is None  # 720 cells: hover only
 
 
@@ -77,7 +78,7 @@ def test_e4_ratio_is_exp_of_mean_logit_diff_with_its_ci():
         assert torch.allclose(high, torch.tensor([s.ci_high for s in summaries], dtype=torch.float64).exp())
     # Three confident prompts at layer 2 pull the arithmetic mean of exp() far above exp(mean): the figure uses the latter.
     assert r.heads_patched[2].exp().mean() > 100 * r.prob_ratio("heads_patched")[2]
-    fig = plotting.e4_figures(r)["e4_prob_ratio_by_layer"]
+    fig = load("e4").figures(r)["e4_prob_ratio_by_layer"]
     heads = fig.data[0]
     ratio, low, high = (x.numpy() for x in r.prob_ratio("heads_patched", with_ci=True))
     assert np.allclose(heads.y, ratio, rtol=1e-5)
@@ -99,19 +100,19 @@ def test_stale_png_is_removed_when_png_export_is_unavailable(tmp_path, monkeypat
     monkeypatch.setattr(go.Figure, "write_image", no_browser)
     stale = tmp_path / "e5_head_heatmap.png"
     stale.write_bytes(b"old figure")
-    written = plotting.save(plotting.e5_figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap")
+    written = plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap")
     assert written == [tmp_path / "e5_head_heatmap.html"] and not stale.exists()
     err = capsys.readouterr().err
     assert err.startswith("note: static PNG export skipped") and err.endswith("\n")  # a line of its own
     assert "Kaleido requires Google Chrome to be installed" in err and "No browser found" in err and "RuntimeError: )" not in err
     # --no-png: an old PNG is removed too, it would show an earlier run.
     stale.write_bytes(b"old figure")
-    plotting.save(plotting.e5_figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap", png=False)
+    plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap", png=False)
     assert not stale.exists()
 
 
 def test_ridge_plot_rises_upward_without_overlap_and_has_a_density_scale():
-    fig = plotting.e1_figures(synth.e1())["e1_kde_by_layer"]
+    fig = load("e1").figures(synth.e1())["e1_kde_by_layer"]
     fills = [t for t in fig.data if t.fill == "tonexty"]
     assert len(fills) == synth.L
     baselines = list(fig.layout.yaxis.tickvals)
@@ -126,21 +127,20 @@ def test_ridge_plot_rises_upward_without_overlap_and_has_a_density_scale():
 
 
 def test_e3_bands_match_their_lines_and_every_trace_is_in_the_legend():
-    fig = plotting.e3_figures(synth.e3())["e3_cosine_similarity"]
+    fig = load("e3").figures(synth.e3())["e3_cosine_similarity"]
     for trace in fig.data:
         assert trace.name and trace.showlegend is not False, trace.name
         if getattr(trace, "fill", None) == "toself":
             assert trace.mode == "lines"  # no stray markers on the band's outline
             line = next(t for t in fig.data if t.name == trace.name.split(":")[0] + ": mean")
-            assert rgb(trace.fillcolor) == rgb(plotting._rgba(line.line.color, 1))
+            assert rgb(trace.fillcolor) == rgb(plotting.rgba(line.line.color, 1))
     assert "M(M−1)/2" not in fig.layout.annotations[0].text and "all 6 pairs of the 4 tokens" in fig.layout.annotations[0].text
 
 
 def test_every_title_states_the_unit():
     figs = {}
-    for build, result in ((plotting.e1_figures, synth.e1()), (plotting.e2_figures, synth.e2()), (plotting.e3_figures, synth.e3()),
-                          (plotting.e4_figures, synth.e4()), (plotting.e5_figures, synth.e5())):
-        figs.update(build(result))
+    for key, result in (("e1", synth.e1()), ("e2", synth.e2()), ("e3", synth.e3()), ("e4", synth.e4()), ("e5", synth.e5())):
+        figs.update(load(key).figures(result))
     assert len(figs) == 12
     for name in ("e4_logit_diff_by_layer", "e5_head_heatmap", "e5_layer_summary"):
         assert "nats" in figs[name].layout.title.text, name

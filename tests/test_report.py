@@ -11,6 +11,8 @@ import synthetic_results as synth
 import torch
 
 from tl_patching import plotting, report
+from tl_patching.experiments import keys, load
+from tl_patching.report import cards, page as report_page
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,7 @@ def build(out_dir: Path, model_name: str = "shipped", results=None, png_for=()) 
     sections = []
     for key, r in results.items():
         r.to_json(out_dir / f"{key}_result.json")
-        files = [f for name, fig in getattr(plotting, f"{key}_figures")(r).items() for f in plotting.save(fig, out_dir, name, png=False)]
+        files = [f for name, fig in load(key).figures(r).items() for f in plotting.save(fig, out_dir, name, png=False)]
         for name in png_for:
             if (out_dir / f"{name}.html") in files:
                 (out_dir / f"{name}.png").write_bytes(b"png")
@@ -43,11 +45,9 @@ def page(tmp_path_factory) -> tuple[Path, str]:
 
 def test_report_covers_every_experiment_with_findings_and_seed_claims(page):
     _, text = page
-    from tl_patching.experiments import EXPERIMENTS  # the circuit step's section: tests/test_shipped_model.py
-
-    for key in EXPERIMENTS:
-        assert report.HEADINGS[key] in text
-        seed, _ = report.SEEDS[key]
+    for key in [k for k in keys() if k != "circuit"]:  # the circuit step's section: tests/test_shipped_model.py
+        assert load(key).title in text
+        seed = load(key).seed
         assert f"Against the seed ({seed}" in text
     assert text.count("Finding.") == 5 and text.count("Data.") == 5
     for verdict in ("agrees", "differs"):
@@ -72,7 +72,7 @@ def test_e1_self_attention_is_a_check_not_a_finding(page):
 def test_model_card_for_the_shipped_model_matches_its_files_and_the_doc(page):
     _, text = page
     assert "4 × 4 (d_head 32)" in text and "128 / 512" in text and "290 WordLevel tokens" in text and "48 tokens" in text
-    card = report.card_markdown(report.shipped_model_card())
+    card = cards.card_markdown(cards.shipped_model_card())
     assert card in (ROOT / "docs" / "model_card.md").read_text()
 
 
@@ -131,7 +131,7 @@ E1_MEANS = torch.tensor([[-1.0, -1.0, -1.0, -1.0, -1.0], [0.5, 0.5, 0.5, -2.0, 0
 
 def test_e1_finding_numbers_by_hand():
     # 70% of the scores below zero; 10 of 15 head means are negative (67%): the fraction is of scores, not of heads.
-    text, claims = report.e1_finding(e1_result(E1_MEANS, torch.full((3, 5), 0.7, dtype=torch.float64)))
+    text, claims = load("e1").finding(e1_result(E1_MEANS, torch.full((3, 5), 0.7, dtype=torch.float64)))
     assert "the mean raw score Q·Kᵀ/√d_head of all 15 heads is -0.37, and 70% of the scores are below zero." in text
     assert "Layer means run from -1.00 (layer 0) to 0.00 (layer 1);" in text
     assert "single heads from -2.00 (layer 1, head 3) to 1.50 (layer 2, head 0)." in text
@@ -147,15 +147,15 @@ def test_e1_finding_numbers_by_hand():
 def test_e1_verdict_on_both_sides_of_each_bound(mean, frac, verdict):
     frac_negative = torch.full((3, 5), frac, dtype=torch.float64)
     assert float(frac_negative.mean()) == frac  # the bound is met exactly, not up to rounding
-    _, [claim] = report.e1_finding(e1_result(torch.full((3, 5), mean, dtype=torch.float64), frac_negative))
+    _, [claim] = load("e1").finding(e1_result(torch.full((3, 5), mean, dtype=torch.float64), frac_negative))
     assert claim.verdict == verdict
 
 
 def test_e1_score_formula_in_the_finding_and_the_figures():
     gemma = "3·tanh((Q·Kᵀ/√query_pre_attn_scalar)/3)"
     r = e1_result(E1_MEANS, torch.full((3, 5), 0.7, dtype=torch.float64), score_formula=gemma)
-    assert f"the mean raw score {gemma} of all 15 heads" in report.e1_finding(r)[0]
-    figures = plotting.e1_figures(r)
+    assert f"the mean raw score {gemma} of all 15 heads" in load("e1").finding(r)[0]
+    figures = load("e1").figures(r)
     assert gemma in figures["e1_mean_raw_score"].layout.title.text and gemma in figures["e1_kde_by_layer"].layout.xaxis.title.text
     assert "√d_head" not in figures["e1_kde_by_layer"].layout.xaxis.title.text
     saved = E1Result.from_json((ROOT / "figures" / "shipped" / "e1_result.json").read_text())  # written before the field
@@ -175,7 +175,7 @@ def e2_result(resid_01: list[float], resid_10: list[float], layer: int = 2) -> E
 
 
 def test_e2_finding_numbers_by_hand():
-    text, claims = report.e2_finding(e2_result([2.0, 3.0, 0.6, 5.6], [2.0, 3.0, 60.0, 61.0]))
+    text, claims = load("e2").finding(e2_result([2.0, 3.0, 0.6, 5.6], [2.0, 3.0, 60.0, 61.0]))
     # ×0.1: 6.00 → 0.60 at layer 2 (×0.10), 10.00 → 5.60 at layer 3 (×0.56); ×10: ×10.00 and ×6.10.
     assert ("Block 2 output × 0.1: the spread at layer 2 goes from 6.00 to 0.60 (×0.10), at the last layer (3) from 10.00 to "
             "5.60 (×0.56); the next-token prediction changes from ' Sally' to ' were' (KL(clean‖edited) = 0.125 nats).") in text
@@ -193,18 +193,18 @@ def test_e2_finding_numbers_by_hand():
 def test_e2_recovery_verdict_on_both_sides_of_the_bound(end, verdict):
     # end is the last layer's spread (clean 10): ×0.32 recovers, ×0.31 does not; ×3.1 recovers (past clean), ×10 does not
     # (a signed comparison, log(end) > ½ log(at), would call ×10 a recovery).
-    _, claims = report.e2_finding(e2_result([2.0, 3.0, 0.6, end], [2.0, 3.0, 60.0, 61.0]))
+    _, claims = load("e2").finding(e2_result([2.0, 3.0, 0.6, end], [2.0, 3.0, 60.0, 61.0]))
     assert claims[0].verdict == verdict
 
 
 @pytest.mark.parametrize("end, verdict", [(31.0, "agrees"), (32.0, "partly"), (10.0, "agrees"), (1.0, "partly")])
 def test_e2_compression_verdict_on_both_sides_of_the_bound(end, verdict):
-    _, claims = report.e2_finding(e2_result([2.0, 3.0, 0.6, 5.6], [2.0, 3.0, 60.0, end]))
+    _, claims = load("e2").finding(e2_result([2.0, 3.0, 0.6, 5.6], [2.0, 3.0, 60.0, end]))
     assert claims[1].verdict == verdict
 
 
 def test_e2_edit_at_the_last_layer_is_not_tested():
-    _, claims = report.e2_finding(e2_result([2.0, 3.0, 6.0, 1.0], [2.0, 3.0, 6.0, 100.0], layer=3))
+    _, claims = load("e2").finding(e2_result([2.0, 3.0, 6.0, 1.0], [2.0, 3.0, 6.0, 100.0], layer=3))
     assert [c.verdict for c in claims] == ["not tested"]
 
 
@@ -219,7 +219,7 @@ def e3_result(clean_means, diffs, significant, layer=1, head=2, alpha=0.05) -> E
 
 def test_e3_finding_numbers_by_hand():
     # Largest |change| −0.05 at layer 1 (the largest signed change is +0.02 at layer 2).
-    text, claims = report.e3_finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, True]))
+    text, claims = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, True]))
     assert "M(M−1)/2 = 10 pairs for M = 5 tokens." in text
     assert ("The clean mean cosine similarity is 0.60 at layer 0, lowest (0.30) at layer 1, and 0.90 at the last layer (3). "
             "Silencing head 2 of layer 1 changes the mean similarity by at most -0.050 (layer 1);") in text
@@ -231,7 +231,7 @@ def test_e3_finding_numbers_by_hand():
 
 def test_e3_finding_states_the_alpha_the_run_used():
     """The threshold was written "0.05/L" whatever alpha the run used (alpha 0.01: "0.05/4 = 0.0025")."""
-    text, _ = report.e3_finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, False], alpha=0.01))
+    text, _ = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, False], alpha=0.01))
     assert "the Bonferroni threshold 0.01/4 = 0.0025, finds a difference at layer 1 and none at layers 0, 2 and 3." in text
 
 
@@ -243,7 +243,7 @@ def test_e3_finding_states_the_alpha_the_run_used():
     ([0.6, 0.65, 0.7, 0.65], "differs"),
 ])
 def test_e3_shape_verdict_on_both_sides_of_each_bound(clean, verdict):
-    _, claims = report.e3_finding(e3_result(clean, [0.0] * 4, [False] * 4))
+    _, claims = load("e3").finding(e3_result(clean, [0.0] * 4, [False] * 4))
     assert claims[0].verdict == verdict
 
 
@@ -254,7 +254,7 @@ def test_e3_shape_verdict_on_both_sides_of_each_bound(clean, verdict):
     (1, [False, False, False, False], "partly"),  # nowhere
 ])
 def test_e3_ripple_verdict(layer, significant, verdict):
-    _, claims = report.e3_finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0] * 4, significant, layer=layer))
+    _, claims = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0] * 4, significant, layer=layer))
     assert claims[1].verdict == verdict
 
 
@@ -276,7 +276,7 @@ def e4_result(heads_layer2: float = 2.0, final_layer1: list[float] | None = None
 
 def test_e4_finding_numbers_by_hand():
     r = e4_result()
-    text, claims = report.e4_finding(r)
+    text, claims = load("e4").finding(r)
     c = summarize(r.clean)  # the interval itself: tests/test_metrics.py
     assert (f"the unpatched model prefers the correct name by 4.50 nats (95% bootstrap CI [{c.ci_low:.2f}, {c.ci_high:.2f}]) "
             "in logit difference, a probability ratio P(correct)/P(wrong) of 90 (exp of the mean") in text  # e^4.5 = 90.0
@@ -296,7 +296,7 @@ def test_e4_finding_numbers_by_hand():
 @pytest.mark.parametrize("heads_layer2, verdict", [(2.25, "differs"), (2.26, "agrees")])
 def test_e4_heads_verdict_on_both_sides_of_a_quarter(heads_layer2, verdict):
     # A move of 2.25 nats is exactly a quarter of the 9-nat gap: not "only a little".
-    _, claims = report.e4_finding(e4_result(heads_layer2=heads_layer2))
+    _, claims = load("e4").finding(e4_result(heads_layer2=heads_layer2))
     assert claims[1].verdict == verdict
 
 
@@ -313,7 +313,7 @@ E5_MAP = [[0.3, -0.2, 0.0], [0.0, 0.1, -0.1], [0.8, -2.5, 0.4], [-0.6, 0.5, 1.2]
 
 
 def test_e5_finding_numbers_by_hand():
-    text, claims = report.e5_finding(e5_result(E5_MAP))
+    text, claims = load("e5").finding(e5_result(E5_MAP))
     assert ("mean over 2 prompts (clean logit difference 10.00 nats): the largest fall is -2.50 nats at layer 2, head 1 (25% of "
             "the clean value), the largest rise +1.20 at layer 3, head 2. 6 of 12 heads raise the score and 4 lower it; 2 change "
             "it by less than 0.01 nats. The mean |effect| per head is 0.12 nats in the first half of the layers and 1.00 in the "
@@ -333,14 +333,14 @@ def test_e5_finding_numbers_by_hand():
     ([[1.0, -1.0, 1.0]] * 4, "differs"),  # equal is not larger
 ])
 def test_e5_late_layers_verdict(heatmap, verdict):
-    _, claims = report.e5_finding(e5_result(heatmap))
+    _, claims = load("e5").finding(e5_result(heatmap))
     assert claims[1].verdict == verdict
 
 
 @pytest.mark.parametrize("fall, rise, verdict", [(-0.99, 0.5, "agrees"), (-1.0, 0.5, "differs"), (-0.5, 1.0, "differs")])
 def test_e5_tiny_verdict_on_both_sides_of_a_tenth(fall, rise, verdict):
     # Clean 10: "tiny" is both the largest fall and the largest rise below 1.0 nats in size.
-    _, claims = report.e5_finding(e5_result([[fall, 0.1, 0.0], [0.0, rise, 0.0]]))
+    _, claims = load("e5").finding(e5_result([[fall, 0.1, 0.0], [0.0, rise, 0.0]]))
     assert claims[0].verdict == verdict
 
 
@@ -358,44 +358,44 @@ def circuit_result(movers: list[list[int]]) -> CircuitResult:
 
 
 def test_circuit_finding_numbers_by_hand():
-    text, [claim] = report.circuit_finding(circuit_result([[2, 1], [2, 3]]))
+    text, [claim] = load("circuit").finding(circuit_result([[2, 1], [2, 3]]))
     assert ("mean over 2 prompts; clean logit difference 3.00 nats, donor -1.50; a head counts when its path moves the logit "
             "difference by at least 0.25 nats. Heads writing the answer directly (to the logits): layer 2 head 1 (-1.50 nats) "
             "and layer 2 head 3 (+0.60 nats). Heads steering them: layer 1 head 2 (-0.40 nats through their k inputs). Heads "
             "those read from: layer 0 head 0 (+0.20 nats through their q inputs). 3 edges of at least 0.05 nats are drawn.") in text
     # |−1.5| + |0.6| = 2.10 together (a signed sum: −0.90).
     assert claim.verdict == "agrees" and claim.because.startswith("2 heads write the answer directly, 2.10 nats together against 1.50 for the largest alone;")
-    _, [claim] = report.circuit_finding(circuit_result([[2, 1]]))
+    _, [claim] = load("circuit").finding(circuit_result([[2, 1]]))
     assert claim.verdict == "partly" and claim.because.startswith("1 heads write the answer directly, 1.50 nats together")
 
 
 def test_data_description_token_count_and_start_token():
     e1 = synth.e1()  # token ids [0, 5, 6, 7, 8, 9]: 6 tokens, the first the prepended start token
-    assert report.data_description("e1", e1) == ("Text: “Sam and Sally went to the park.” (6 tokens, start token <|endoftext|> "
+    assert report_page.data_description(load("e1"), e1) == ("Text: “Sam and Sally went to the park.” (6 tokens, start token <|endoftext|> "
                                                  "prepended (as its tokenizer does)).")
     e1.info.token_ids, e1.info.prepend_bos = [[5, 6, 7, 8, 9]], False
-    assert report.data_description("e1", e1).endswith("(5 tokens, no start token (its tokenizer would add one; set by the caller)).")
+    assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, no start token (its tokenizer would add one; set by the caller)).")
     e1.info.start_token_convention = False
-    assert report.data_description("e1", e1).endswith("(5 tokens, no start token (as its tokenizer does)).")
+    assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, no start token (as its tokenizer does)).")
     e1.info.prepend_bos, e1.info.start_token = True, "<bos>"
-    assert report.data_description("e1", e1).endswith("(5 tokens, start token <bos> prepended (its tokenizer adds none; "
+    assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, start token <bos> prepended (its tokenizer adds none; "
                                                       "set by the caller)).")
     e1.info.start_token_convention = None  # a result saved before the convention was recorded
-    assert report.data_description("e1", e1).endswith("(5 tokens, start token prepended).")
-    assert report.data_description("e2", synth.e2()).endswith("Edits at layer 2 (head 2 for the key).")
-    assert report.data_description("e3", synth.e3()).endswith("Silenced: head 0 of layer 0.")
+    assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, start token prepended).")
+    assert report_page.data_description(load("e2"), synth.e2()).endswith("Edits at layer 2 (head 2 for the key).")
+    assert report_page.data_description(load("e3"), synth.e3()).endswith("Silenced: head 0 of layer 0.")
     e4 = synth.e4()
-    assert report.data_description("e4", e4).startswith("24 IOI prompts, each with a donor")
-    assert report.data_description("e4", e4).endswith("Start token <|endoftext|> prepended (as its tokenizer does).")
+    assert report_page.data_description(load("e4"), e4).startswith("24 IOI prompts, each with a donor")
+    assert report_page.data_description(load("e4"), e4).endswith("Start token <|endoftext|> prepended (as its tokenizer does).")
     one = synth.e4(n=1)
     one.info.settings["n_prompts"] = 1
-    assert report.data_description("e4", one) == ("The seed's single prompt pair: “Sam and Sally went to the park. Sam gave a gift to” "
+    assert report_page.data_description(load("e4"), one) == ("The seed's single prompt pair: “Sam and Sally went to the park. Sam gave a gift to” "
                                                   "(donor: the other name repeated).")
 
 
 def conclusion(results: dict) -> str:
-    found = {k: report.FINDINGS[k](r) for k, r in results.items()}
-    return page_text_of(report._conclusion("gpt2", found, results))
+    found = {k: load(k).finding(r) for k, r in results.items()}
+    return page_text_of(report_page.conclusion("gpt2", {k: load(k) for k in results}, found, results))
 
 
 def page_text_of(fragment: str) -> str:
@@ -443,7 +443,7 @@ def gemma3_270m() -> dict:
 ])
 def test_model_card_reads_each_familys_config(tmp_path, config, architecture, heads):
     (tmp_path / "config.json").write_text(json.dumps(config))
-    rows = dict(report.model_card(str(tmp_path)))
+    rows = dict(cards.model_card(str(tmp_path)))
     assert rows["architecture"] == architecture and rows["layers × heads"] == heads
     d_model = config.get("hidden_size", config.get("n_embd"))
     assert rows["d_model / d_mlp"] == f"{d_model} / {config.get('intermediate_size', 4 * d_model)}"
@@ -453,9 +453,9 @@ def test_model_card_of_a_loaded_model_with_head_dim_apart_from_d_model():
     from tl_patching.models import random_pair
 
     hf, tl = random_pair("gemma3", n_layers=2, hidden_size=48)  # 4 heads of head_dim 8 on d_model 48 (48 / 4 = 12)
-    rows = dict(report.model_card("tiny-gemma3", model=tl))
+    rows = dict(cards.model_card("tiny-gemma3", model=tl))
     assert rows["architecture"] == "Gemma3ForCausalLM (activation gelu_pytorch_tanh)" and rows["layers × heads"] == "2 × 4 (d_head 8)"
     assert rows["d_model / d_mlp"] == "48 / 96"
-    from_config = dict(report._hf_config_rows(hf.config.to_dict(), None))  # "architectures": null in an unsaved config
+    from_config = dict(cards.hf_config_rows(hf.config.to_dict(), None))  # "architectures": null in an unsaved config
     assert all(from_config[k] == rows[k] for k in ("layers × heads", "d_model / d_mlp"))
     assert from_config["architecture"] == "gemma3_text (gemma3_text, activation gelu_pytorch_tanh)"

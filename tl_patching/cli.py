@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tl_patching.experiments import STEPS, TITLES  # light: imports no torch
+from tl_patching.experiments import spec  # light: reads the experiments' declarations without importing them
 
 SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.models.SHIPPED_MODEL_NAME (not imported: keeps --help light)
 
@@ -50,9 +50,10 @@ def resolve_device(device: str) -> str:
 
 def save_result(key: str, result, out_dir: Path, png: bool = True) -> list[Path]:
     from tl_patching import plotting
+    from tl_patching.experiments import load
 
     result.to_json(out_dir / f"{key}_result.json")
-    return [f for name, fig in plotting.FIGURES[key](result).items() for f in plotting.save(fig, out_dir, name, png=png)]
+    return [f for name, fig in load(key).figures(result).items() for f in plotting.save(fig, out_dir, name, png=png)]
 
 
 def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n_prompts: int,
@@ -62,7 +63,7 @@ def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n
 
     from tl_patching.distributed import is_main
     from tl_patching.experiments import run_experiment
-    from tl_patching.report import write_index
+    from tl_patching.report import write_report
 
     sections = []
     for key in tqdm(experiments, desc="experiments", disable=not is_main()):
@@ -72,7 +73,7 @@ def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n
         if is_main():  # under torchrun every rank holds the gathered result; rank 0 alone writes
             sections.append((key, result, save_result(key, result, out_dir, png), seconds))
             tqdm.write(f"{key} ({seconds:.1f} s): {result.reading()}")
-    return write_index(out_dir, model_name, sections, model=forward.model) if is_main() else out_dir
+    return write_report(out_dir, model_name, sections, model=forward.model) if is_main() else out_dir
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,22 +98,16 @@ def parser() -> argparse.ArgumentParser:
                      help="safetensors file of the donor run: loaded if it exists (checked against model and tokens), else computed and saved")
     text = argparse.ArgumentParser(add_help=False)
     text.add_argument("--text", help="the sentence to run (default: the experiment's own)")
-    rep = sub.add_parser("reproduce", parents=[common, ioi], help="run E1–E5 and write figures, results JSON and an index page")
-    rep.add_argument("--experiments", default=",".join(STEPS),
-                     help=f"comma-separated subset of {','.join(STEPS)}, e.g. e3,e5 (default: all; on --backend hf all but circuit)")
-    sub.add_parser("e1", parents=[common, text], help=TITLES["e1"])
-    p2 = sub.add_parser("e2", parents=[common, text], help=TITLES["e2"])
-    p2.add_argument("--layer", type=int, help="the edited layer (default: 9 on 12-layer models, the seed; else 3/4 of the depth)")
-    p2.add_argument("--head", type=int, help="the head whose key is zeroed (default 2, the seed's)")
-    p2.add_argument("--noise-mean", type=float, help="mean of the Gaussian noise put into the even MLP neurons (default 10)")
-    p2.add_argument("--seed", type=int, help="seed of the noise draw (default 0)")
-    p3 = sub.add_parser("e3", parents=[common, text], help=TITLES["e3"])
-    p3.add_argument("--layer", type=int, help="silenced layer (default: 3 on 24-layer models, the seed; else n_layers/8)")
-    p3.add_argument("--head", type=int, help="silenced head (default 0)")
-    sub.add_parser("e4", parents=[common, ioi], help=TITLES["e4"])
-    p5 = sub.add_parser("e5", parents=[common, ioi], help=TITLES["e5"])
-    p5.add_argument("--method", choices=["fast", "sweep"],
-                    help="fast: recompute only the final position (tl backend); sweep: the reference driver (default: fast on tl, sweep on hf)")
+    experiments = spec.catalog()
+    rep = sub.add_parser("reproduce", parents=[common, ioi], help="run every experiment and write figures, results JSON "
+                                                                  "and an index page")
+    rep.add_argument("--experiments", default=",".join(experiments),
+                     help=f"comma-separated subset of {','.join(experiments)}, e.g. e3,e5 (default: all; on --backend hf, "
+                          "those that run there)")
+    for key, (_, experiment) in experiments.items():
+        command = sub.add_parser(key, parents=[common, text if experiment.inputs == "text" else ioi], help=experiment.title)
+        for option in experiment.options:
+            command.add_argument(option.flag, **option.argparse_kwargs())
     return top
 
 
@@ -130,13 +125,17 @@ def run(args: dict) -> None:
     device = distributed.setup(resolve_device(args.pop("device")), n_devices)  # under torchrun: this rank's device
     if command == "reproduce":
         given = args.pop("experiments")
+        known = spec.catalog()
         experiments = [e.strip().lower() for e in given.split(",") if e.strip()]
-        unknown = sorted(set(experiments) - set(STEPS))
+        unknown = sorted(set(experiments) - set(known))
         if unknown or not experiments:
-            raise ValueError(f"unknown experiment(s) {unknown or experiments}; choose from {', '.join(STEPS)}")
-        if backend == "hf" and given == ",".join(STEPS):  # the default list: the circuit step needs TL's blocks
-            experiments.remove("circuit")
-            print("note: the circuit step (path patching) runs on the tl backend only; skipped with --backend hf", file=sys.stderr)
+            raise ValueError(f"unknown experiment(s) {unknown or experiments}; choose from {', '.join(known)}")
+        if given == ",".join(known):  # the default list: leave out what this backend cannot run, and say so
+            skipped = [k for k in experiments if backend not in known[k][1].backends]
+            experiments = [k for k in experiments if k not in skipped]
+            for k in skipped:
+                print(f"note: {k} runs on the {' or '.join(known[k][1].backends)} backend only; skipped with --backend {backend}",
+                      file=sys.stderr)
     forward = load_forward(model_name, backend, device, dtype, n_devices)
     out_dir = out_root / model_slug(model_name)
     if command == "reproduce":

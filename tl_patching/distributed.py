@@ -8,7 +8,7 @@ gets a share of every token length), runs the same per-batch function on its sub
 rank receives all ranks' per-prompt tensors (``all_gather_object``) back in the one-process order. What
 is computed from them afterwards (means, bootstrap intervals) is therefore computed on the same values
 as in one process. Without torchrun (``WORLD_SIZE`` unset or 1) it is a plain loop and needs nothing.
-The process group is started on first use: gloo when the model runs on the CPU, nccl on CUDA.
+The process group is started by `setup` (the command line calls it): gloo on the CPU, nccl on CUDA.
 Only rank 0 should write files or show progress bars (`is_main`).
 
 Dtype and placement (used by `tl_patching.forward.load_forward`'s ``dtype`` and ``n_devices``): with more than one device the `HookedTransformer`'s blocks are
@@ -106,7 +106,7 @@ def on_main(fn: Callable[[], object]) -> object:
 
     For work that is not split (E1–E3: one sentence each): the other ranks wait instead of repeating it.
     """
-    if not init_default():
+    if not running():
         return fn()
     box = [fn() if is_main() else None]
     dist.broadcast_object_list(box, src=0)
@@ -116,17 +116,23 @@ def on_main(fn: Callable[[], object]) -> object:
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the body first, the others after it finished (e.g. rank 0 writes a cache the others then read)."""
-    running = init_default()
-    if running and not is_main():
+    running_ = running()
+    if running_ and not is_main():
         dist.barrier()
     yield
-    if running and is_main():
+    if running_ and is_main():
         dist.barrier()
 
 
-def init_default() -> bool:
-    """`init` on CUDA if this machine has it, else on the CPU (for callers that do not know the model's device)."""
-    return init("cuda" if torch.cuda.is_available() else "cpu")
+def running() -> bool:
+    """True when this process is one of several under torchrun, with its process group started by `setup` (the
+    command line calls it; a script of your own must too). The library never starts one itself."""
+    if not launched():
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("launched by torchrun, but no process group: call tl_patching.distributed.setup(device) first "
+                           "(the tl-patching command does)")
+    return True
 
 
 # --- data parallel: shard the prompts, run, gather in the one-process order ---
@@ -189,7 +195,7 @@ def map_batches(
     batch's donor activations, or None) is cut to the same rows. ``fn`` returns a tensor or a tuple of several.
     """
     batches = list(batches)
-    if not init_default():
+    if not running():
         out = _cat([_on_cpu(fn(b, donor_cache)) for b in batches])
         return out if len(out) > 1 else out[0]
     sizes = [len(b) for b in batches]

@@ -31,6 +31,14 @@ from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
 from tl_patching.forward import Forward
 from tl_patching.prompts import start_token_setting, token_strings, to_tokens
 from tl_patching.results import Result, RunInfo
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+
+from tl_patching.experiments.spec import Experiment, Option
+from tl_patching.plotting import COLOURS, index_axis, log_axis, rgba, titled
+from tl_patching.report.words import Claim, listing
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to"
 
@@ -165,3 +173,104 @@ def run(
                 kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
             ))
     return result
+
+
+def data_note(r: E2Result) -> str:
+    return f"Edits at layer {r.layer} (head {r.head} for the key)."
+
+
+def conclusion(r: E2Result) -> str | None:
+    """How much of a scaled block output the later blocks restore, at the last layer."""
+    last = len(r.clean_resid_std) - 1
+    scaled = [(iv.label.rsplit(" ", 1)[-1], float(iv.resid_std[last] / r.clean_resid_std[last]))
+              for iv in r.interventions if "output ×" in iv.label]
+    if not scaled or r.layer >= last:
+        return None
+    return (f"After block {r.layer}'s output is scaled, the spread of the residual stream at the last layer is "
+            + listing([f"×{end:.2f} of clean after ×{factor} ("
+                       + ("partly restored by the later blocks" if abs(math.log(end)) < 0.5 * abs(math.log(float(factor)))
+                          else "not restored") + ")" for factor, end in scaled]) + " (E2).")
+
+
+# --- the finding in words (the report's paragraph and its claims against the seed) ---
+
+
+def finding(r) -> tuple[str, list[Claim]]:
+    L, l = len(r.clean_resid_std), r.layer
+    last = L - 1
+    clean = r.clean_resid_std
+    sentences, by_factor = [], {}
+    for iv in r.interventions:
+        at, end = float(iv.resid_std[l] / clean[l]), float(iv.resid_std[last] / clean[last])
+        top = (f"the next-token prediction stays {r.clean_top_tokens[0]!r}" if iv.top_tokens[0] == r.clean_top_tokens[0]
+               else f"the next-token prediction changes from {r.clean_top_tokens[0]!r} to {iv.top_tokens[0]!r}")
+        sentences.append(f"{iv.label[0].upper() + iv.label[1:]}: the spread at layer {l} goes from {float(clean[l]):.2f} to "
+                         f"{float(iv.resid_std[l]):.2f} (×{at:.2f}), at the last layer ({last}) from {float(clean[last]):.2f} to "
+                         f"{float(iv.resid_std[last]):.2f} (×{end:.2f}); {top} (KL(clean‖edited) = {iv.kl_from_clean:.3f} nats).")
+        for factor in (0.1, 10.0):
+            if iv.label.endswith(f"× {factor:g}"):
+                by_factor[factor] = (at, end)
+    text = (f"The spread is the standard deviation of hook_resid_post (over positions and d_model, before the final layer norm) "
+            f"per layer; every edit is at layer {l} of {L}. " + " ".join(sentences))
+    after = last - l
+    where = (f"Here the spread is measured before ln_final; HF's hidden_states[-1], which the seed's hooks may have read, "
+             f"is after the final layer norm, which rescales every position to unit variance and so \"compresses\" any spread "
+             f"by itself. Only {after} block{'s' if after != 1 else ''} follow{'s' if after == 1 else ''} the edit in this model.")
+    claims = []
+    if after == 0:
+        claims.append(Claim("at ×0.1 the spread collapses at the edited layer and recovers later; at ×10 it explodes and the "
+                            "last layer compresses it", "not tested", "the edit is at the last layer: nothing follows it."))
+        return text, claims
+    if 0.1 in by_factor:
+        at, end = by_factor[0.1]
+        recovers = abs(math.log(end)) < 0.5 * abs(math.log(at))
+        claims.append(Claim("at ×0.1 the spread collapses at the edited layer and recovers later",
+                            "agrees" if recovers else "differs",
+                            f"it falls to ×{at:.2f} of clean at layer {l} and is at ×{end:.2f} by the last layer"
+                            + (" — much closer to clean." if recovers else f" — no recovery. {where}")))
+    if 10.0 in by_factor:
+        at, end = by_factor[10.0]
+        compresses = abs(math.log(end)) < 0.5 * abs(math.log(at))
+        claims.append(Claim("at ×10 the spread explodes and the last layer compresses it",
+                            "agrees" if compresses else "partly",
+                            f"it rises to ×{at:.1f} of clean at layer {l} and is still ×{end:.1f} at the last layer"
+                            + (". " if compresses else ": it explodes, but is not compressed. ") + where))
+    return text, claims
+
+
+
+# --- figures ---
+
+
+def figures(r: E2Result) -> dict[str, go.Figure]:
+    L = len(r.clean_resid_std)
+    layers = list(range(L))
+    figs = {}
+    for i, iv in enumerate(r.interventions):
+        fig = go.Figure([
+            go.Scatter(x=layers, y=r.clean_resid_std.numpy(), name="clean run (wide, under: visible where the runs agree)",
+                       mode="lines+markers", line=dict(color=rgba(COLOURS["clean"], 0.55), width=7), marker=dict(size=11)),
+            go.Scatter(x=layers, y=iv.resid_std.numpy(), name="edited run", mode="lines+markers", line=dict(color=COLOURS["edited"], width=2)),
+        ])
+        fig.add_vline(x=r.layer, line_dash="dot", line_color="grey", annotation_text=f"edited layer {r.layer}")
+        fig.update_layout(
+            title=titled(f"E2 ({r.info.model_name}): {iv.label}: standard deviation of the residual stream per layer",
+                         f"std of hook_resid_post over positions and d_model (before ln_final); next token: clean top-1 "
+                         f"{r.clean_top_tokens[0]!r} → edited {iv.top_tokens[0]!r}; KL(clean‖edited) = {iv.kl_from_clean:.3f} nats"),
+            xaxis=index_axis(L, "layer (block output)"), yaxis=log_axis("standard deviation (activation units, log scale)", np.r_[r.clean_resid_std.numpy(), iv.resid_std.numpy()]),
+        )
+        figs[f"e2_{i + 1}_resid_std"] = fig
+    return figs
+
+
+EXPERIMENT = Experiment(
+    key="e2", title="E2 — editing a key, MLP neurons and a block's output", seed="seed 004", seed_model="GPT-2 small",
+    inputs="text", order=2,
+    options=(
+        Option("--layer", "int", "the edited layer (default: 9 on 12-layer models, the seed; else 3/4 of the depth)"),
+        Option("--head", "int", "the head whose key is zeroed (default 2, the seed's)"),
+        Option("--noise-mean", "float", "mean of the Gaussian noise put into the even MLP neurons (default 10)"),
+        Option("--seed", "int", "seed of the noise draw (default 0)"),
+    ),
+    run=run, result=E2Result, figures=figures, finding=finding, data_note=data_note, conclusion=conclusion,
+)

@@ -28,16 +28,15 @@ from tl_patching.edits import act_name, patch, patch_where
 from tl_patching.forward import Forward
 from tl_patching.metrics import Summary, logit_diff, summarize
 from tl_patching.patching import layer_variants, sweep
-from tl_patching.prompts import IOIBatch, ioi_pair, token_rows
+from tl_patching.prompts import SEED_DONOR, SEED_RECIPIENT, IOIBatch, seed_pair, token_rows  # noqa: F401 (seed names re-exported)
 from tl_patching.results import Result, RunInfo
+import math
 
-SEED_RECIPIENT = "Sam and Sally went to the park. Sam gave a gift to"
-SEED_DONOR = "Sam and Sally went to the park. Sally gave a gift to"
+import plotly.graph_objects as go
 
-
-def seed_pair(model) -> IOIBatch:
-    return ioi_pair(model, SEED_RECIPIENT, SEED_DONOR, " Sally", " Sam")
-
+from tl_patching.experiments.spec import Experiment
+from tl_patching.plotting import index_axis, reference_line, titled
+from tl_patching.report.words import CI, Claim, at_layers, ratio_text, with_ci
 
 def as_batches(model, data: IOIBatch | Sequence[IOIBatch] | None, donor_cache=None) -> list[IOIBatch]:
     """E4/E5 input as a list of batches (default: the seed's pair); a donor cache fits one batch only."""
@@ -137,3 +136,115 @@ def run(
         clean_summary=summarize(clean), donor_summary=summarize(donor), heads_summary=[summarize(x) for x in heads],
         resid_s2_summary=[summarize(x) for x in resid_s2], resid_final_summary=[summarize(x) for x in resid_final],
     )
+
+
+def conclusion(r: E4Result) -> str:
+    """Where the final position's hidden state carries the donor's answer."""
+    final = [l for l, s in enumerate(r.resid_final_summary) if s.mean < 0]
+    if not final:
+        return "No single layer's hidden state at the final position carries the donor's answer (E4)."
+    if final == list(range(final[0], len(r.resid_final_summary))):  # "from layer l on" only if every later layer flips too
+        return (f"The answer is carried by the final position's hidden state from layer {final[0]} on: patching it "
+                f"there gives the donor's answer (E4).")
+    return (f"The final position's hidden state carries the donor's answer {at_layers(final)}: patching it there "
+            f"gives the donor's answer (E4).")
+
+
+# --- the finding in words (the report's paragraph and its claims against the seed) ---
+
+
+E4_LABELS = {"heads": "patching all heads of the layer (hook_z, every position)",
+             "resid_s2": "patching hook_resid_post at the repeated name (S2)",
+             "resid_final": "patching hook_resid_post at the final position"}
+
+
+
+def finding(r) -> tuple[str, list[Claim]]:
+    c, d = r.clean_summary, r.donor_summary
+    n = c.n
+    parts = [f"Over {n} IOI prompt{'s' if n != 1 else ''}, the unpatched model prefers the correct name by {with_ci(c)} in "
+             f"logit difference, a probability ratio P(correct)/P(wrong) of {ratio_text(math.exp(c.mean))} (exp of the mean, i.e. "
+             f"the geometric mean over prompts); {c.accuracy:.0%} of prompts are right. The donor prompts give {with_ci(d)}."]
+    flipped = {}
+    for key, label in E4_LABELS.items():
+        summaries = getattr(r, f"{key}_summary")
+        flips = [l for l, s in enumerate(summaries) if s.mean < 0]
+        flipped[key] = flips
+        if flips:
+            worst = min(range(len(summaries)), key=lambda l: summaries[l].mean)
+            parts.append(f"{label[0].upper() + label[1:]} flips the mean {at_layers(flips)} (lowest at layer {worst}: "
+                         f"{with_ci(summaries[worst], brackets=False)}).")
+        else:
+            low = min(range(len(summaries)), key=lambda l: summaries[l].mean)
+            parts.append(f"{label[0].upper() + label[1:]} flips it at no layer (lowest at layer {low}: {with_ci(summaries[low], brackets=False)}).")
+    heads_move = [abs(s.mean - c.mean) for s in r.heads_summary]
+    span = abs(c.mean - d.mean) or 1.0
+    hidden = sorted(set(flipped["resid_s2"]) | set(flipped["resid_final"]))
+    claims = [Claim("patching the hidden state flips the answer at some layers", "agrees" if hidden else "differs",
+                    f"hook_resid_post flips the mean {at_layers(hidden)}."
+                    + ("" if hidden else " The donor's answer never reaches a single position's hidden state whole."))]
+    small = max(heads_move) < 0.25 * span
+    big = max(range(len(heads_move)), key=heads_move.__getitem__)
+    claims.append(Claim("patching all heads of one layer moves the logit difference only a little", "agrees" if small else "differs",
+                        f"the largest move is {heads_move[big]:.2f} nats at layer {big}, {heads_move[big] / span:.0%} of the way from "
+                        f"the recipient's to the donor's value."
+                        + ("" if small else f" In a {r.info.n_layers}-layer model each layer holds 1/{r.info.n_layers} of all heads "
+                                            "(GPT-2 small: 1/12), so one layer's heads can carry a whole step of the task.")))
+    return " ".join(parts), claims
+
+
+
+# --- figures ---
+
+
+E4_CURVES = (  # (field of E4Result, legend label)
+    ("heads_patched", "all heads of the layer (hook_z, all positions)"),
+    ("resid_s2_patched", "hook_resid_post at the repeated name (S2)"),
+    ("resid_final_patched", "hook_resid_post at the final position"),
+)
+
+
+
+def figures(r: E4Result) -> dict[str, go.Figure]:
+    L = r.heads_patched.shape[0]
+    layers = list(range(L))
+    n = int(r.info.settings.get("n_prompts", len(r.clean)))
+    prompts = f"{n} prompt{'s' if n != 1 else ''}"
+    fig = go.Figure()
+    for which, label in E4_CURVES:
+        summaries = getattr(r, which.removesuffix("_patched") + "_summary")
+        fig.add_trace(go.Scatter(
+            x=layers, y=[s.mean for s in summaries], name=label, mode="lines+markers",
+            error_y=dict(type="data", symmetric=False, array=[s.ci_high - s.mean for s in summaries],
+                         arrayminus=[s.mean - s.ci_low for s in summaries]),
+        ))
+    reference_line(fig, r.clean_summary.mean, f"recipient, unpatched<br>({r.clean_summary.mean:.2f})", "green")
+    reference_line(fig, r.donor_summary.mean, f"donor ({r.donor_summary.mean:.2f})", "red")
+    reference_line(fig, 0.0, "0: indifferent", "black", dash=None)
+    fig.update_layout(
+        title=titled(f"E4 ({r.info.model_name}, {prompts}): logit difference correct − wrong (nats) after patching one layer from the donor",
+                     "mean over prompts; bars: 95% bootstrap CI; below 0 = the answer flipped to the donor's"),
+        xaxis=index_axis(L, "patched layer"), yaxis_title="logit difference (nats)")
+
+    ratio = go.Figure()
+    for which, label in E4_CURVES:
+        value, low, high = (x.numpy() for x in r.prob_ratio(which, with_ci=True))
+        ratio.add_trace(go.Scatter(x=layers, y=value, name=label, mode="lines+markers",
+                                   error_y=dict(type="data", symmetric=False, array=high - value, arrayminus=value - low)))
+    clean, donor = float(r.prob_ratio("clean")), float(r.prob_ratio("donor"))
+    reference_line(ratio, clean, f"recipient, unpatched<br>({clean:.3g})", "green", log=True)
+    reference_line(ratio, donor, f"donor ({donor:.3g})", "red", log=True)
+    reference_line(ratio, 1.0, "1: P(correct) = P(wrong)", "black", dash=None, log=True)
+    ratio.update_layout(
+        title=titled(f"E4 ({r.info.model_name}, {prompts}): probability ratio P(correct) / P(wrong) after patching one layer",
+                     "exp(mean logit difference) = geometric mean of the per-prompt ratios; bars: 95% bootstrap CI; "
+                     "log scale; below 1 = the answer flipped"),
+        xaxis=index_axis(L, "patched layer"), yaxis=dict(title="P(correct) / P(wrong) (log scale)", type="log", exponentformat="power"))
+    return {"e4_logit_diff_by_layer": fig, "e4_prob_ratio_by_layer": ratio}
+
+
+EXPERIMENT = Experiment(
+    key="e4", title="E4 — IOI: patching all heads of a layer vs the hidden state", seed="seed 001",
+    seed_model="GPT-2 small and medium", inputs="ioi", order=4, split_prompts=True,
+    run=run, result=E4Result, figures=figures, finding=finding, conclusion=conclusion, donor_names=donor_names,
+)

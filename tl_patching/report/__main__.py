@@ -1,0 +1,3 @@
+from tl_patching.report.page import main
+
+main()
