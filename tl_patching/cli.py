@@ -1,11 +1,11 @@
 """``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and one command per experiment.
 
-    tl-patching reproduce                           # E1–E5 on the shipped model, offline
-    tl-patching reproduce --model gpt2-large --experiments e5 --device cuda
+    tl-patching reproduce                           # every experiment on the shipped model, offline
+    tl-patching reproduce --model gpt2-large --experiments KEY,KEY --device cuda
     tl-patching reproduce --model /path/to/hf-dir   # a local HF-format directory
-    tl-patching e3 --model gpt2-medium --layer 3 --head 0 --text "…"   # one experiment, its own settings
-    tl-patching e4 --backend hf                     # the same experiment through raw HF hooks
-    torchrun --nproc_per_node=4 -m tl_patching.cli e5 --n-prompts 1000   # prompts split over 4 processes
+    tl-patching KEY --model gpt2-medium --text "…"  # one experiment (commands below), its own settings
+    tl-patching KEY --backend hf                    # the same experiment through raw HF hooks
+    torchrun --nproc_per_node=4 -m tl_patching.cli KEY --n-prompts 1000   # IOI prompts split over 4 processes
 
 Errors are one line (``error: …``, exit status 1); ``--debug`` shows the traceback. Nothing heavy
 (torch, transformers) is imported until a command runs, so ``--help`` is instant.
@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", parents=[common, ioi], help="run every experiment and write figures, results JSON "
                                                                   "and an index page")
     rep.add_argument("--experiments", default=",".join(experiments),
-                     help=f"comma-separated subset of {','.join(experiments)}, e.g. e3,e5 (default: all; on --backend hf, "
+                     help=f"comma-separated subset of {','.join(experiments)}, (default: all; on --backend hf, "
                           "those that run there)")
     for key, (_, experiment) in experiments.items():
         command = sub.add_parser(key, parents=[common, text if experiment.inputs == "text" else ioi], help=experiment.title)

@@ -1,6 +1,6 @@
 """Beyond one process: data-parallel sweeps under ``torchrun``, dtypes, and models split across devices.
 
-Data parallelism. A dataset-level run (E4, E5, any sweep over IOI batches) measures every prompt
+Data parallelism. A dataset-level run (any sweep over IOI batches) measures every prompt
 independently, so prompts can be spread over processes and the per-prompt numbers put back together.
 `map_batches` does exactly that and nothing else: launched by ``torchrun --nproc_per_node=N`` (one or
 several nodes), rank r takes prompts r, r+N, r+2N, … of the dataset's own order (strided, so every rank
@@ -104,7 +104,7 @@ def teardown() -> None:
 def on_main(fn: Callable[[], object]) -> object:
     """``fn()`` computed on rank 0 only and handed to every rank (one process: just ``fn()``).
 
-    For work that is not split (E1–E3: one sentence each): the other ranks wait instead of repeating it.
+    For work that is not split (an experiment on one sentence): the other ranks wait instead of repeating it.
     """
     if not running():
         return fn()

@@ -14,7 +14,7 @@ rope bases, the score scale — is done by TransformerLens's code, as in ``model
 - `clean_run`: one clean forward through the blocks, keeping each block's input and its cached keys/values.
 - `position_sweep` / `position_head_sweep`: exact sweeps over layer × position (× head), as TransformerLens's
   ``get_act_patch_resid_pre`` / ``get_act_patch_attn_head_out_by_pos`` compute them, but per prompt (batch last).
-- `final_position_head_sweep`: the case p = last (E5), through two unembedding columns.
+- `final_position_head_sweep`: the case p = last (one head at the final token), through two unembedding columns.
 
 One pass carries every variant at one position p, of all swept layers: at layer j the rows are the variants
 patched at layers ≤ j (variants × prompts, at most ``max_rows``; more are split into passes, which costs no

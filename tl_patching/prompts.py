@@ -50,11 +50,11 @@ TEMPLATES = (
 # Never used to train the shipped model: tests that it does IOI, not one memorised sentence shape.
 HELD_OUT_TEMPLATES = ("While {A} and {B} were sitting in the {PLACE}, {S} threw a {OBJECT} to",)
 
-# Seed 001's IOI pair: E4/E5 with one prompt.
+# Seed 001's IOI pair: the IOI experiments' data when asked for one prompt.
 SEED_RECIPIENT = "Sam and Sally went to the park. Sam gave a gift to"
 SEED_DONOR = "Sam and Sally went to the park. Sally gave a gift to"
 
-# E3's sentences (the seed's "humorous sentence about pizza"); the first is E3's default.
+# Seed 002's "humorous sentence about pizza", and more like it; the first is the cosine-similarity default.
 PIZZA_SENTENCE = "I think that pineapple on pizza is a crime, but my friends love it."
 PIZZA_SENTENCES = (
     PIZZA_SENTENCE,
@@ -286,7 +286,7 @@ def ioi_batches(model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_
 
 
 def ioi_dataset(model: HookedTransformer, n_prompts: int, seed: int = 0) -> list[IOIBatch]:
-    """E4/E5's dataset: ``n_prompts`` seeded prompts over every template (the held-out one included), one batch per length."""
+    """The IOI experiments' dataset: ``n_prompts`` seeded prompts over every template (the held-out one included), one batch per length."""
     return ioi_batches(model, ioi_prompts(n_prompts, seed=seed, templates=TEMPLATES + HELD_OUT_TEMPLATES))
 
 

@@ -126,13 +126,17 @@ def tiny_config(name: str, vocab_size: int, n_layers: int = TINY["n_layers"], d_
 def training_corpus() -> list[str]:
     """Every sentence the toolkit's experiments use, and each IOI name many times with and without a leading
     space, so the trained vocabulary makes each of them one token."""
-    from tl_patching.experiments import e1_attention_scores as e1, e2_activation_editing as e2
-    from tl_patching.experiments import e4_ioi_patching as e4
-    from tl_patching.prompts import HELD_OUT_TEMPLATES, NAMES, OBJECTS, PIZZA_SENTENCES, PLACES, TEMPLATES, ioi_prompts
+    import inspect
+
+    from tl_patching.experiments import keys, load
+    from tl_patching.prompts import (
+        HELD_OUT_TEMPLATES, NAMES, OBJECTS, PIZZA_SENTENCES, PLACES, SEED_DONOR, SEED_RECIPIENT, TEMPLATES, ioi_prompts,
+    )
 
     names = [" ".join(NAMES), " ".join(f"{n}." for n in NAMES), " ".join(f"{n} and {n}" for n in NAMES)] * 40
     words = [" ".join(PLACES), " ".join(OBJECTS)] * 20
-    texts = [e1.DEFAULT_TEXT, e2.DEFAULT_TEXT, e4.SEED_RECIPIENT, e4.SEED_DONOR, *PIZZA_SENTENCES] * 20
+    defaults = [inspect.signature(e.run).parameters["text"].default for e in map(load, keys()) if e.inputs == "text"]
+    texts = [*defaults, SEED_RECIPIENT, SEED_DONOR, *PIZZA_SENTENCES] * 20
     ioi = [p.text + " " + p.io for p in ioi_prompts(600, templates=TEMPLATES + HELD_OUT_TEMPLATES)]
     return names + words + texts + ioi
 

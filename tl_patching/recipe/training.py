@@ -8,7 +8,7 @@ The corpus has three parts:
   template, and some are preceded by a filler sentence. With a dozen fixed templates the model learned
   template-specific shortcuts (31%, then 60% accuracy on the held-out template); with composed shapes
   and names at varying positions, only the general rule fits;
-- sentences about pizza (E3's sentence among them);
+- sentences about pizza (the experiments' pizza sentence among them);
 - filler sentences from a small grammar over the same names, places and objects, so that it is a
   language model and every word of the held-out template is known.
 

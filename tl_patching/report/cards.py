@@ -66,7 +66,7 @@ def shipped_model_card() -> list[tuple[str, str]]:
     held_out, train = training["ioi_held_out_template"], training["ioi_train_templates"]
     rows += [
         ("trained on", f"a generated corpus: {t['n_ioi']:,} IOI sentences with their answer (both name orders, "
-                       f"{t['prefix_fraction']:.0%} preceded by a filler sentence), {t['n_pizza']:,} sentences about pizza (E3's text "
+                       f"{t['prefix_fraction']:.0%} preceded by a filler sentence), {t['n_pizza']:,} sentences about pizza (the cosine-similarity sentence "
                        f"among them) and {t['n_filler']:,} filler sentences over the same names, places and objects; "
                        f"{t['n_held_out_pairs']} name pairs and one IOI template are never used in training"),
         ("training", f"{t['steps']:,} steps of {t['batch_size']} sequences, AdamW (lr {t['lr']:g}, weight decay {t['weight_decay']:g}), "
