@@ -7,7 +7,7 @@ import torch
 # (two threads contending with other work made tiny forwards ~10x slower).
 torch.set_num_threads(1)
 
-from tl_patching.models import random_gpt2
+from tl_patching.testing import random_gpt2
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 TEXTS = [

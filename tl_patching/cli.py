@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tl_patching.experiments import STEPS, TITLES  # light: imports no torch
 
-SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.models.SHIPPED_MODEL_NAME (not imported: keeps --help light)
+SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.checkpoints.SHIPPED_MODEL_NAME (not imported: keeps --help light)
 
 
 def model_slug(name: str) -> str:
