@@ -30,7 +30,9 @@ import re
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components import LayerNormPre, RMSNormPre
 from transformer_lens.utilities.activation_functions import softcap_enabled
+from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tl_patching.checkpoints import SHIPPED_MODEL_NAME, display_name, load_hf
@@ -103,18 +105,33 @@ def _tokenizer_for_tl(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTo
 _FOLDED_NORM_KEY = re.compile(r"(blocks\.\d+\.ln[12]|ln_final)\.[wb]")
 
 
+def _use_folded_norms(model: HookedTransformer) -> None:
+    """The norm modules (and cfg) TL puts in after folding: LayerNorm -> LayerNormPre, RMSNorm -> RMSNormPre,
+    which normalise only (their weights now live in the next linear maps)."""
+    pre = {"LN": ("LNPre", LayerNormPre), "RMS": ("RMSPre", RMSNormPre)}.get(model.cfg.normalization_type)
+    if pre is None:  # LNPre / RMSPre: already folded, nothing to swap (as in TL)
+        return
+    model.cfg.normalization_type, norm = pre
+    model.ln_final = norm(model.cfg)
+    for block in model.blocks:
+        block.ln1, block.ln2 = norm(model.cfg), norm(model.cfg)
+        if model.cfg.is_layer_norm_activation():
+            block.mlp.ln = norm(model.cfg)
+
+
 def _load_weights(model: HookedTransformer, state: dict[str, torch.Tensor], flags: dict[str, bool]) -> None:
-    """TL's ``load_and_process_state_dict`` (folding, centring, norm-module swaps), with its one
-    ``load_state_dict`` call per key (each walks the whole module tree: most of a SmolLM2 load) gathered
-    into one call, whose missing and unexpected keys are checked: nothing of the converted state may be
-    dropped except the norm weights that folding has moved into the next weights."""
-    gathered: dict[str, torch.Tensor] = {}
-    model.load_state_dict = lambda sd, strict=True, assign=False: gathered.update(sd)  # shadows the method
-    try:
-        model.load_and_process_state_dict(state, **flags)
-    finally:
-        del model.load_state_dict
-    result = model.load_state_dict(gathered, strict=False)
+    """TL 3.9's ``load_and_process_state_dict`` step by step, with its public parts: fill the missing keys,
+    swap in the folded norm modules, process the state dict (`ProcessWeights.process_weights`, what TL's
+    method calls), then load it in one ``load_state_dict`` call (TL makes one per key, each walking the
+    whole module tree: most of a SmolLM2 load). Its missing and unexpected keys are checked: nothing of
+    the converted state may be dropped except the norm weights that folding has moved into the next weights."""
+    state = model.fill_missing_keys(state)
+    if flags["fold_ln"]:
+        _use_folded_norms(model)
+    state = ProcessWeights.process_weights(state, model.cfg, **flags)
+    result = model.load_state_dict(state, strict=False)
+    if flags["fold_ln"]:
+        model.setup()  # the hook points of the new norm modules
     unexpected = [k for k in result.unexpected_keys if not (flags["fold_ln"] and _FOLDED_NORM_KEY.fullmatch(k))]
     if result.missing_keys or unexpected:
         raise IncompleteCheckpointError(
