@@ -28,8 +28,9 @@ SETTINGS = (("1 process (1 thread)", 1, 1), ("1 process (2 threads)", 1, 2), ("2
 
 def load(model: str):
     from tl_patching import distributed
+    from tl_patching.checkpoints import SHIPPED_MODEL_DIR
     from tl_patching.forward import Forward
-    from tl_patching.models import SHIPPED_MODEL_DIR, random_gpt2
+    from tl_patching.testing import random_gpt2
 
     if model == "shipped":
         return distributed.load_forward("shipped", device="cpu")

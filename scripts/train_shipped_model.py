@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tl_patching.models import SHIPPED_MODEL_DIR
+from tl_patching.checkpoints import SHIPPED_MODEL_DIR
 from tl_patching.recipe.training import TrainConfig, train
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 
-from tl_patching.models import random_gpt2
+from tl_patching.testing import random_gpt2
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 TEXTS = [

@@ -29,7 +29,7 @@ def mapped_names(hf):
     return [n for n in hf_backend.hook_names(hf) if n.split(".", 2)[-1] not in family_refused and n not in family_refused]
 
 
-@pytest.mark.parametrize("name", mapped_names(__import__("tl_patching.models", fromlist=["random_gpt2"]).random_gpt2(n_layers=3)[0]))
+@pytest.mark.parametrize("name", mapped_names(__import__("tl_patching.testing", fromlist=["random_gpt2"]).random_gpt2(n_layers=3)[0]))
 def test_cached_activation_equals_hf(forwards, tokens, name):
     _, tl_cache = forwards["tl"].run(tokens, cache=[name])
     _, hf_cache = forwards["hf"].run(tokens, cache=[name])

@@ -24,7 +24,8 @@ from tl_patching.cache_store import (
 from tl_patching.edits import act_name
 from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
 from tl_patching.forward import Forward
-from tl_patching.models import hooked_from_hf, random_gpt2, random_pair
+from tl_patching.models import hooked_from_hf
+from tl_patching.testing import random_gpt2, random_pair
 
 
 @pytest.fixture()

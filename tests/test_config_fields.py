@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from tl_patching.families import FAMILIES, UnsupportedArchitectureError
-from tl_patching.models import random_pair
+from tl_patching.testing import random_config as _tiny_config, random_pair
 
 FOLLOWS, NO_EFFECT, REFUSED = "follows", "no effect", "refused"
 REL_TOL = 1e-4  # relative to max(1, max|HF logit|), as the probe check
@@ -276,12 +276,6 @@ def test_config_field(family, field, overrides, expect, match):
 
 def _table_fields(family: str) -> set[str]:
     return {p.values[1] for p in FIELDS if p.values[0] == family}
-
-
-def _tiny_config(family: str, **overrides):
-    fam = FAMILIES[family]
-    n_kv = 4 if family in ("gpt2", "neox") else 2
-    return fam.config_class(**{**fam.tiny_config(2, 4, n_kv, 8, 64, 64, None, 4), **overrides})
 
 
 class _Recorder:

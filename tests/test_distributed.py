@@ -17,7 +17,7 @@ from tl_patching.edits import act_name
 from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5, run_experiment
 from tl_patching.forward import Forward, load_forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import random_gpt2
+from tl_patching.testing import random_gpt2
 from tl_patching.prompts import ioi_batches, ioi_prompts
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 

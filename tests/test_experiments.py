@@ -18,7 +18,8 @@ from tl_patching.experiments import (
 )
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import hooked_from_hf, random_gpt2
+from tl_patching.models import hooked_from_hf
+from tl_patching.testing import random_gpt2
 from tl_patching.prompts import PromptError, ioi_batches, ioi_pair, ioi_prompts
 
 ATOL = 1e-4

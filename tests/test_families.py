@@ -15,20 +15,19 @@ from transformer_lens import HookedTransformer
 from transformers import BloomConfig, BloomForCausalLM
 
 from tl_patching.families import FAMILIES, UnsupportedArchitectureError, family_of
+from tl_patching.checkpoints import load_hf
 from tl_patching.models import (
     PROBE_TOLERANCE,
     IncompleteCheckpointError,
     ModelMismatchError,
     hooked_config,
     hooked_from_hf,
-    load_hf,
     load_model,
     load_pair,
-    random_pair,
     verify_against_hf,
-    weight_mode,
-    weight_processing,
 )
+from tl_patching.provenance import weight_mode, weight_processing
+from tl_patching.testing import random_pair
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 ALL = list(FAMILIES)

@@ -14,7 +14,7 @@ from tl_patching.experiments import (
 )
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.models import random_pair
+from tl_patching.testing import random_pair
 from tl_patching.prompts import ioi_dataset
 
 ATOL = 1e-4

@@ -9,7 +9,7 @@ from tl_patching.backends import hf as hf_backend
 from tl_patching.edits import act_name, gaussian_noise, patch, scale, zero
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.models import random_pair
+from tl_patching.testing import random_pair
 
 ATOL = 1e-4
 FAMILY_NAMES = list(FAMILIES)

@@ -9,18 +9,17 @@ import torch
 
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
+from tl_patching.checkpoints import ModelNotFoundError, load_hf
 from tl_patching.models import (
     PROBE_TOLERANCE,
     ModelMismatchError,
-    ModelNotFoundError,
     hooked_from_hf,
-    load_hf,
     load_model,
     load_pair,
     probe_tokens,
     verify_against_hf,
-    weight_mode,
 )
+from tl_patching.provenance import weight_mode
 
 
 def test_processed_keeps_log_probs_but_changes_resid_and_z(pair, tokens):

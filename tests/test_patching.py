@@ -8,7 +8,7 @@ from tl_patching import fast, patching
 from tl_patching.edits import act_name, patch, scale, zero
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import random_gpt2
+from tl_patching.testing import random_gpt2
 
 ATOL = 1e-4
 

@@ -9,7 +9,7 @@ from tl_patching.edits import act_name, patch
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
-from tl_patching.models import random_gpt2, random_pair
+from tl_patching.testing import random_gpt2, random_pair
 
 ATOL = 1e-4
 

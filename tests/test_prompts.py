@@ -12,7 +12,7 @@ from tl_patching.recipe.word_tokenizer import word_tokenizer
 
 @pytest.fixture(scope="module")
 def ioi_model():
-    from tl_patching.models import random_gpt2
+    from tl_patching.testing import random_gpt2
 
     texts = [p.text for p in ioi_prompts(300, templates=TEMPLATES + HELD_OUT_TEMPLATES)] + [" " + n for n in NAMES]
     return random_gpt2(n_layers=2, n_ctx=24, tokenizer=word_tokenizer(texts))[1]

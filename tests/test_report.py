@@ -450,7 +450,7 @@ def test_model_card_reads_each_familys_config(tmp_path, config, architecture, he
 
 
 def test_model_card_of_a_loaded_model_with_head_dim_apart_from_d_model():
-    from tl_patching.models import random_pair
+    from tl_patching.testing import random_pair
 
     hf, tl = random_pair("gemma3", n_layers=2, hidden_size=48)  # 4 heads of head_dim 8 on d_model 48 (48 / 4 = 12)
     rows = dict(cards.model_card("tiny-gemma3", model=tl))

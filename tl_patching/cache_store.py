@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching.models import weight_mode
+from tl_patching.provenance import weight_mode
 
 FORMAT = "tl_patching.cache/1"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tl_patching.experiments import spec  # light: reads the experiments' declarations without importing them
 
-SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.models.SHIPPED_MODEL_NAME (not imported: keeps --help light)
+SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.checkpoints.SHIPPED_MODEL_NAME (not imported: keeps --help light)
 
 
 def model_slug(name: str) -> str:

@@ -2,9 +2,9 @@
 
 Each row says how to read a HuggingFace config as a TransformerLens `HookedTransformerConfig`
 (mirroring ``transformer_lens.loading_from_pretrained.convert_hf_model_config`` for that
-architecture, but from the HF config in hand instead of a list of official names), which of
-TransformerLens's own weight conversions to use, and how to build a tiny random HF config of the
-family for tests. Adding a family is adding a row.
+architecture, but from the HF config in hand instead of a list of official names) and which of
+TransformerLens's own weight conversions to use. Adding a family is adding a row (and a tiny random
+config for the tests, `tl_patching.testing`).
 
 Each row reads a config the way transformers 5.24's modeling code for that family reads it (Mistral
 ignores `layer_types`, Llama never windows, the default RoPE of the RMSNorm families rotates the whole
@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import transformers
 from transformer_lens.pretrained import weight_conversions as wc
 from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
 
@@ -38,8 +37,6 @@ class Family:
     model_type: str  # config.model_type
     hooked_config: Callable[[Any], dict[str, Any]]  # HF config -> HookedTransformerConfig fields
     convert_weights: Callable[[Any, Any], dict]  # TL's own conversion: (hf_model, cfg) -> TL state dict
-    config_class: type  # HF config class, for tiny random models
-    tiny_config: Callable[..., dict[str, Any]]  # (n_layers, n_heads, n_kv_heads, d_head, ...) -> config kwargs
     norm_weight_is_offset: bool = False  # Gemma's RMSNorm multiplies by (1 + weight)
 
 
@@ -308,75 +305,17 @@ def gemma3_config(c: Any) -> dict[str, Any]:
     return dict(_gemma(c, attn_softcap=False), use_qk_norm=True)
 
 
-# ---- tiny random configs (tests) ---------------------------------------------------------------------------
-
-def _tiny_gpt2(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window):
-    return dict(vocab_size=d_vocab, n_positions=n_ctx, n_embd=n_heads * d_head, n_layer=n_layers, n_head=n_heads,
-                n_inner=d_mlp, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                bos_token_id=0, eos_token_id=0)
-
-
-def _tiny_neox(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window):
-    return dict(vocab_size=d_vocab, max_position_embeddings=n_ctx, hidden_size=n_heads * d_head,
-                num_hidden_layers=n_layers, num_attention_heads=n_heads, intermediate_size=d_mlp or 4 * n_heads * d_head,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
-                use_parallel_residual=True, bos_token_id=0, eos_token_id=0)
-
-
-def _tiny_rms(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window, **extra):
-    return dict(vocab_size=d_vocab, max_position_embeddings=n_ctx, hidden_size=n_heads * d_head, head_dim=d_head,
-                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                intermediate_size=d_mlp or 3 * n_heads * d_head, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                **extra)
-
-
-def _tiny_llama(*args):
-    return _tiny_rms(*args, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
-
-
-def _tiny_mistral(*args):
-    return _tiny_rms(*args, sliding_window=args[-1], rope_parameters=dict(rope_type="default", rope_theta=10000.0))
-
-
-def _tiny_qwen(*args):
-    # The window applies only with use_sliding_window=True (then on layers >= max_window_layers).
-    return _tiny_rms(*args, sliding_window=args[-1], rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
-
-
-def _tiny_gemma2(*args):
-    n_layers, d_head, window = args[0], args[3], args[-1]
-    # Soft caps low enough to bind on a random model, query_pre_attn_scalar ≠ d_head so the scale is tested.
-    return _tiny_rms(*args, sliding_window=window, query_pre_attn_scalar=d_head + 4, attn_logit_softcapping=3.0,
-                     final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
-                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
-                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))
-
-
-def _tiny_gemma3(*args):
-    n_layers, d_head, window = args[0], args[3], args[-1]
-    return _tiny_rms(*args, sliding_window=window, query_pre_attn_scalar=d_head + 4, hidden_activation="gelu_pytorch_tanh",
-                     layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(n_layers)],
-                     rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
-                                      "full_attention": dict(rope_type="default", rope_theta=1000000.0)})
-
-
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("gpt2", "GPT2LMHeadModel", "gpt2", gpt2_config, wc.convert_gpt2_weights,
-           transformers.GPT2Config, _tiny_gpt2),
-    Family("neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, wc.convert_neox_weights,
-           transformers.GPTNeoXConfig, _tiny_neox),
-    Family("llama", "LlamaForCausalLM", "llama", llama_config, wc.convert_llama_weights,
-           transformers.LlamaConfig, _tiny_llama),
-    Family("mistral", "MistralForCausalLM", "mistral", mistral_config, wc.convert_mistral_weights,
-           transformers.MistralConfig, _tiny_mistral),
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_config, wc.convert_qwen2_weights,
-           transformers.Qwen2Config, _tiny_qwen),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_config, wc.convert_qwen3_weights,
-           transformers.Qwen3Config, _tiny_qwen),
+    Family("gpt2", "GPT2LMHeadModel", "gpt2", gpt2_config, wc.convert_gpt2_weights),
+    Family("neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, wc.convert_neox_weights),
+    Family("llama", "LlamaForCausalLM", "llama", llama_config, wc.convert_llama_weights),
+    Family("mistral", "MistralForCausalLM", "mistral", mistral_config, wc.convert_mistral_weights),
+    Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_config, wc.convert_qwen2_weights),
+    Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_config, wc.convert_qwen3_weights),
     Family("gemma2", "Gemma2ForCausalLM", "gemma2", gemma2_config, wc.convert_gemma_weights,
-           transformers.Gemma2Config, _tiny_gemma2, norm_weight_is_offset=True),
+           norm_weight_is_offset=True),
     Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", gemma3_config, wc.convert_gemma_weights,
-           transformers.Gemma3TextConfig, _tiny_gemma3, norm_weight_is_offset=True),
+           norm_weight_is_offset=True),
 )}
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(f.architecture for f in FAMILIES.values())

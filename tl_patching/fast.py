@@ -59,7 +59,8 @@ def check_pair(model: HookedTransformer, tokens: Tensor, correct: Tensor, wrong:
         raise IndexError("answer token id out of the vocabulary")
 
 
-def _tl_model(forward: Forward) -> HookedTransformer:
+def tl_model(forward: Forward) -> HookedTransformer:
+    """The `HookedTransformer` behind ``forward``; refused on the HF backend (the fast paths run TL's own blocks)."""
     if forward.backend != "tl":
         raise NotImplementedError("the fast paths run TransformerLens's own blocks: use the tl backend, or "
                                   "patching.head_sweep (the reference driver) on the hf backend")
@@ -92,7 +93,7 @@ class CleanRun:
 
 def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun:
     """One clean forward through ``model.blocks``, each with a fresh key/value cache entry that it fills."""
-    model = _tl_model(forward)
+    model = tl_model(forward)
     check_causal(model)
     cfg = model.cfg
     kv_heads = cfg.n_heads if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention else cfg.n_key_value_heads
@@ -233,7 +234,7 @@ def _sweep(
     forward: Forward, tokens: Tensor, donor_cache, kind: str, readout, layers, positions, heads,
     max_rows: int, progress: bool, clean: CleanRun | None, desc: str,
 ) -> Float[Tensor, "layer pos variant batch"]:
-    model = _tl_model(forward)
+    model = tl_model(forward)
     check_causal(model)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -279,7 +280,7 @@ def position_head_sweep(
     The metric: the logit difference ``correct`` − ``wrong`` at the final position, or ``metric`` of the final
     position's logits. ``donor_cache`` needs ``hook_z`` of the swept layers; ``clean_cache``: `clean_run` of ``tokens``.
     """
-    model = _tl_model(forward)
+    model = tl_model(forward)
     heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
     if not heads or not all(0 <= h < model.cfg.n_heads for h in heads):
         raise IndexError(f"heads {heads} out of range: the model has {model.cfg.n_heads} heads")
@@ -298,7 +299,7 @@ def position_sweep(
     position, from the donor: TransformerLens's ``get_act_patch_{kind}`` per prompt, ``[layer, pos, batch]``."""
     if kind not in POSITION_KINDS:
         raise ValueError(f"kind must be one of {POSITION_KINDS} (heads: position_head_sweep), got {kind!r}")
-    readout = _readout(_tl_model(forward), tokens, correct, wrong, metric)
+    readout = _readout(tl_model(forward), tokens, correct, wrong, metric)
     out = _sweep(forward, tokens, donor_cache, kind, readout, layers, positions, [None], max_rows, progress,
                  clean_cache, f"{kind} × position sweep")
     return out[:, :, 0]
@@ -316,7 +317,7 @@ def final_position_head_sweep(
     ``donor_cache`` needs ``hook_z`` of the swept layers; ``clean_cache`` (optional, reused if given) is
     `clean_run` of ``tokens``.
     """
-    model = _tl_model(forward)
+    model = tl_model(forward)
     check_pair(model, tokens, correct, wrong)
     heads = list(range(model.cfg.n_heads))
     readout = _readout(model, tokens, correct, wrong, None)

@@ -41,7 +41,7 @@ class Forward:
     @property
     def weight_mode(self) -> str:
         """"raw" or "processed", read from the weights that actually run (an HF model is always raw)."""
-        from tl_patching.models import weight_mode
+        from tl_patching.provenance import weight_mode
 
         return "raw" if self.hf_model is not None else weight_mode(self.model)
 
@@ -76,8 +76,9 @@ def load_forward(name_or_path: str, backend: str = "tl", device: str = "cpu", dt
     The weights are loaded on the CPU, cast, and only then moved (a float32 copy never reaches the GPU).
     With ``n_devices > 1`` the TL model is split by `place` and the HF mirror by accelerate with `hf_device_map`.
     """
+    from tl_patching.checkpoints import display_name, load_hf
     from tl_patching.distributed import check_devices, hf_device_map, parse_dtype, place
-    from tl_patching.models import display_name, hooked_from_hf, load_hf
+    from tl_patching.models import hooked_from_hf
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

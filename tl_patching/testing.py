@@ -16,9 +16,13 @@ and special tokens (strings, roles, whether the start token is added), with a sm
 on the toolkit's sentences (every IOI name a single token, with and without its leading space).
 `save_tiny_checkpoint(name, directory)` writes it as an HF-format directory that ``--model DIR`` loads.
 
-Weights are drawn like `tl_patching.models.random_pair`'s (every parameter with std 0.2, norm weights around
-1), so heads differ and weight processing is not the identity. Deterministic: same name and seed, same
-bytes.
+`random_pair(family)` is the quicker fixture, with the invented conventions warned of above: a tiny random
+model of a family (a key of `tl_patching.families.FAMILIES`) from a small invented config (`random_config`),
+every other field at the HF config class's default; `random_gpt2` is its GPT-2 shorthand. Each comes as (HF
+model, `HookedTransformer` with the same weights, probe-checked).
+
+Weights are drawn the same way in both (every parameter with std 0.2, norm weights around 1), so heads
+differ and weight processing is not the identity. Deterministic: same name and seed, same bytes.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from tl_patching.provenance import WeightMode
 
 CHECKPOINTS_DIR = Path(__file__).parent / "assets" / "checkpoints"
 
@@ -274,3 +285,152 @@ def checkpoint_of_family(family: str) -> str:
         if family_of(SimpleNamespace(**real_config(name))).name == family:
             return name
     raise KeyError(f"no checkpoint of family {family!r}")
+
+
+# ---- tiny random models of a family -------------------------------------------------------------------------
+# One function per family: (n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window) -> HF config
+# kwargs: the family's shape at test size, plus what a test model should exercise (NeoX's partial rotary, windows,
+# Gemma's soft caps and attention scale).
+
+def _tiny_gpt2(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window):
+    return dict(vocab_size=d_vocab, n_positions=n_ctx, n_embd=n_heads * d_head, n_layer=n_layers, n_head=n_heads,
+                n_inner=d_mlp, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                bos_token_id=0, eos_token_id=0)
+
+
+def _tiny_neox(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window):
+    return dict(vocab_size=d_vocab, max_position_embeddings=n_ctx, hidden_size=n_heads * d_head,
+                num_hidden_layers=n_layers, num_attention_heads=n_heads, intermediate_size=d_mlp or 4 * n_heads * d_head,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+                use_parallel_residual=True, bos_token_id=0, eos_token_id=0)
+
+
+def _tiny_rms(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window, **extra):
+    return dict(vocab_size=d_vocab, max_position_embeddings=n_ctx, hidden_size=n_heads * d_head, head_dim=d_head,
+                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                intermediate_size=d_mlp or 3 * n_heads * d_head, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                **extra)
+
+
+def _tiny_llama(*args):
+    return _tiny_rms(*args, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+
+
+def _tiny_mistral(*args):
+    return _tiny_rms(*args, sliding_window=args[-1], rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+
+
+def _tiny_qwen(*args):
+    # The window applies only with use_sliding_window=True (then on layers >= max_window_layers).
+    return _tiny_rms(*args, sliding_window=args[-1], rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+
+
+def _tiny_gemma2(*args):
+    n_layers, d_head, window = args[0], args[3], args[-1]
+    # Soft caps low enough to bind on a random model, query_pre_attn_scalar ≠ d_head so the scale is tested.
+    return _tiny_rms(*args, sliding_window=window, query_pre_attn_scalar=d_head + 4, attn_logit_softcapping=3.0,
+                     final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
+                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+
+
+def _tiny_gemma3(*args):
+    n_layers, d_head, window = args[0], args[3], args[-1]
+    return _tiny_rms(*args, sliding_window=window, query_pre_attn_scalar=d_head + 4, hidden_activation="gelu_pytorch_tanh",
+                     layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(n_layers)],
+                     rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                      "full_attention": dict(rope_type="default", rope_theta=1000000.0)})
+
+
+RANDOM_CONFIGS = {"gpt2": _tiny_gpt2, "neox": _tiny_neox, "llama": _tiny_llama, "mistral": _tiny_mistral,
+                "qwen2": _tiny_qwen, "qwen3": _tiny_qwen, "gemma2": _tiny_gemma2, "gemma3": _tiny_gemma3}
+
+
+def random_config(
+    family: str,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    d_head: int = 8,
+    n_kv_heads: int | None = None,
+    d_vocab: int = 64,
+    n_ctx: int = 64,
+    d_mlp: int | None = None,
+    sliding_window: int = 4,
+    **config_overrides,
+) -> PretrainedConfig:
+    """The tiny HF config of ``family`` (a key of `tl_patching.families.FAMILIES`) that `random_pair` builds its
+    model from, with the same arguments. ``config_overrides`` are HF config fields."""
+    from transformers import CONFIG_MAPPING
+
+    from tl_patching.families import FAMILIES
+
+    fam = FAMILIES[family]
+    if n_kv_heads is None:
+        n_kv_heads = n_heads if family in ("gpt2", "neox") else max(1, n_heads // 2)
+    kwargs = RANDOM_CONFIGS[family](n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, sliding_window)
+    kwargs.update(config_overrides)
+    return CONFIG_MAPPING[fam.model_type](**kwargs)
+
+
+def random_pair(
+    family: str,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    d_head: int = 8,
+    n_kv_heads: int | None = None,
+    d_vocab: int = 64,
+    n_ctx: int = 64,
+    d_mlp: int | None = None,
+    sliding_window: int = 4,
+    seed: int = 0,
+    weight_std: float = 0.2,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    weights: WeightMode = "raw",
+    **config_overrides,
+) -> tuple[PreTrainedModel, HookedTransformer]:
+    """A tiny randomly initialised HF model of ``family`` (a key of `FAMILIES`) and the same weights in a
+    `HookedTransformer`, verified against each other.
+
+    ``n_kv_heads`` defaults to n_heads // 2 (grouped-query attention) on the families that have it.
+    Sliding-window layers (Mistral, Gemma 2/3) get a window of ``sliding_window`` positions, shorter
+    than a test sequence. Unlike HF's init (std 0.02, norms at identity) every parameter is drawn with
+    ``weight_std`` and norm weights around 1 (Gemma: its offset w in (1 + w) around 0), so heads differ
+    and weight processing is non-trivial. ``config_overrides`` go to the HF config class.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from tl_patching.families import FAMILIES
+    from tl_patching.models import hooked_from_hf
+
+    fam = FAMILIES[family]
+    if tokenizer is not None:
+        d_vocab = len(tokenizer)
+    config = random_config(family, n_layers=n_layers, n_heads=n_heads, d_head=d_head, n_kv_heads=n_kv_heads,
+                           d_vocab=d_vocab, n_ctx=n_ctx, d_mlp=d_mlp, sliding_window=sliding_window, **config_overrides)
+    config._attn_implementation = "eager"
+    generator = torch.Generator().manual_seed(seed)
+    hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * weight_std
+            is_norm_weight = ("norm" in name or ".ln_" in name) and name.endswith("weight")
+            param.copy_(1.0 + noise if is_norm_weight and not fam.norm_weight_is_offset else noise)
+    name = f"random-{family}-L{n_layers}H{n_heads}"
+    return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, name=name)
+
+
+def random_gpt2(
+    n_layers: int = 3,
+    n_heads: int = 4,
+    d_head: int = 8,
+    d_vocab: int = 64,
+    n_ctx: int = 64,
+    d_mlp: int | None = None,
+    seed: int = 0,
+    weight_std: float = 0.2,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    weights: WeightMode = "raw",
+) -> tuple[PreTrainedModel, HookedTransformer]:
+    """A randomly initialised GPT-2 as (HF model, `HookedTransformer` with the very same weights)."""
+    return random_pair("gpt2", n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_vocab=d_vocab, n_ctx=n_ctx,
+                       d_mlp=d_mlp, seed=seed, weight_std=weight_std, tokenizer=tokenizer, weights=weights)

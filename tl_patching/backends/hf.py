@@ -45,7 +45,7 @@ def resolve(hf_model: nn.Module, name: str, write: bool = False) -> tuple[Site |
         raise NotImplementedError(f"{name} is read-only on the HF backend: {family.architecture} has no module boundary there")
     if suffix == "attn.hook_pattern" and hf_model.config._attn_implementation != "eager":
         raise ValueError(f"{name}: HF returns attention probabilities only with eager attention; load the model with "
-                         "attn_implementation='eager' (tl_patching.models.load_hf does)")
+                         "attn_implementation='eager' (tl_patching.checkpoints.load_hf does)")
     return site, layer
 
 

@@ -1,0 +1,66 @@
+"""What a model's weights have been through, read from the model itself (its cfg and weights), never from a label.
+
+Two weight modes, named for what they hold:
+
+- ``"raw"``: the checkpoint's weights as they are (no norm folding, no centring, no value-bias folding). Every
+  activation equals the one a raw HuggingFace hook sees: the mode for cross-checks against HF and for geometry
+  (cosine similarity).
+- ``"processed"``: what TransformerLens's ``from_pretrained`` does (see `tl_patching.models`). Log-probabilities
+  equal HF's; activations do not.
+
+`weight_processing` says which of TL's processings the model shows, `weight_mode` sums it up.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformer_lens import HookedTransformer
+
+WeightMode = Literal["raw", "processed"]
+WEIGHT_MODES: tuple[str, ...] = ("raw", "processed")
+
+__all__ = ["WeightMode", "WEIGHT_MODES", "weight_processing", "weight_mode"]
+
+
+def _params(model: HookedTransformer, *suffixes: str) -> list[torch.Tensor]:
+    return [p for k, p in model.state_dict().items() if k.endswith(suffixes)]
+
+
+def _centred(tensors: list[torch.Tensor]) -> bool:
+    """Every tensor has mean ≈ 0 along its last axis (to float32 rounding of its own size)."""
+    return bool(tensors) and all(
+        t.float().mean(-1).abs().max().item() <= 1e-5 * max(t.float().abs().max().item(), 1e-30) for t in tensors
+    )
+
+
+def weight_processing(model: HookedTransformer) -> dict[str, bool]:
+    """Which of TransformerLens's weight processings the model's own cfg and weights show.
+
+    - ``ln_folded``: cfg.normalization_type is LNPre/RMSPre (norm weights folded into the next weights).
+    - ``writing_weights_centred``: W_E, W_pos, W_O, b_O, W_out, b_out have mean 0 along d_model.
+      TL only does this under LayerNorm (GPT-2, NeoX); on RMSNorm families it is False in both modes.
+    - ``unembed_centred``: W_U and b_U have mean 0 along d_vocab.
+    - ``value_biases_folded``: every b_V is 0 while the attention has biases (b_Q or b_K non-zero).
+      Families without attention biases (Llama, Mistral, Qwen3, Gemma) report False: there folding is
+      the identity and nothing can be detected.
+    """
+    cfg = model.cfg
+    writing = _params(model, "embed.W_E", "pos_embed.W_pos", "attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out")
+    b_V = _params(model, "attn.b_V", "attn._b_V")
+    b_QK = _params(model, "attn.b_Q", "attn.b_K", "attn._b_K")
+    return {
+        "ln_folded": cfg.normalization_type in ("LNPre", "RMSPre"),
+        "writing_weights_centred": _centred(writing),
+        "unembed_centred": _centred(_params(model, "unembed.W_U", "unembed.b_U")),
+        "value_biases_folded": bool(b_V) and all(not b.any() for b in b_V) and any(b.any() for b in b_QK),
+    }
+
+
+def weight_mode(model: HookedTransformer) -> WeightMode:
+    """``"raw"`` if the model shows none of TL's weight processings (activations equal HF's), else
+    ``"processed"``. Read from the model's cfg and weights (see `weight_processing`), not from a label."""
+    if model.cfg.normalization_type in ("LNPre", "RMSPre"):  # the cheap sign, true of every processed model
+        return "processed"
+    return "processed" if any(weight_processing(model).values()) else "raw"
