@@ -27,10 +27,10 @@ from collections.abc import Callable
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching import attribution, path_patching
+from tl_patching import attribution, path_patching, patching
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 
 SIZES = {
     "gpt2-small-sized": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
@@ -112,7 +112,7 @@ def speed(name: str, batch: int = 8, pos: int = 16, sample: int = 24) -> None:
         model(tokens)  # warm-up
         t_fwd = min(measure(lambda: model(tokens))[0] for _ in range(3))  # noqa: B023
         t_cache, m_cache, _ = measure(lambda: model.run_with_cache(tokens))
-    t_pp, m_pp, ours = measure(lambda: path_patching.path_patch(forward, tokens, donor_tokens, correct, wrong))
+    t_pp, m_pp, ours = measure(lambda: path_patching.path_patch(forward, tokens, donor_tokens, LogitDiff(correct, wrong)))
     senders = path_patching.all_heads(model)
     picked = [senders[i] for i in torch.linspace(0, len(senders) - 1, sample).round().long().tolist()]
     t_ref, _, ref = measure(lambda: reference_to_logits(model, tokens, donor_tokens, correct, wrong, picked))
@@ -123,10 +123,10 @@ def speed(name: str, batch: int = 8, pos: int = 16, sample: int = 24) -> None:
           f"(timed on {sample} senders, scaled), max abs diff {diff:.2e}")
     print(f"path patching peak memory ({name}): {m_pp / m_cache:.2f}x vs one run_with_cache, max abs diff {diff:.2e}")
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(L)] + [act_name("resid_post", l) for l in range(L)])
-    t_atp, m_atp, atp = measure(lambda: attribution.attribution_patch(forward, tokens, donor, correct, wrong))
+    t_atp, m_atp, atp = measure(lambda: attribution.attribution_patch(forward, tokens, donor, LogitDiff(correct, wrong)))
     print(f"atp cost ({name}): {t_atp / t_fwd:.2f}x vs one forward, max abs diff n/a (the estimate itself)", flush=True)
     print(f"atp peak memory ({name}): {m_atp / m_cache:.2f}x vs one run_with_cache, max abs diff n/a", flush=True)
-    t_star, m_star, star = measure(lambda: attribution.atp_star(forward, tokens, donor, correct, wrong))
+    t_star, m_star, star = measure(lambda: attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong)))
     consistency = (star.scores["atp"] - atp["z"]).abs().max()  # AtP*'s own AtP term vs attribution_patch
     s = star.seconds
     print(f"atp* cost ({name}): {t_star / t_fwd:.2f}x vs one forward, max abs diff {consistency:.2e} "
@@ -155,8 +155,8 @@ def shipped(n_prompts: int = 50) -> None:
         _, donor = forward.run(b.donor_tokens, cache=z_names)
         with torch.no_grad():
             t_fwd = min(measure(lambda: model(b.tokens))[0] for _ in range(3))
-        t_exact, _, exact = measure(lambda: attribution.exact_head_pos_effects(forward, b.tokens, donor, b.correct, b.wrong))
-        t_star, _, star = measure(lambda: attribution.atp_star(forward, b.tokens, donor, b.correct, b.wrong))
+        t_exact, _, exact = measure(lambda: patching.head_pos_sweep(forward, b.tokens, donor, LogitDiff(b.correct, b.wrong)))
+        t_star, _, star = measure(lambda: attribution.atp_star(forward, b.tokens, donor, LogitDiff(b.correct, b.wrong)))
         first = (b.tokens != b.donor_tokens).float().argmax(1)
         mask = torch.arange(b.tokens.shape[1])[:, None] >= first[None, :]
         report = attribution.atp_report(star.scores, exact, mask=mask, show=False)
@@ -191,7 +191,7 @@ def shipped(n_prompts: int = 50) -> None:
         for dl in range(1, L):
             for dh in range(H):
                 senders = path_patching.all_heads(processed, below=dl)
-                out = path_patching.path_patch(processed, b.tokens, donor_cache, b.correct, b.wrong, senders=senders,
+                out = path_patching.path_patch(Forward(processed), b.tokens, donor_cache, LogitDiff(b.correct, b.wrong), senders=senders,
                                                receivers=[(dl, dh, kind)], mlps="frozen").mean(-1)
                 ours.update({(sl, sh, dl, dh): float(e) for (sl, sh), e in zip(senders, out)})
         lin = {}

@@ -26,6 +26,7 @@ from harness import (  # noqa: E402
 from tl_patching import fast  # noqa: E402
 from tl_patching.edits import act_name  # noqa: E402
 from tl_patching.forward import Forward  # noqa: E402
+from tl_patching.metrics import LogitDiff  # noqa: E402
 
 
 def time_in_blocks(model, fn):
@@ -58,7 +59,7 @@ def bench(size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any
     _, donor = forward.run(donor_tokens, cache=z_names)
 
     # --- final-position head sweep (E5) ---
-    run_fast = lambda: fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, progress=False)  # noqa: E731
+    run_fast = lambda: fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False)  # noqa: E731
     timed(run_fast)  # warm-up
     t_fast, t_blocks, fast_out = min((time_in_blocks(model, run_fast) for _ in range(2)), key=lambda r: r[0])  # best of 2
     pairs = spread([(l, h) for l in range(L) for h in range(H)], head_sample)
@@ -87,7 +88,7 @@ def bench(size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any
         say(str(Line(f"{size} final-position head sweep peak memory", m_final / m_cache,
                      f"one run_with_cache ({m_final / 2**20:.0f} MB vs {m_cache / 2**20:.0f} MB)", diff_tl)))
         return out
-    run_any = lambda: fast.position_head_sweep(forward, tokens, donor, correct, wrong, positions=any_positions)  # noqa: E731
+    run_any = lambda: fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=any_positions)  # noqa: E731
     t_any, any_out = timed(run_any)
     any_scale = pos / len(any_positions)
     triples = spread([(l, p, h) for l in range(L) for p in any_positions for h in range(H)], tl_sample)

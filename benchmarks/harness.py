@@ -28,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from tl_patching import fast
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 
 SIZES = ("gpt2-small-sized", "smollm2-135m-sized")
 
@@ -102,8 +102,8 @@ def _peak_child(size: str, batch: int, pos: int, what: str, threads: int, queue)
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(model.cfg.n_layers)])
     calls = {
         "run_with_cache": lambda: model.run_with_cache(tokens),
-        "final": lambda: fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, progress=False),
-        "any": lambda: fast.position_head_sweep(forward, tokens, donor, correct, wrong, positions=[0]),
+        "final": lambda: fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False),
+        "any": lambda: fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=[0]),
     }
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set size to the current one

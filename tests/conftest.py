@@ -63,7 +63,7 @@ def patch_setup(request):
     IOI's S2), answer ids, the donor's z and resid_post, and a logit-difference metric."""
     from tl_patching.edits import act_name
     from tl_patching.forward import Forward
-    from tl_patching.metrics import logit_diff
+    from tl_patching.metrics import LogitDiff
     from tl_patching.models import hooked_from_hf
 
     hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
@@ -74,7 +74,7 @@ def patch_setup(request):
     donor_tokens[:, 4] = torch.randint(0, 64, (3,), generator=g)
     correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
     _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(4) for k in ("z", "resid_post")])
-    return forward, tokens, donor_tokens, donor, correct, wrong, lambda logits: logit_diff(logits, correct, wrong)
+    return forward, tokens, donor_tokens, donor, correct, wrong, LogitDiff(correct, wrong)
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching import attribution, path_patching
+from tl_patching import attribution, path_patching, patching
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.testing import random_gpt2
 
 
@@ -24,19 +24,19 @@ def test_attribution_is_the_first_order_term_of_exact_patching(setup):
     _, clean = forward.run(tokens, cache=names)
     eps = 1e-3
     near = {n: clean[n] + eps * (donor[n] - clean[n]) for n in names}
-    attr = attribution.attribution_patch(forward, tokens, near, correct, wrong)
-    base = metric(forward(tokens))
+    attr = attribution.attribution_patch(forward, tokens, near, LogitDiff(correct, wrong))
+    base = metric(forward(tokens)[:, -1])
     for layer, pos, head in [(0, 4, 1), (2, 9, 3), (3, 9, 0)]:
-        exact = metric(forward(tokens, [patch(act_name("z", layer), near, head=head, pos=pos)])) - base
+        exact = metric(forward(tokens, [patch(act_name("z", layer), near, head=head, pos=pos)])[:, -1]) - base
         assert torch.allclose(exact / eps, attr["z"][layer, pos, head] / eps, rtol=0.05, atol=1e-3)
-    exact = metric(forward(tokens, [patch(act_name("resid_post", 1), near, pos=4)])) - base
+    exact = metric(forward(tokens, [patch(act_name("resid_post", 1), near, pos=4)])[:, -1]) - base
     assert torch.allclose(exact / eps, attr["resid_post"][1, 4] / eps, rtol=0.05, atol=1e-3)
 
 
 def test_attribution_shapes_and_donor_tokens(setup):
     forward, tokens, donor_tokens, donor, correct, wrong, _ = setup
-    from_tokens = attribution.attribution_patch(forward, tokens, donor_tokens, correct, wrong)
-    from_cache = attribution.attribution_patch(forward, tokens, donor, correct, wrong)
+    from_tokens = attribution.attribution_patch(forward, tokens, donor_tokens, LogitDiff(correct, wrong))
+    from_cache = attribution.attribution_patch(forward, tokens, donor, LogitDiff(correct, wrong))
     assert from_tokens["z"].shape == (4, 10, 4, 3) and from_tokens["resid_post"].shape == (4, 10, 3)
     assert torch.allclose(from_tokens["z"], from_cache["z"], atol=1e-6)
     assert from_tokens["z"][:, :4].abs().max() == 0  # before the differing position: no difference, no attribution
@@ -45,8 +45,8 @@ def test_attribution_shapes_and_donor_tokens(setup):
 
 def test_atp_star_shapes_and_agreement(setup):
     forward, tokens, donor_tokens, donor, correct, wrong, _ = setup
-    out = attribution.atp_star(forward, tokens, donor, correct, wrong)
-    plain = attribution.attribution_patch(forward, tokens, donor, correct, wrong)["z"]
+    out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
+    plain = attribution.attribution_patch(forward, tokens, donor, LogitDiff(correct, wrong))["z"]
     assert set(out.scores) == {"atp", "atp_qk", "atp_gd", "atp_star"}
     assert all(s.shape == (4, 10, 4, 3) and not s.requires_grad for s in out.scores.values())
     assert torch.allclose(out.scores["atp"], plain, atol=1e-6)  # AtP* starts from the same AtP
@@ -82,8 +82,8 @@ def test_qk_fix_is_exact_when_the_pattern_is_the_only_nonlinearity(rotary):
     donor_tokens = torch.randint(0, 20, (2, 6), generator=g)
     correct, wrong = torch.tensor([1, 2]), torch.tensor([3, 4])
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(2)])
-    exact = attribution.exact_head_pos_effects(forward, tokens, donor, correct, wrong)
-    out = attribution.atp_star(forward, tokens, donor, correct, wrong)
+    exact = patching.head_pos_sweep(forward, tokens, donor, LogitDiff(correct, wrong))
+    out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
     assert (out.scores["atp_qk"][0, :, 0] - exact[0, :, 0]).abs().max() < 1e-3
     assert (out.scores["atp"][0, :, 0] - exact[0, :, 0]).abs().max() > 0.1  # plain AtP is off here
     # Layer 1 has no later layer: nothing to fix, AtP is exact there (no norm, linear unembedding).
@@ -97,8 +97,8 @@ def test_grad_drop_known_answer():
     g = torch.Generator().manual_seed(3)
     tokens, donor_tokens = torch.randint(0, 20, (2, 6), generator=g), torch.randint(0, 20, (2, 6), generator=g)
     correct, wrong = torch.tensor([1, 2]), torch.tensor([3, 4])
-    out = attribution.atp_star(Forward(model), tokens, donor_tokens, correct, wrong)
-    direct = path_patching.path_patch(model, tokens, donor_tokens, correct, wrong, senders=[(0, 0), (0, 1)])
+    out = attribution.atp_star(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong))
+    direct = path_patching.path_patch(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=[(0, 0), (0, 1)])
     clean = logit_diff(model(tokens), correct, wrong)
     assert torch.allclose(out.scores["atp_gd"][0, -1], (direct - clean).abs(), atol=1e-4)
     assert out.scores["atp_gd"][0, :-1].abs().max() < 1e-6  # earlier positions reach the logits only via layer 1
@@ -122,7 +122,7 @@ def test_refusals():
     hf, tl = random_gpt2(n_layers=2, n_heads=2, d_head=4, seed=0)
     tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
     with pytest.raises(NotImplementedError, match="tl backend"):
-        attribution.atp_star(Forward(tl, hf), tokens, tokens, correct, wrong)
+        attribution.atp_star(Forward(tl, hf), tokens, tokens, LogitDiff(correct, wrong))
     tl.cfg.use_local_attn = True
     with pytest.raises(NotImplementedError, match="sliding-window"):
-        attribution.atp_star(Forward(tl), tokens, tokens, correct, wrong)
+        attribution.atp_star(Forward(tl), tokens, tokens, LogitDiff(correct, wrong))

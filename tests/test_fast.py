@@ -15,7 +15,7 @@ from transformer_lens import patching as tl_patching
 from tl_patching import fast, patching
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 
 ATOL = 1e-4
 B, P, VOCAB = 3, 9, 40
@@ -90,43 +90,43 @@ def case(request):
     correct, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
     kinds = [k for k in fast.KINDS if act_name(k, 0) in model.hook_dict]
     _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(3) for k in kinds])
-    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
-    return forward, tokens, donor, correct, wrong, metric, kinds
+    return forward, tokens, donor, correct, wrong, LogitDiff(correct, wrong), kinds
 
 
 def test_final_position_head_sweep_equals_the_driver(case):
     forward, tokens, donor, correct, wrong, metric, _ = case
     reference = patching.head_sweep(forward, tokens, donor, metric)
-    out = fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, progress=False)
+    out = fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False)
     assert out.shape == reference.shape == (3, 4, B)
     assert (out - reference).abs().max() < ATOL
-    assert (reference - metric(forward(tokens))).abs().max() > 1e-2  # the patches do something
+    assert (reference - metric(forward(tokens)[:, -1])).abs().max() > 1e-2  # the patches do something
 
 
 def test_donor_equal_to_recipient_has_no_effect(case):
     forward, tokens, _, correct, wrong, metric, kinds = case
     _, same = forward.run(tokens, cache=[act_name(k, l) for l in range(3) for k in kinds])
-    clean = metric(forward(tokens))
-    out = fast.final_position_head_sweep(forward, tokens, same, correct, wrong, progress=False)
+    clean = metric(forward(tokens)[:, -1])
+    out = fast.final_position_head_sweep(forward, tokens, same, LogitDiff(correct, wrong), progress=False)
     assert (out - clean).abs().max() < ATOL
-    out = fast.position_head_sweep(forward, tokens, same, correct, wrong, positions=[0, 4])
+    out = fast.position_head_sweep(forward, tokens, same, LogitDiff(correct, wrong), positions=[0, 4])
     assert (out - clean).abs().max() < ATOL
 
 
 def test_any_position_sweeps_equal_the_driver(case):
     forward, tokens, donor, correct, wrong, metric, kinds = case
     positions = [0, 3, P - 2, P - 1]
-    heads = fast.position_head_sweep(forward, tokens, donor, correct, wrong, positions=positions, max_rows=20)
+    heads = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=positions, max_rows=20)
     variants = [[patch(act_name("z", l), donor, pos=p, head=h)] for l in range(3) for p in positions for h in range(4)]
     reference = patching.sweep(forward, tokens, variants, metric).reshape(3, len(positions), 4, B)
     assert (heads - reference).abs().max() < ATOL
     clean = fast.clean_run(forward, tokens)
+    general = lambda final: final.log_softmax(-1)[:, 3]  # noqa: E731  (not a LogitDiff: the whole unembedding)
     for kind in kinds[1:]:
-        out = fast.position_sweep(forward, tokens, donor, kind, metric=metric, positions=positions, clean_cache=clean)
+        out = fast.position_sweep(forward, tokens, donor, kind, general, positions=positions, recipient_run=clean)
         variants = [[patch(act_name(kind, l), donor, pos=p)] for l in range(3) for p in positions]
-        reference = patching.sweep(forward, tokens, variants, metric).reshape(3, len(positions), B)
+        reference = patching.sweep(forward, tokens, variants, general).reshape(3, len(positions), B)
         assert (out - reference).abs().max() < ATOL, kind
-        assert (reference - metric(forward(tokens))).abs().max() > 1e-2, kind
+        assert (reference - metric(forward(tokens)[:, -1])).abs().max() > 1e-2, kind
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +151,9 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
     expected = tl_fn(model, tokens, donor_cache, lambda logits: logit_diff(logits, correct, wrong).mean())
     donor = dict(donor_cache.cache_dict)
     if kind == "z":
-        out = fast.position_head_sweep(forward, tokens, donor, correct, wrong)
+        out = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong))
     else:
-        out = fast.position_sweep(forward, tokens, donor, kind, correct, wrong)
+        out = fast.position_sweep(forward, tokens, donor, kind, LogitDiff(correct, wrong))
     assert out.shape[:-1] == expected.shape
     assert (out.mean(-1) - expected).abs().max() < ATOL
 
@@ -161,26 +161,27 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
 def test_options_and_refusals(gpt2):
     forward, tokens, donor_tokens, correct, wrong = gpt2
     _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(3) for k in ("z", "resid_post")])
-    full = fast.position_head_sweep(forward, tokens, donor, correct, wrong)
-    part = fast.position_head_sweep(forward, tokens, donor, correct, wrong, layers=[2, 0], positions=[-1, 1], heads=[3, 1])
+    full = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong))
+    part = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), layers=[2, 0], positions=[-1, 1], heads=[3, 1])
     assert torch.allclose(part, full[[2, 0]][:, [5, 1]][:, :, [3, 1]], atol=1e-5)
-    final = fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, layers=[1], max_rows=1, progress=False)
+    final = fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), layers=[1], max_rows=1, progress=False)
     assert torch.allclose(final, full[[1], -1], atol=1e-5)
-    with pytest.raises(ValueError, match="either correct and wrong"):
-        fast.position_sweep(forward, tokens, donor, "resid_post")
+    metric = LogitDiff(correct, wrong)
+    with pytest.raises(ValueError, match="the final position's logits"):  # a metric fed every position's logits
+        metric(forward(tokens))
     with pytest.raises(ValueError, match="kind must be one of"):
-        fast.position_sweep(forward, tokens, donor, "z", correct, wrong)
+        fast.position_sweep(forward, tokens, donor, "z", metric)
     with pytest.raises(KeyError, match="holds no 'blocks.0.hook_mlp_out'"):
-        fast.position_sweep(forward, tokens, donor, "mlp_out", correct, wrong)
+        fast.position_sweep(forward, tokens, donor, "mlp_out", metric)
     with pytest.raises(IndexError, match="position 6 out of range"):
-        fast.position_head_sweep(forward, tokens, donor, correct, wrong, positions=[6])
+        fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=[6])
     with pytest.raises(TypeError, match="clean_run"):
-        fast.final_position_head_sweep(forward, tokens, donor, correct, wrong, clean_cache={})
+        fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), recipient_run={})
     neox = Forward(tiny("neox"))
     with pytest.raises(NotImplementedError, match="parallel attention and MLP: no resid_mid"):
         fast.position_sweep(neox, tokens, {act_name("resid_mid", l): donor[act_name("resid_post", l)] for l in range(3)},
-                            "resid_mid", correct, wrong)
+                            "resid_mid", metric)
     bidirectional = tiny("gpt2")
     bidirectional.cfg.attention_dir = "bidirectional"  # a patch there reaches earlier positions: nothing to reuse
     with pytest.raises(NotImplementedError, match="bidirectional attention"):
-        fast.final_position_head_sweep(Forward(bidirectional), tokens, donor, correct, wrong)
+        fast.final_position_head_sweep(Forward(bidirectional), tokens, donor, LogitDiff(correct, wrong))

@@ -18,6 +18,7 @@ from tl_patching import fast
 from tl_patching.cache_store import load_cache, save_cache
 from tl_patching.experiments import e4_ioi_patching as e4, run_experiment
 from tl_patching.forward import load_forward
+from tl_patching.metrics import LogitDiff
 
 REPO = Path(__file__).resolve().parents[1]
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -59,7 +60,7 @@ def test_fast_path_keeps_its_tensors_on_the_device():
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = fast.final_position_head_sweep(gpu, batch.tokens, donor, batch.correct, batch.wrong, progress=False)
+            out = fast.final_position_head_sweep(gpu, batch.tokens, donor, LogitDiff(batch.correct, batch.wrong), progress=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda"

@@ -8,7 +8,7 @@ from tl_patching import circuit, path_patching
 from tl_patching.edits import act_name, patch
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.testing import random_gpt2, random_pair
 
 ATOL = 1e-4
@@ -107,7 +107,7 @@ SENDERS = [(0, 1), (2, 0), [(0, 2), (1, 0)]]
 @pytest.mark.parametrize("mlps", ["recompute", "frozen"])
 def test_senders_to_logits_equal_the_two_pass_reference(family, caches, mlps):
     name, model, tokens, donor_tokens, correct, wrong = family
-    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, correct, wrong, senders=SENDERS, mlps=mlps)
+    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=SENDERS, mlps=mlps)
     for i, s in enumerate(SENDERS):
         ref = two_pass_reference(model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, "logits", mlps)
         assert (out[i] - ref).abs().max() < ATOL, (name, s)
@@ -122,7 +122,7 @@ def test_senders_to_head_inputs_equal_the_two_pass_reference(family, caches):
     name, model, tokens, donor_tokens, correct, wrong = family
     receivers = RECEIVERS
     senders = [(0, 1), [(0, 0), (1, 3)], (2, 2)]  # (2, 2) sits above every receiver: no path
-    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, correct, wrong, senders=senders, receivers=receivers)
+    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=senders, receivers=receivers)
     for i, s in enumerate(senders):
         ref = two_pass_reference(model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, receivers)
         assert (out[i] - ref).abs().max() < ATOL, (name, s)
@@ -136,7 +136,7 @@ def test_last_layer_sender_to_logits_is_the_plain_head_patch(family):
     _, model, tokens, donor_tokens, correct, wrong = family
     forward = Forward(model)
     _, donor = forward.run(donor_tokens, cache=[act_name("z", 2)])
-    out = path_patching.path_patch(forward, tokens, donor_tokens, correct, wrong, senders=[(2, h) for h in range(4)])
+    out = path_patching.path_patch(forward, tokens, donor_tokens, LogitDiff(correct, wrong), senders=[(2, h) for h in range(4)])
     for h in range(4):
         plain = logit_diff(forward(tokens, [patch(act_name("z", 2), donor, head=h)]), correct, wrong)
         assert (out[h] - plain).abs().max() < ATOL
@@ -146,17 +146,17 @@ def test_donor_equal_to_clean_gives_zero(family):
     _, model, tokens, _, correct, wrong = family
     clean = logit_diff(model(tokens), correct, wrong)
     for receivers in ("logits", [(2, 0, "q"), (1, 1, "k")]):
-        out = path_patching.path_patch(model, tokens, tokens, correct, wrong, receivers=receivers)
+        out = path_patching.path_patch(Forward(model), tokens, tokens, LogitDiff(correct, wrong), receivers=receivers)
         assert out.shape == (12, 2) and (out - clean).abs().max() < ATOL
 
 
 def test_chunking_and_cached_runs_change_nothing(family):
     _, model, tokens, donor_tokens, correct, wrong = family
     forward = Forward(model)
-    whole = path_patching.path_patch(forward, tokens, donor_tokens, correct, wrong)
+    whole = path_patching.path_patch(forward, tokens, donor_tokens, LogitDiff(correct, wrong))
     _, clean = forward.run(tokens, cache=path_patching.clean_names(model))
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(3)])
-    split = path_patching.path_patch(forward, tokens, donor, correct, wrong, clean_cache=clean, max_rows=2)
+    split = path_patching.path_patch(forward, tokens, donor, LogitDiff(correct, wrong), recipient_run=clean, max_rows=2)
     assert torch.allclose(whole, split, atol=1e-5)
 
 
@@ -164,19 +164,19 @@ def test_refusals():
     hf, tl = random_gpt2(n_layers=2, n_heads=2, d_head=4, seed=0)
     tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
     with pytest.raises(NotImplementedError, match="tl backend"):
-        path_patching.path_patch(Forward(tl, hf), tokens, tokens, correct, wrong)
+        path_patching.path_patch(Forward(tl, hf), tokens, tokens, LogitDiff(correct, wrong))
     with pytest.raises(IndexError, match="out of range"):
-        path_patching.path_patch(tl, tokens, tokens, correct, wrong, senders=[(2, 0)])
+        path_patching.path_patch(Forward(tl), tokens, tokens, LogitDiff(correct, wrong), senders=[(2, 0)])
     with pytest.raises(ValueError, match="'q', 'k' or 'v'"):
-        path_patching.path_patch(tl, tokens, tokens, correct, wrong, receivers=[(1, 0, "z")])
+        path_patching.path_patch(Forward(tl), tokens, tokens, LogitDiff(correct, wrong), receivers=[(1, 0, "z")])
     with pytest.raises(ValueError, match="mlps"):
-        path_patching.path_patch(tl, tokens, tokens, correct, wrong, mlps="none")
+        path_patching.path_patch(Forward(tl), tokens, tokens, LogitDiff(correct, wrong), mlps="none")
     tl.cfg.positional_embedding_type = "shortformer"
     with pytest.raises(NotImplementedError, match="shortformer"):
-        path_patching.path_patch(tl, tokens, tokens, correct, wrong)
+        path_patching.path_patch(Forward(tl), tokens, tokens, LogitDiff(correct, wrong))
     llama = tiny("llama")
     with pytest.raises(IndexError, match="key/value heads"):  # k/v receivers are key/value heads on GQA
-        path_patching.path_patch(llama, tokens, tokens, correct, wrong, receivers=[(1, 3, "k")])
+        path_patching.path_patch(Forward(llama), tokens, tokens, LogitDiff(correct, wrong), receivers=[(1, 3, "k")])
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_circuit_on_the_shipped_model(shipped_circuit, tmp_path):
     movers = result.heads["name mover"]
     assert 1 <= len(movers) <= 2 and all(abs(result.direct[l, h]) >= result.settings["cut_nats"] for l, h in movers)
     b = data[0]  # the table is the mean of path_patch over the prompts: check one batch's share
-    one = path_patching.path_patch(model, b.tokens, b.donor_tokens, b.correct, b.wrong, senders=[tuple(movers[0])])
+    one = path_patching.path_patch(Forward(model), b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong), senders=[tuple(movers[0])])
     assert one.shape == (1, len(b))
     for e in result.edges:  # every edge at or above the edge threshold, receivers above senders
         assert abs(e["effect"]) >= result.settings["edge_min"] and (e["receiver"] == "logits" or e["receiver"][0] > e["sender"][0])
@@ -253,7 +253,7 @@ def test_circuit_finder_addresses_a_grouped_query_receivers_shared_kv_head(ioi_t
     def by_hand(receiver) -> torch.Tensor:
         """Mean over the prompts of the path-patched minus the clean logit difference, per sender."""
         with torch.no_grad():
-            total = sum((path_patching.path_patch(forward, b.tokens, b.donor_tokens, b.correct, b.wrong, senders=senders,
+            total = sum((path_patching.path_patch(forward, b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong), senders=senders,
                                                   receivers=[receiver]) - logit_diff(model(b.tokens), b.correct, b.wrong)).sum(-1)
                         for b in data)
         return total / sum(len(b) for b in data)

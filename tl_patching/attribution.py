@@ -2,7 +2,7 @@
 
 ∂metric/∂act · (donor − recipient), from one recipient forward and backward (and one donor forward),
 for every head and position. It approximates the exact effects of `tl_patching.patching.sweep`
-(`exact_head_pos_effects`); `atp_star` adds Kramár et al.'s (2024) two fixes, `atp_report` measures how
+(`tl_patching.patching.head_pos_sweep`); `atp_star` adds Kramár et al.'s (2024) two fixes, `atp_report` measures how
 well each estimate ranks the exact effects (Spearman, top-k recall).
 """
 
@@ -22,25 +22,35 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.utilities.attention import simple_attn_linear
 
-from tl_patching.edits import act_name, patch
-from tl_patching.fast import check_pair, tl_model
+from tl_patching import lens
+from tl_patching.edits import act_name
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
-from tl_patching.patching import sweep
+from tl_patching.metrics import LogitDiff, Metric
+
+WHAT = "attribution patching"
+
+
+def _check_metric(model: HookedTransformer, tokens: Tensor, metric: Metric) -> None:
+    if isinstance(metric, LogitDiff):
+        if tokens.ndim != 2 or len(metric.correct) != len(tokens):
+            raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
+        metric.check(model.cfg.d_vocab_out)
 
 
 def attribution_patch(
     forward: Forward, tokens: Int[Tensor, "batch pos"], donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
-    correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"],
+    metric: Metric,
 ) -> dict[str, Tensor]:
-    """First-order estimate of every patch's effect on the logit difference: ∂LD/∂act · (donor − recipient).
+    """First-order estimate of every patch's effect on ``metric`` (of the final position's logits, e.g. a
+    `LogitDiff`): ∂metric/∂act · (donor − recipient).
 
     ``donor``: donor token ids (run here), or a donor cache with ``hook_z`` and ``hook_resid_post`` of every layer.
-    Returns ``{"z": [layer, pos, head, batch], "resid_post": [layer, pos, batch]}`` in nats, the units of the
-    exact patch effects, from one recipient forward and backward (and one donor forward).
+    Returns ``{"z": [layer, pos, head, batch], "resid_post": [layer, pos, batch]}`` (CPU, float32) in the metric's
+    units (nats for a logit difference), those of the exact patch effects, from one recipient forward and backward
+    (and one donor forward).
     """
-    model = tl_model(forward)
-    check_pair(model, tokens, correct, wrong)
+    model = lens.tl_model(forward, WHAT)
+    _check_metric(model, tokens, metric)
     L = model.cfg.n_layers
     names = [act_name(kind, l) for l in range(L) for kind in ("z", "resid_post")]
     if isinstance(donor, Tensor):
@@ -58,21 +68,14 @@ def attribution_patch(
 
     # Gradients flow from the embedding on, with the weights frozen: the backward computes activation
     # gradients only (no weight gradients), about one forward's cost instead of two.
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", start_grad)] + [(n, keep) for n in names]):
-            logits = model(tokens)
-            logit_diff(logits, correct, wrong).sum().backward()  # per-prompt gradients: prompts don't interact
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    effect = {n: ((donor[n] - acts[n].detach()) * acts[n].grad) for n in names}
-    return {
-        "z": torch.stack([einops.reduce(effect[act_name("z", l)], "b p head d -> p head b", "sum") for l in range(L)]),
-        "resid_post": torch.stack([einops.reduce(effect[act_name("resid_post", l)], "b p d -> p b", "sum") for l in range(L)]),
-    }
+    with lens.frozen_weights(model), torch.enable_grad(), \
+            model.hooks(fwd_hooks=[("hook_embed", start_grad)] + [(n, keep) for n in names]):
+        logits = model(tokens)
+        metric(logits[:, -1]).sum().backward()  # per-prompt gradients: prompts don't interact
+    effect = {n: ((donor[n].to(acts[n].device) - acts[n].detach()) * acts[n].grad) for n in names}
+    z = torch.stack([einops.reduce(effect[act_name("z", l)], "b p head d -> p head b", "sum") for l in range(L)])
+    resid = torch.stack([einops.reduce(effect[act_name("resid_post", l)], "b p d -> p b", "sum") for l in range(L)])
+    return {"z": z.detach().float().cpu(), "resid_post": resid.detach().float().cpu()}
 
 
 # --- AtP* (Kramár et al. 2024): the QK fix and GradDrop, checked against exact patching ---
@@ -109,7 +112,7 @@ class _GradGate(torch.autograd.Function):
 def check_qk_family(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` naming each attention feature the QK fix does not recompute."""
     cfg = model.cfg
-    features = {
+    lens.refuse("the AtP* QK fix (use attribution_patch, AtP)", {
         "QK-norm": cfg.use_qk_norm or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"),
         "Q/K clipping": cfg.clip_qkv is not None,
         "log-n attention scaling": cfg.use_logn_attn,
@@ -118,11 +121,8 @@ def check_qk_family(model: HookedTransformer) -> None:
         f"{cfg.positional_embedding_type} position bias": cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
         "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
         "split q/k/v inputs": cfg.use_split_qkv_input or cfg.use_attn_in,
-    }
-    features[f"post-norm blocks ({cfg.original_architecture})"] = cfg.original_architecture in POST_NORM_ARCHITECTURES
-    missing = [name for name, present in features.items() if present]
-    if missing:
-        raise NotImplementedError(f"the AtP* QK fix does not support {', '.join(missing)}: use attribution_patch (AtP)")
+        f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
+    })
 
 
 @dataclass
@@ -141,15 +141,15 @@ class AtPStar:
 
 def atp_star(
     forward: Forward, tokens: Int[Tensor, "batch pos"], donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
-    correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"], qk_fix: bool = True, grad_drop: bool = True,
+    metric: Metric, qk_fix: bool = True, grad_drop: bool = True,
 ) -> AtPStar:
     """AtP, AtP + QK fix, AtP + GradDrop and AtP* for every head's ``hook_z`` at every position (see above).
 
     ``donor``: donor token ids, or a cache with ``hook_z`` of every layer. One recipient forward with gradients,
     one backward (AtP), L more backwards on the same graph (GradDrop), and the QK fix's exact softmaxes.
     """
-    model = tl_model(forward)
-    check_pair(model, tokens, correct, wrong)
+    model = lens.tl_model(forward, "AtP*")
+    _check_metric(model, tokens, metric)
     if qk_fix:
         check_qk_family(model)
     cfg = model.cfg
@@ -190,26 +190,19 @@ def atp_star(
     if grad_drop:
         fwd_hooks += [(act_name("attn_out", l), gate) for l in range(L)]
         fwd_hooks += [] if cfg.attn_only else [(act_name("mlp_out", l), gate) for l in range(L)]
-    frozen = [p for p in model.parameters() if p.requires_grad]
     grads: dict = {}
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        t0 = time.perf_counter()
-        with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
-            ld = logit_diff(model(tokens), correct, wrong).sum()  # per-prompt gradients: prompts don't interact
-            inputs = [live[n] for n in z_names] + ([live[act_name("pattern", l)] for l in range(L)] if qk_fix else [])
-            for drop in [None] + (list(range(L)) if grad_drop else []):
-                state["drop"] = drop
-                grads[drop] = torch.autograd.grad(ld, inputs, retain_graph=True, allow_unused=True)
-                if drop is None:
-                    seconds["forward_backward"] = time.perf_counter() - t0
-                    t1 = time.perf_counter()
-        seconds["grad_drop"] = time.perf_counter() - t1 if grad_drop else 0.0
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    dz = [(donor[n] - live[n].detach()) for n in z_names]
+    t0 = time.perf_counter()
+    with lens.frozen_weights(model), torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        total = metric(model(tokens)[:, -1]).sum()  # per-prompt gradients: prompts don't interact
+        inputs = [live[n] for n in z_names] + ([live[act_name("pattern", l)] for l in range(L)] if qk_fix else [])
+        for drop in [None] + (list(range(L)) if grad_drop else []):
+            state["drop"] = drop
+            grads[drop] = torch.autograd.grad(total, inputs, retain_graph=True, allow_unused=True)
+            if drop is None:
+                seconds["forward_backward"] = time.perf_counter() - t0
+                t1 = time.perf_counter()
+    seconds["grad_drop"] = time.perf_counter() - t1 if grad_drop else 0.0
+    dz = [(donor[n].to(live[n].device) - live[n].detach()) for n in z_names]
 
     def linear(g) -> Tensor:  # [L, P, H, B]
         return torch.stack([einops.einsum(dz[l], g[l], "b p h d, b p h d -> p h b") if g[l] is not None
@@ -230,7 +223,7 @@ def atp_star(
         mean_abs = lambda c: sum((c[d].abs() * (layer_of != d)) for d in range(L)) / (L - 1)  # noqa: E731
         scores["atp_gd"] = mean_abs(atp)
         scores["atp_star"] = mean_abs({d: atp[d] + corr[d] for d in range(L)}) if qk_fix else scores["atp_gd"]
-    return AtPStar(scores, seconds)
+    return AtPStar({k: v.detach().float().cpu() for k, v in scores.items()}, seconds)
 
 
 def _qk_terms(model: HookedTransformer, l: int, lp: int, dz: Tensor, saved: dict, q_kind: str, k_kind: str):
@@ -245,7 +238,7 @@ def _qk_terms(model: HookedTransformer, l: int, lp: int, dz: Tensor, saved: dict
     delta = einops.einsum(dz, block.attn.W_O[:], "b p h d, h d m -> b h p m").reshape(B * Hs, P, -1)
     x = saved[act_name("resid_pre", lp)].repeat_interleave(Hs, dim=0) + delta
     normed = model.blocks[lp].ln1(x)
-    grouped = model.cfg.n_key_value_heads is not None and not model.cfg.ungroup_grouped_query_attention
+    grouped = lens.kv_heads(model.cfg) != model.cfg.n_heads
     q_new = simple_attn_linear(normed, attn.W_Q, attn.b_Q)
     k_new = simple_attn_linear(normed, attn._W_K, attn._b_K) if grouped else simple_attn_linear(normed, attn.W_K, attn.b_K)
     if model.cfg.positional_embedding_type == "rotary":
@@ -288,19 +281,6 @@ def _contract(G: Tensor, D_row: Tensor, D_col: Tensor) -> Tensor:
     row = einops.einsum(Gn, D_row, "n h p s, n h p s -> n p")  # row p of each node
     col = einops.einsum(Gn, D_col, "n h t s, n h p t s -> n p")
     return einops.rearrange(row + col, "(b h) p -> p h b", b=B)
-
-
-def exact_head_pos_effects(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: dict[str, Tensor],
-    correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"], max_rows: int = 256,
-) -> Tensor:
-    """Exact effect of patching each head's z at each position from the donor, ``[layer, pos, head, batch]`` nats,
-    with the sweep driver (one variant per (layer, pos, head): slow, the reference)."""
-    L, H, P = forward.cfg.n_layers, forward.cfg.n_heads, tokens.shape[1]
-    metric = lambda logits: logit_diff(logits, correct, wrong)  # noqa: E731
-    variants = [[]] + [[patch(act_name("z", l), donor, head=h, pos=p)] for l in range(L) for p in range(P) for h in range(H)]
-    out = sweep(forward, tokens, variants, metric, max_rows=max_rows)
-    return (out[1:] - out[0]).reshape(L, P, H, -1)
 
 
 def atp_report(

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching import lens
+from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.path_patching import all_heads, clean_names, path_patch
 from tl_patching.prompts import IOIBatch, token_rows
 from tl_patching.results import Result, RunInfo
@@ -71,8 +72,8 @@ def _mean_effect(forward: Forward, batches: Sequence[IOIBatch], senders, receive
     """Mean over every prompt of (path-patched − clean) logit difference, per sender variant."""
     total, n = 0.0, 0
     for b, (clean_cache, donor_cache, clean_ld) in zip(batches, clean_runs):
-        out = path_patch(forward, b.tokens, donor_cache, b.correct, b.wrong, senders=senders, receivers=receivers,
-                         clean_cache=clean_cache)
+        out = path_patch(forward, b.tokens, donor_cache, LogitDiff(b.correct, b.wrong), senders=senders,
+                         receivers=receivers, recipient_run=clean_cache)
         total = total + (out - clean_ld).sum(-1)
         n += len(b)
     return total / n
@@ -114,13 +115,11 @@ def run(
     def mean(senders, receivers) -> Tensor:
         return _mean_effect(forward, batches, senders, receivers, runs)
 
-    n_kv = model.cfg.n_key_value_heads or H
-
     def inputs_of(receivers_of: Sequence[Sequence[int]], kind: str) -> list[tuple[int, int, str]]:
         """The receivers' ``kind`` inputs; under grouped-query attention a key/value input belongs to the shared
-        key/value head of the receiver (``h // (n_heads / n_kv_heads)``), so two receivers may share it."""
-        share = H // n_kv if kind in ("k", "v") and not model.cfg.ungroup_grouped_query_attention else 1
-        return list(dict.fromkeys((l, h // share, kind) for l, h in receivers_of))
+        key/value head of the receiver (`lens.kv_head_of`), so two receivers may share it."""
+        head_of = (lambda h: lens.kv_head_of(model.cfg, h)) if kind in ("k", "v") else (lambda h: h)  # noqa: E731
+        return list(dict.fromkeys((l, head_of(h), kind) for l, h in receivers_of))
 
     direct = mean(all_heads(model), "logits").reshape(L, H)
     heads["name mover"] = _select(direct, all_heads(model), cut, max_heads)

@@ -245,7 +245,8 @@ def gaussian_noise(name: str, mean: float = 0.0, std: float = 1.0, seed: int = 0
     return Edit(name, rewrite, **where)
 
 
-def _donor_activation(name: str, donor) -> Tensor:
+def donor_activation(name: str, donor) -> Tensor:
+    """``donor`` itself if it is a tensor, else ``donor[name]`` (a donor cache); `KeyError` saying how to cache it."""
     if isinstance(donor, Tensor):
         return donor
     if name not in donor:
@@ -253,10 +254,12 @@ def _donor_activation(name: str, donor) -> Tensor:
     return donor[name]
 
 
-def _check_donor(name: str, source: Tensor, act: Tensor) -> None:
-    if source.shape[1:] != act.shape[1:] or source.shape[0] not in (1, act.shape[0]):
+def check_donor(name: str, source: Tensor, recipient: tuple[int, ...]) -> None:
+    """Raise `ValueError` unless the donor activation ``source`` fits the recipient's shape ``recipient``: the same
+    shape after the batch axis (the same token length), and the same batch or a batch of 1. The one donor check."""
+    if tuple(source.shape[1:]) != tuple(recipient[1:]) or source.shape[0] not in (1, recipient[0]):
         raise ValueError(
-            f"{name}: donor activation {tuple(source.shape)} does not match the recipient's {tuple(act.shape)} "
+            f"{name}: donor activation {tuple(source.shape)} does not match the recipient's {tuple(recipient)} "
             "(donor and recipient need the same token length, and the same batch or a batch of 1)"
         )
 
@@ -267,10 +270,10 @@ def patch(name: str, donor, **where) -> Edit:
     ``donor``: a cache (mapping) holding ``name``, or the activation itself, TL layout, batch equal to the
     recipient's or 1.
     """
-    source = _donor_activation(name, donor)
+    source = donor_activation(name, donor)
 
     def rewrite(act: Tensor, i: tuple) -> Tensor:
-        _check_donor(name, source, act)
+        check_donor(name, source, tuple(act.shape))
         return source.to(act.device).expand_as(act)[i]
 
     return Edit(name, rewrite, **where)
@@ -278,10 +281,10 @@ def patch(name: str, donor, **where) -> Edit:
 
 def patch_where(name: str, donor, mask: Bool[Tensor, "batch pos"]) -> Edit:
     """Copy the donor's activation at the positions where ``mask`` is true, row by row (e.g. ``tokens != donor_tokens``)."""
-    source = _donor_activation(name, donor)
+    source = donor_activation(name, donor)
 
     def rewrite(act: Tensor, i: tuple) -> Tensor:
-        _check_donor(name, source, act)
+        check_donor(name, source, tuple(act.shape))
         if mask.shape != act.shape[:2]:
             raise ValueError(f"{name}: mask {tuple(mask.shape)} does not match [batch, pos] = {tuple(act.shape[:2])}")
         m = mask.to(act.device).reshape(*mask.shape, *[1] * (act.ndim - 2))

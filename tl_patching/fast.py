@@ -34,10 +34,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from tl_patching.edits import act_name
+from tl_patching import lens
+from tl_patching.edits import act_name, check_donor, donor_activation
 from tl_patching.forward import Forward
+from tl_patching.metrics import LogitDiff, Metric
 from tl_patching.patching import check_layers
 
 # Where a patch at (layer l, position p) enters: ``resid_pre`` changes block l's keys/values at p, so block l
@@ -46,32 +47,13 @@ from tl_patching.patching import check_layers
 POSITION_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 KINDS = ("z",) + POSITION_KINDS
 
-# Final-position metric: [batch, 1, d_vocab] logits (the final position only) -> [batch]. A metric of the sweep
-# driver that reads ``logits[:, -1]`` works unchanged.
-FinalMetric = Callable[[Float[Tensor, "batch 1 d_vocab"]], Float[Tensor, " batch"]]
-
-
-def check_pair(model: HookedTransformer, tokens: Tensor, correct: Tensor, wrong: Tensor) -> None:
-    """Raise unless there is one correct and one wrong answer id per prompt, inside the vocabulary."""
-    if tokens.ndim != 2 or len(correct) != len(tokens) or len(wrong) != len(tokens):
-        raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
-    if int(max(correct.max(), wrong.max())) >= model.cfg.d_vocab_out:
-        raise IndexError("answer token id out of the vocabulary")
-
-
-def tl_model(forward: Forward) -> HookedTransformer:
-    """The `HookedTransformer` behind ``forward``; refused on the HF backend (the fast paths run TL's own blocks)."""
-    if forward.backend != "tl":
-        raise NotImplementedError("the fast paths run TransformerLens's own blocks: use the tl backend, or "
-                                  "patching.head_sweep (the reference driver) on the hf backend")
-    return forward.model
+WHAT = "the fast sweeps"
 
 
 def check_causal(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` where the fast paths' premise (a patch at p leaves positions < p alone) fails."""
-    if model.cfg.attention_dir != "causal":
-        raise NotImplementedError(f"{model.cfg.attention_dir} attention: a patch changes earlier positions too, "
-                                  "so there is no clean prefix to reuse; use patching.sweep")
+    lens.refuse(WHAT, {f"{model.cfg.attention_dir} attention (a patch changes earlier positions too, so there is no "
+                       "clean prefix to reuse; use patching.sweep)": model.cfg.attention_dir != "causal"})
 
 
 @dataclass(frozen=True)
@@ -93,10 +75,10 @@ class CleanRun:
 
 def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun:
     """One clean forward through ``model.blocks``, each with a fresh key/value cache entry that it fills."""
-    model = tl_model(forward)
+    model = lens.tl_model(forward, WHAT)
     check_causal(model)
     cfg = model.cfg
-    kv_heads = cfg.n_heads if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention else cfg.n_key_value_heads
+    kv_heads = lens.kv_heads(cfg)
     resid, keys, values = [], [], []
     with torch.no_grad():
         # Exactly how HookedTransformer.forward starts: embeddings, padding mask (None unless the tokenizer pads
@@ -173,52 +155,34 @@ def _patched_block(
     return out
 
 
-def _final_logits(model: HookedTransformer, resid: Float[Tensor, "rows d_model"], ids: Tensor | None = None) -> Tensor:
-    """Final-position logits from the residual after the last block, as ``HookedTransformer.forward`` computes them
-    (``ln_final``, unembedding, final soft-cap); only the vocabulary columns ``ids`` [rows, k] when given."""
-    x = resid[:, None].to(model.W_U.device)
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    x = x[:, 0]
-    if ids is None:
-        logits = model.unembed(x[:, None])[:, 0]
-    else:
-        logits = einops.einsum(x, model.W_U.T[ids], "r d, r k d -> r k") + model.b_U[ids]
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
-
-
-def _readout(model: HookedTransformer, tokens: Tensor, correct, wrong, metric: FinalMetric | None):
-    """The metric per variant and prompt, ``[n, batch]``, from the final position's residual of n·batch rows."""
+def _readout(model: HookedTransformer, tokens: Tensor, metric: Metric):
+    """The metric per variant and prompt, ``[n, batch]``, from the final position's residual of n·batch rows: through
+    the two unembedding columns of a `LogitDiff`, through the whole unembedding for any other metric."""
     B = len(tokens)
-    if (metric is None) == (correct is None or wrong is None):
-        raise ValueError("pass either correct and wrong answer ids (logit difference) or a metric, not both")
-    if metric is None:
-        correct, wrong = torch.as_tensor(correct), torch.as_tensor(wrong)
-        check_pair(model, tokens, correct, wrong)
-        pair = torch.stack([correct, wrong], -1).to(model.W_U.device)
+    if isinstance(metric, LogitDiff):
+        if len(metric.correct) != B:
+            raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
+        metric.check(model.cfg.d_vocab_out)
+        columns = metric.columns.to(model.W_U.device)
 
         def logit_diff(resid: Tensor) -> Tensor:
-            logits = _final_logits(model, resid, _rows(pair, len(resid) // B))
+            logits = lens.final_logits(model, resid, _rows(columns, len(resid) // B))
             return (logits[:, 0] - logits[:, 1]).reshape(-1, B)
 
         return logit_diff
 
     def general(resid: Tensor) -> Tensor:
-        logits = _final_logits(model, resid).reshape(-1, B, 1, model.cfg.d_vocab_out)
+        logits = lens.final_logits(model, resid).reshape(-1, B, model.cfg.d_vocab_out)
         return torch.stack([metric(l) for l in logits])
 
     return general
 
 
-def _check_donor(model: HookedTransformer, tokens: Tensor, donor_cache, kind: str, layers: Sequence[int]) -> None:
+def _check_donor(tokens: Tensor, donor_cache, kind: str, layers: Sequence[int]) -> None:
     for l in layers:
         name = act_name(kind, l)
-        if name not in donor_cache:
-            raise KeyError(f"the donor cache holds no {name!r}; cache it (cache=[{name!r}]) first")
-        d = donor_cache[name]
-        if d.shape[1] != tokens.shape[1] or d.shape[0] not in (1, len(tokens)):
-            raise ValueError(f"donor {name} {tuple(d.shape)} does not match the recipient's tokens {tuple(tokens.shape)}: "
-                             "same token length needed, and the same batch or a batch of 1")
+        d = donor_activation(name, donor_cache)
+        check_donor(name, d, (len(tokens), tokens.shape[1], *d.shape[2:]))
 
 
 def _positions(tokens: Tensor, positions: Sequence[int] | None) -> list[int]:
@@ -231,20 +195,21 @@ def _positions(tokens: Tensor, positions: Sequence[int] | None) -> list[int]:
 
 
 def _sweep(
-    forward: Forward, tokens: Tensor, donor_cache, kind: str, readout, layers, positions, heads,
+    forward: Forward, tokens: Tensor, donor_cache, kind: str, metric: Metric, layers, positions, heads,
     max_rows: int, progress: bool, clean: CleanRun | None, desc: str,
 ) -> Float[Tensor, "layer pos variant batch"]:
-    model = tl_model(forward)
+    model = lens.tl_model(forward, WHAT)
     check_causal(model)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    readout = _readout(model, tokens, metric)
     layers = check_layers(forward, layers)
     positions = _positions(tokens, positions)
-    _check_donor(model, tokens, donor_cache, kind, layers)
+    _check_donor(tokens, donor_cache, kind, layers)
     if clean is None:
         clean = clean_run(forward, tokens)
     elif not isinstance(clean, CleanRun) or not torch.equal(clean.tokens, tokens.to(clean.tokens.device)):
-        raise TypeError("clean_cache must be fast.clean_run(forward, tokens) of these tokens")
+        raise TypeError("recipient_run must be fast.clean_run(forward, tokens) of these tokens")
     P, B, L = tokens.shape[1], len(tokens), model.cfg.n_layers
     V = len(heads) if kind == "z" else 1
     per_pass = max(1, max_rows // (V * B))
@@ -269,58 +234,51 @@ def _sweep(
 
 
 def position_head_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor],
-    correct: Int[Tensor, " batch"] | None = None, wrong: Int[Tensor, " batch"] | None = None,
-    metric: FinalMetric | None = None, layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None, max_rows: int = 256, progress: bool = False, clean_cache: CleanRun | None = None,
+    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], metric: Metric,
+    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+    max_rows: int = 256, progress: bool = False, recipient_run: CleanRun | None = None,
 ) -> Float[Tensor, "layer pos head batch"]:
     """Exact patching of each head's ``hook_z`` at each position, alone, from the donor: TransformerLens's
-    ``get_act_patch_attn_head_out_by_pos`` per prompt, ``[layer, pos, head, batch]``.
+    ``get_act_patch_attn_head_out_by_pos`` per prompt, ``[layer, pos, head, batch]`` (CPU, float32).
 
-    The metric: the logit difference ``correct`` − ``wrong`` at the final position, or ``metric`` of the final
-    position's logits. ``donor_cache`` needs ``hook_z`` of the swept layers; ``clean_cache``: `clean_run` of ``tokens``.
+    ``metric`` of the final position's logits (a `LogitDiff` goes through two unembedding columns). ``donor_cache``
+    needs ``hook_z`` of the swept layers; ``recipient_run``: `clean_run` of ``tokens``, reused if given.
     """
-    model = tl_model(forward)
+    model = lens.tl_model(forward, WHAT)
     heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
     if not heads or not all(0 <= h < model.cfg.n_heads for h in heads):
         raise IndexError(f"heads {heads} out of range: the model has {model.cfg.n_heads} heads")
-    readout = _readout(model, tokens, correct, wrong, metric)
-    return _sweep(forward, tokens, donor_cache, "z", readout, layers, positions, heads, max_rows, progress,
-                  clean_cache, "head × position sweep")
+    return _sweep(forward, tokens, donor_cache, "z", metric, layers, positions, heads, max_rows, progress,
+                  recipient_run, "head × position sweep")
 
 
 def position_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], kind: str,
-    correct: Int[Tensor, " batch"] | None = None, wrong: Int[Tensor, " batch"] | None = None,
-    metric: FinalMetric | None = None, layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    max_rows: int = 256, progress: bool = False, clean_cache: CleanRun | None = None,
+    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], kind: str, metric: Metric,
+    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
+    max_rows: int = 256, progress: bool = False, recipient_run: CleanRun | None = None,
 ) -> Float[Tensor, "layer pos batch"]:
     """Exact patching of the whole ``hook_{kind}`` vector (``kind`` in `POSITION_KINDS`) at one layer and one
     position, from the donor: TransformerLens's ``get_act_patch_{kind}`` per prompt, ``[layer, pos, batch]``."""
     if kind not in POSITION_KINDS:
         raise ValueError(f"kind must be one of {POSITION_KINDS} (heads: position_head_sweep), got {kind!r}")
-    readout = _readout(tl_model(forward), tokens, correct, wrong, metric)
-    out = _sweep(forward, tokens, donor_cache, kind, readout, layers, positions, [None], max_rows, progress,
-                 clean_cache, f"{kind} × position sweep")
+    out = _sweep(forward, tokens, donor_cache, kind, metric, layers, positions, [None], max_rows, progress,
+                 recipient_run, f"{kind} × position sweep")
     return out[:, :, 0]
 
 
 def final_position_head_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor],
-    correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"],
-    layers: Sequence[int] | None = None, progress: bool = True, clean_cache: CleanRun | None = None,
+    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], metric: Metric,
+    layers: Sequence[int] | None = None, progress: bool = True, recipient_run: CleanRun | None = None,
     max_rows: int = 8192,
 ) -> Float[Tensor, "layer head batch"]:
-    """Exact patching of each head's z at the final position: ``patching.head_sweep(..., pos=-1)`` with a logit
-    difference, recomputing only the final position from the patched layer on.
+    """Exact patching of each head's z at the final position: ``patching.head_sweep(..., pos=-1)``, recomputing only
+    the final position from the patched layer on, ``[layer, head, batch]`` (CPU, float32).
 
-    ``donor_cache`` needs ``hook_z`` of the swept layers; ``clean_cache`` (optional, reused if given) is
+    ``donor_cache`` needs ``hook_z`` of the swept layers; ``recipient_run`` (optional, reused if given) is
     `clean_run` of ``tokens``.
     """
-    model = tl_model(forward)
-    check_pair(model, tokens, correct, wrong)
+    model = lens.tl_model(forward, WHAT)
     heads = list(range(model.cfg.n_heads))
-    readout = _readout(model, tokens, correct, wrong, None)
-    out = _sweep(forward, tokens, donor_cache, "z", readout, layers, [-1], heads, max_rows, progress,
-                 clean_cache, "final-position head sweep")
+    out = _sweep(forward, tokens, donor_cache, "z", metric, layers, [-1], heads, max_rows, progress,
+                 recipient_run, "final-position head sweep")
     return out[:, 0]

@@ -8,17 +8,18 @@ carries the information; localisation is the point, so patches are small (one he
 `sweep` is the one driver under every sweep (TransformerLens's ``generic_activation_patch``, with our
 `Edit` as the patch setter): it takes a list of *variants*, each a list of edits, runs them through a
 `Forward` on either backend, several variants per forward stacked on the batch axis, and returns the
-metric per variant and prompt ``[variant, batch]``. A kind of sweep is a function that lists variants:
+metric of the final position's logits per variant and prompt ``[variant, batch]`` (the one metric convention,
+`tl_patching.metrics.Metric`, e.g. ``LogitDiff(correct, wrong)``). A kind of sweep is a function that lists variants:
 
     variants = [[patch(act_name("z", l), donor, head=h, pos=-1)] for l in range(L) for h in range(H)]
-    effect = sweep(forward, tokens, variants, metric).reshape(L, H, -1)
+    effect = sweep(forward, tokens, variants, LogitDiff(correct, wrong)).reshape(L, H, -1)
 
 The fast paths in `tl_patching.fast` compute the same numbers with less work and are tested equal to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import einops
 import torch
@@ -28,15 +29,15 @@ from tqdm.auto import tqdm
 
 from tl_patching.edits import Edit, act_name, patch
 from tl_patching.forward import Forward
-
-Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"]]
+from tl_patching.metrics import Metric
 
 
 def sweep(
     forward: Forward, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[Edit]], metric: Metric,
     max_rows: int = 64, progress: bool = False, desc: str = "sweep",
 ) -> Float[Tensor, "variant batch"]:
-    """``metric`` of the recipient ``tokens`` under each variant's edits, per prompt.
+    """``metric`` of the final position's logits of the recipient ``tokens`` under each variant's edits, per prompt,
+    on the CPU in float32.
 
     Variants are stacked on the batch axis, at most ``max_rows`` rows (variants × prompts) per forward;
     each edit sees only its own variant's rows. An empty variant is the clean run.
@@ -55,7 +56,7 @@ def sweep(
             edits = [e.on_rows(slice(i * B, (i + 1) * B)) for i, variant in enumerate(chunk) for e in variant]
             logits, _ = forward.run(rows, edits)
             for i in range(len(chunk)):
-                out[start + i] = metric(logits[i * B : (i + 1) * B]).detach().float().cpu()
+                out[start + i] = metric(logits[i * B : (i + 1) * B, -1]).detach().float().cpu()
             bar.update(len(chunk))
     return out
 
@@ -97,3 +98,15 @@ def head_sweep(
     variants = head_variants(donor, layers, heads, pos)
     out = sweep(forward, tokens, variants, metric, max_rows=max_rows, progress=progress, desc="head sweep")
     return einops.rearrange(out, "(l h) b -> l h b", l=len(layers))
+
+
+def head_pos_sweep(
+    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: dict[str, Tensor], metric: Metric,
+    max_rows: int = 256, progress: bool = False,
+) -> Float[Tensor, "layer pos head batch"]:
+    """The reference head × position sweep: each head's ``hook_z`` at each position patched alone from the donor,
+    the change in ``metric`` (patched − clean) ``[layer, pos, head, batch]``; one variant per (layer, pos, head)."""
+    L, H, P = forward.cfg.n_layers, forward.cfg.n_heads, tokens.shape[1]
+    variants = [[]] + [[patch(act_name("z", l), donor, head=h, pos=p)] for l in range(L) for p in range(P) for h in range(H)]
+    out = sweep(forward, tokens, variants, metric, max_rows=max_rows, progress=progress, desc="head × position sweep")
+    return (out[1:] - out[0]).reshape(L, P, H, -1)

@@ -16,8 +16,8 @@ Definition used here (the common one, Wang et al. / ARENA):
    unembedding (one pass suffices); or heads' query / key / value inputs — a clean run in which only those
    inputs are replaced by the frozen run's, everything downstream recomputed.
 
-The metric is the logit difference (correct − wrong) at the final position, per prompt, like
-`tl_patching.fast`. The reference is that recipe with hand-written TL hooks, two passes per sender
+The metric is any metric of the final position's logits (`tl_patching.metrics.Metric`); a `LogitDiff` goes through
+two columns of the unembedding, like `tl_patching.fast`. The reference is that recipe with hand-written TL hooks, two passes per sender
 (tests/test_path_patching.py); `path_patch` computes the same numbers with much less work, many
 sender variants at once on the batch axis:
 
@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from tl_patching.edits import act_name
+from tl_patching import lens
+from tl_patching.edits import act_name, check_donor
 from tl_patching.forward import Forward
+from tl_patching.metrics import LogitDiff, Metric
 
 Head = tuple[int, int]  # (layer, head)
 Sender = Union[Head, Sequence[Head]]  # one head, or a group patched together (one variant)
@@ -56,27 +57,18 @@ Receiver = tuple[int, int, str]  # (layer, head, "q" | "k" | "v"); for k/v on a 
 MLP_MODES = ("recompute", "frozen")
 
 
-def _tl_model(forward: Forward | HookedTransformer) -> HookedTransformer:
-    if isinstance(forward, HookedTransformer):
-        return forward
-    if forward.backend != "tl":
-        raise NotImplementedError("path patching runs TransformerLens's own blocks: use the tl backend "
-                                  "(Forward(model) without hf_model)")
-    return forward.model
+WHAT = "path patching"
 
 
 def check_family(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` naming each feature of ``model`` that path patching does not compute exactly."""
     cfg = model.cfg
-    features = {
+    lens.refuse(WHAT, {
         "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
         "4-bit weights": cfg.load_in_4bit,
         f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
         "an encoder or bidirectional attention": cfg.attention_dir != "causal",
-    }
-    missing = [name for name, present in features.items() if present]
-    if missing:
-        raise NotImplementedError(f"path patching does not support {', '.join(missing)}")
+    })
 
 
 def all_heads(model: HookedTransformer, below: int | None = None) -> list[Head]:
@@ -108,7 +100,7 @@ def _check_receivers(model: HookedTransformer, receivers) -> list[Receiver] | No
     for l, h, kind in receivers:
         if kind not in ("q", "k", "v"):
             raise ValueError(f"receiver input must be 'q', 'k' or 'v', got {kind!r}")
-        n = cfg.n_heads if kind == "q" or not _grouped(model) else cfg.n_key_value_heads
+        n = cfg.n_heads if kind == "q" else lens.kv_heads(cfg)
         if not (0 <= l < cfg.n_layers and 0 <= h < n):
             what = "key/value heads" if n != cfg.n_heads else "heads"
             raise IndexError(f"receiver ({l}, {h}, {kind!r}) out of range: {cfg.n_layers} layers × {n} {what}")
@@ -118,25 +110,22 @@ def _check_receivers(model: HookedTransformer, receivers) -> list[Receiver] | No
     return out
 
 
-def _grouped(model: HookedTransformer) -> bool:
-    cfg = model.cfg
-    return cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
-
-
 def clean_names(model: HookedTransformer) -> list[str]:
-    """The recipient activations path patching reads (pass them as ``clean_cache`` to reuse a run)."""
+    """The recipient activations path patching reads (pass them as ``recipient_run`` to reuse a run)."""
     return [act_name(k, l) for l in range(model.cfg.n_layers) for k in ("resid_pre", "z", "mlp_out")
             if not (k == "mlp_out" and model.cfg.attn_only)]
 
 
-def final_logit_diff(
-    model: HookedTransformer, resid: Float[Tensor, "rows d_model"], correct: Int[Tensor, " rows"], wrong: Int[Tensor, " rows"]
-) -> Float[Tensor, " rows"]:
-    """Logit difference from the final position's residual stream (before ``ln_final``), through two unembedding
-    columns, with the family's output soft-cap."""
-    normed = model.ln_final(resid[:, None])[:, 0] if model.cfg.normalization_type is not None else resid
-    logit = lambda ids: apply_softcap((normed * model.W_U[:, ids].T).sum(-1) + model.b_U[ids], model.cfg.output_logits_soft_cap)  # noqa: E731
-    return logit(correct) - logit(wrong)
+def _readout(model: HookedTransformer, metric: Metric, resid: Float[Tensor, "variant batch d_model"]) -> Tensor:
+    """``metric`` of the logits from the final position's residual stream (before ``ln_final``) of every variant,
+    ``[variant, batch]``: through two unembedding columns for a `LogitDiff`, the whole unembedding otherwise."""
+    V, B = resid.shape[:2]
+    rows = resid.reshape(V * B, -1)
+    if isinstance(metric, LogitDiff):
+        logits = lens.final_logits(model, rows, metric.columns.to(model.W_U.device).repeat(V, 1))
+        return (logits[:, 0] - logits[:, 1]).reshape(V, B)
+    logits = lens.final_logits(model, rows).reshape(V, B, -1)
+    return torch.stack([metric(l) for l in logits])
 
 
 def _attn_out(model: HookedTransformer, layer: int, raw: Tensor) -> Tensor:
@@ -164,7 +153,7 @@ def _project(model: HookedTransformer, layer: int, x: Tensor, kind: str, head: i
     normed = model.blocks[layer].ln1(x)
     if kind == "q":
         W, b = attn.W_Q, attn.b_Q
-    elif _grouped(model):
+    elif lens.kv_heads(model.cfg) != model.cfg.n_heads:
         W, b = (attn._W_K, attn._b_K) if kind == "k" else (attn._W_V, attn._b_V)
     else:
         W, b = (attn.W_K, attn.b_K) if kind == "k" else (attn.W_V, attn.b_V)
@@ -172,44 +161,46 @@ def _project(model: HookedTransformer, layer: int, x: Tensor, kind: str, head: i
 
 
 def path_patch(
-    forward: Forward | HookedTransformer,
+    forward: Forward,
     tokens: Int[Tensor, "batch pos"],
     donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
-    correct: Int[Tensor, " batch"],
-    wrong: Int[Tensor, " batch"],
+    metric: Metric,
     senders: Sequence[Sender] | None = None,
     receivers: str | Sequence[Receiver] = "logits",
     mlps: str = "recompute",
-    clean_cache: dict[str, Tensor] | None = None,
+    recipient_run: dict[str, Tensor] | None = None,
     max_rows: int = 4096,
 ) -> Float[Tensor, "variant batch"]:
-    """Logit difference (nats) per sender variant and prompt when only the path senders → receivers is patched.
+    """``metric`` of the final position's logits (nats for a `LogitDiff`) per sender variant and prompt when only the
+    path senders → receivers is patched, ``[variant, batch]`` (CPU, float32).
 
     ``senders``: a list of variants, each a head ``(layer, head)`` or a group of heads patched together
     (default: every head alone, layer-major). ``receivers``: ``"logits"`` or ``[(layer, head, "q"|"k"|"v"), …]``,
     all patched together in each variant (on a grouped-query model a k/v receiver is a key/value head).
     ``donor``: donor token ids, or a donor cache with ``hook_z`` of every layer. ``mlps``: "recompute" (default,
-    Wang et al.) or "frozen" — see the module docstring. Subtract the clean logit difference for the effect.
+    Wang et al.) or "frozen" — see the module docstring. ``recipient_run``: the recipient's `clean_names`
+    activations, reused if given. Subtract the clean metric for the effect.
     """
-    model = _tl_model(forward)
+    model = lens.tl_model(forward, WHAT)
     check_family(model)
     if mlps not in MLP_MODES:
         raise ValueError(f"mlps must be one of {MLP_MODES}, got {mlps!r}")
-    if tokens.ndim != 2 or len(correct) != len(tokens) or len(wrong) != len(tokens):
-        raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos], got {tuple(tokens.shape)}")
+    if isinstance(metric, LogitDiff):
+        if len(metric.correct) != len(tokens):
+            raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
+        metric.check(model.cfg.d_vocab_out)
     groups = _as_groups(model, senders)
     recv = _check_receivers(model, receivers)
     L, B = model.cfg.n_layers, len(tokens)
     z_names = [act_name("z", l) for l in range(L)]
     if isinstance(donor, Tensor):
-        if donor.shape != tokens.shape:
-            raise ValueError(f"donor {tuple(donor.shape)} and recipient {tuple(tokens.shape)} need the same shape")
-        _, donor = Forward(model).run(donor, cache=z_names)
-    if clean_cache is None or any(n not in clean_cache for n in clean_names(model)):
-        _, clean_cache = Forward(model).run(tokens, cache=clean_names(model))
-    if donor[z_names[0]].shape != clean_cache[z_names[0]].shape:
-        raise ValueError(f"donor z {tuple(donor[z_names[0]].shape)} does not match the recipient's "
-                         f"{tuple(clean_cache[z_names[0]].shape)}: same batch and token length needed")
+        check_donor("donor tokens", donor, tuple(tokens.shape))
+        _, donor = forward.run(donor, cache=z_names)
+    if recipient_run is None or any(n not in recipient_run for n in clean_names(model)):
+        _, recipient_run = forward.run(tokens, cache=clean_names(model))
+    check_donor(z_names[0], donor[z_names[0]], tuple(recipient_run[z_names[0]].shape))
     # Variants sorted by their lowest sender layer: rows join the computation at that layer.
     order = sorted(range(len(groups)), key=lambda i: min(l for l, _ in groups[i]))
     per_pass = max(1, max_rows // B)
@@ -219,9 +210,9 @@ def path_patch(
             idx = order[start : start + per_pass]
             chunk = [groups[i] for i in idx]
             if recv is None:
-                out[idx] = _to_logits(model, chunk, clean_cache, donor, correct, wrong, mlps)
+                out[idx] = _to_logits(model, chunk, recipient_run, donor, metric, mlps)
             else:
-                out[idx] = _to_heads(model, tokens, chunk, recv, clean_cache, donor, correct, wrong, mlps)
+                out[idx] = _to_heads(model, tokens, chunk, recv, recipient_run, donor, metric, mlps)
     return out
 
 
@@ -269,15 +260,13 @@ def _frozen_run(
     return recorded
 
 
-def _to_logits(model, groups, clean, donor, correct, wrong, mlps) -> Tensor:
+def _to_logits(model, groups, clean, donor, metric, mlps) -> Tensor:
     L = model.cfg.n_layers
     x = _frozen_run(model, groups, clean, donor, mlps, pos=slice(-1, None), record=[L])[L]
-    V, B = len(groups), x.shape[1]
-    ld = final_logit_diff(model, x[:, :, 0].reshape(V * B, -1), correct.repeat(V), wrong.repeat(V))
-    return ld.reshape(V, B).float().cpu()
+    return _readout(model, metric, x[:, :, 0]).float().cpu()
 
 
-def _to_heads(model, tokens, groups, receivers, clean, donor, correct, wrong, mlps) -> Tensor:
+def _to_heads(model, tokens, groups, receivers, clean, donor, metric, mlps) -> Tensor:
     layers = sorted({l for l, _, _ in receivers})
     recorded = _frozen_run(model, groups, clean, donor, mlps, pos=slice(None), record=layers)
     V, B, P = len(groups), *tokens.shape
@@ -297,5 +286,4 @@ def _to_heads(model, tokens, groups, receivers, clean, donor, correct, wrong, ml
     x = clean[act_name("resid_pre", start)].repeat(V, 1, 1)
     with model.hooks(fwd_hooks=[(act_name(kind, l), setter(l, kind)) for l, kind in names]):
         resid = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
-    ld = final_logit_diff(model, resid[:, -1], correct.repeat(V), wrong.repeat(V))
-    return ld.reshape(V, B).float().cpu()
+    return _readout(model, metric, resid[:, -1].reshape(V, B, -1)).float().cpu()

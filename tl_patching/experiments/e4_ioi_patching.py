@@ -26,7 +26,7 @@ from torch import Tensor
 from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name, patch, patch_where
 from tl_patching.forward import Forward
-from tl_patching.metrics import Summary, logit_diff, summarize
+from tl_patching.metrics import LogitDiff, Summary, logit_diff, summarize
 from tl_patching.patching import layer_variants, sweep
 from tl_patching.prompts import SEED_DONOR, SEED_RECIPIENT, IOIBatch, seed_pair, token_rows  # noqa: F401 (seed names re-exported)
 from tl_patching.results import Result, RunInfo
@@ -113,7 +113,7 @@ def patch_layer_sweep(forward: Forward, batch: IOIBatch, donor: dict[str, Tensor
         + [[patch_where(n, donor, differs)] for n in resid]  # the block output where donor ≠ recipient (S2)
         + [[patch_where(n, donor, final)] for n in resid]  # the block output at the final position
     )
-    ld = sweep(forward, batch.tokens, variants, lambda logits: logit_diff(logits, batch.correct, batch.wrong),
+    ld = sweep(forward, batch.tokens, variants, LogitDiff(batch.correct, batch.wrong),
                progress=progress, desc="E4 variants")
     return ld[0], logit_diff(donor_logits, batch.correct, batch.wrong), ld[1 : L + 1], ld[L + 1 : 2 * L + 1], ld[2 * L + 1 :]
 

@@ -28,7 +28,7 @@ from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name
 from tl_patching.experiments.e4_ioi_patching import as_batches
 from tl_patching.forward import Forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.prompts import IOIBatch, token_rows
 from tl_patching.results import Result, RunInfo
 import plotly.graph_objects as go
@@ -85,13 +85,13 @@ def run(
 
     def one_batch(b: IOIBatch, donor: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
         donor = donor or forward.run(b.donor_tokens, cache=z_names)[1]
-        clean = logit_diff(forward(b.tokens), b.correct, b.wrong)
+        clean = logit_diff(forward(b.tokens), b.correct, b.wrong).float().cpu()
+        metric = LogitDiff(b.correct, b.wrong)
         if method == "fast":
-            patched = fast.final_position_head_sweep(forward, b.tokens, donor, b.correct, b.wrong, progress=progress)
+            patched = fast.final_position_head_sweep(forward, b.tokens, donor, metric, progress=progress)
         else:
-            metric = lambda logits: logit_diff(logits, b.correct, b.wrong)  # noqa: E731
             patched = patching.head_sweep(forward, b.tokens, donor, metric, pos=-1, progress=progress)
-        return clean, patched.to(clean.device) - clean  # the sweep driver returns CPU values, the fast path device ones
+        return clean, patched - clean  # both on the CPU in float32
 
     clean, effect = map_batches(one_batch, batches, donor_cache)  # under torchrun: this rank's prompts, then all gathered
     if not torch.isfinite(effect).all():
