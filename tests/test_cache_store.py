@@ -4,7 +4,6 @@ import json
 import os
 import re
 import stat
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -343,12 +342,14 @@ def test_grouped_keys_are_checked_against_the_models_view(tmp_path):
 
 def test_cached_run_loads_for_the_same_tokens_and_refuses_others(pair, tmp_path):
     _, tl = pair
-    inner, calls = Forward(tl), []
+    calls = []
 
-    def run(tokens, **kwargs):
-        calls.append(tokens)
-        return inner.run(tokens, **kwargs)
-    forward = SimpleNamespace(model=inner.model, run=run)  # what cached_run uses of a Forward, counting its runs
+    class Counting(Forward):  # a Forward that counts its runs
+        def run(self, tokens, *args, **kwargs):
+            calls.append(tokens)
+            return super().run(tokens, *args, **kwargs)
+
+    forward = Counting(tl)
     tokens = torch.randint(2, tl.cfg.d_vocab - 1, (2, 10), generator=torch.Generator().manual_seed(8))
     other = tokens.clone()
     other[0, 3] += 1
@@ -403,13 +404,16 @@ def test_saving_into_a_missing_folder_is_an_error(pair, forwards, tokens, tmp_pa
 
 
 def test_fingerprint_follows_in_place_changes_of_the_weights():
-    """The fingerprint is remembered per model, but an in-place edit of any weight must change it."""
+    """A Forward keeps its model's fingerprint (computed once), but an in-place edit of any weight must change it."""
+    from tl_patching.provenance import weights_fingerprint
+
     _, tl = random_gpt2(n_layers=1, n_heads=4, d_head=8, seed=3)
-    before = cache_store.weights_fingerprint(tl)
-    assert cache_store.weights_fingerprint(tl) == before
+    forward = Forward(tl)
+    before = forward.weights_fingerprint()
+    assert before == weights_fingerprint(tl) and forward.weights_fingerprint() == before
     with torch.no_grad():
         tl.blocks[0].attn.W_Q[0, 0, 0] += 1.0
-    after = cache_store.weights_fingerprint(tl)
-    assert after != before
+    after = forward.weights_fingerprint()
+    assert after != before and after == weights_fingerprint(tl)
     _, same = random_gpt2(n_layers=1, n_heads=4, d_head=8, seed=3)
-    assert cache_store.weights_fingerprint(same) == before  # a fresh model with the original weights
+    assert Forward(same).weights_fingerprint() == before  # a fresh model with the original weights

@@ -1,6 +1,5 @@
 """E1–E5 on a tiny random model of every family: each runs, and E3–E5 give the same numbers on both backends;
-what a family cannot do is refused by name (E1's rotated scores on the HF backend, E2's key of one query head
-under grouped-query attention)."""
+what a family cannot do is refused by name (E1's rotated scores on the HF backend)."""
 
 import pytest
 import torch
@@ -62,32 +61,27 @@ def test_e1_score_formula_of_gpt2_variants(ioi_tokenizer, overrides, formula):
     assert r.score_formula == formula and r.max_diff_split_vs_hook < e1.SPLIT_CHECK_TOLERANCE
 
 
-def test_e2_zeroes_the_key_of_one_query_head(family):
-    """Under grouped-query attention E2 uses TL's ungrouped view, so zeroing "the key of head 2" changes head 2's
-    attention pattern and no other head's (checked with a hand-written hook); the HF backend refuses."""
+def test_e2_zeroes_the_key_that_a_head_reads(family):
+    """Under grouped-query attention head 2 reads a shared key/value head: E2 zeroes that one, which changes the
+    attention pattern of exactly the query heads of its group (checked head by head), the same on both backends."""
     name, tl, hf = family
     cfg = tl.cfg
     r = e2.run(tl, layer=1, head=2)
     assert len(r.interventions) == 4 and r.interventions[0].kl_from_clean > 0
-    assert not cfg.ungroup_grouped_query_attention  # the view is switched off again
-    grouped = (cfg.n_key_value_heads or cfg.n_heads) < cfg.n_heads
-    assert r.info.settings["ungrouped_keys"] == grouped
-    if grouped:
-        with pytest.raises(NotImplementedError, match="grouped-query attention.*k_proj holds only the shared heads"):
-            e2.run(hf, layer=1, head=2)
-        tl.model.set_ungroup_grouped_query_attention(True)
-        try:
-            tokens = torch.tensor(r.info.token_ids)
-            pattern = "blocks.1.attn.hook_pattern"
-            _, clean = tl.run(tokens, cache=[pattern])
-            _, edited = tl.run(tokens, e2.interventions(cfg, 1, 2, 10.0, 0)["zero key of head 2, layer 1"], cache=[pattern])
-        finally:
-            tl.model.set_ungroup_grouped_query_attention(False)
-        changed = (edited[pattern] - clean[pattern]).abs().amax((0, 2, 3))  # per head
-        assert changed[2] > 1e-3 and changed[[0, 1, 3]].max() == 0
-    else:
-        rh = e2.run(hf, layer=1, head=2)
-        assert all(close(a.resid_std, b.resid_std) for a, b in zip(r.interventions, rh.interventions))
+    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
+    kv = 2 // group
+    assert (f"key/value head {kv}, shared by query heads {kv * group}–{kv * group + group - 1}" in r.interventions[0].label) \
+        == (group > 1)
+    tokens = torch.tensor(r.info.token_ids)
+    pattern = "blocks.1.attn.hook_pattern"
+    _, clean = tl.run(tokens, cache=[pattern])
+    edit = e2.interventions(cfg, 1, 2, 10.0, 0)[r.interventions[0].label]
+    _, edited = tl.run(tokens, edit, cache=[pattern])
+    changed = (edited[pattern] - clean[pattern]).abs().amax((0, 2, 3))  # per query head
+    in_group = torch.arange(cfg.n_heads) // group == kv
+    assert changed[in_group].min() > 1e-4 and (not (~in_group).any() or changed[~in_group].max() == 0)
+    rh = e2.run(hf, layer=1, head=2)
+    assert all(close(a.resid_std, b.resid_std) for a, b in zip(r.interventions, rh.interventions))
 
 
 def test_e3_same_on_both_backends(family):

@@ -96,15 +96,17 @@ def test_stale_png_is_removed_when_png_export_is_unavailable(tmp_path, monkeypat
         except LookupError as e:
             raise RuntimeError("\n\nKaleido requires Google Chrome to be installed.\n\n") from e
 
-    monkeypatch.setattr(plotting, "_png_ok", None)
     monkeypatch.setattr(go.Figure, "write_image", no_browser)
     stale = tmp_path / "e5_head_heatmap.png"
     stale.write_bytes(b"old figure")
-    written = plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap")
-    assert written == [tmp_path / "e5_head_heatmap.html"] and not stale.exists()
+    run = plotting.PngExport()  # one per run
+    written = plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap", png=run)
+    assert written == [tmp_path / "e5_head_heatmap.html"] and not stale.exists() and run.failed
     err = capsys.readouterr().err
     assert err.startswith("note: static PNG export skipped") and err.endswith("\n")  # a line of its own
     assert "Kaleido requires Google Chrome to be installed" in err and "No browser found" in err and "RuntimeError: )" not in err
+    plotting.save(load("e5").figures(synth.e5())["e5_layer_summary"], tmp_path, "e5_layer_summary", png=run)
+    assert capsys.readouterr().err == ""  # the run's other figures skip PNG export quietly
     # --no-png: an old PNG is removed too, it would show an earlier run.
     stale.write_bytes(b"old figure")
     plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap", png=False)

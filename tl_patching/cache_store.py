@@ -21,7 +21,6 @@ import math
 import os
 import re
 import secrets
-import weakref
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -33,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching.provenance import weight_mode
+from tl_patching.forward import Forward
+from tl_patching.provenance import weight_mode, weights_fingerprint
 
 FORMAT = "tl_patching.cache/1"
 
@@ -46,34 +46,16 @@ class CorruptCacheError(ValueError):
     """A cache file that is truncated, altered, or not a tl_patching cache."""
 
 
-# model -> (which tensors, at which in-place version, were hashed; their digest): hashing GPT-2 large's weights
-# takes seconds, and a main job saves and loads its donor cache against the same unchanged model several times.
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weights_fingerprint(model: HookedTransformer) -> str:
-    """SHA-256 over every parameter and buffer (name, shape, dtype, bytes): two checkpoints of the same shape and
-    name differ here. Recomputed whenever a tensor was replaced or changed in place since the last call."""
-    state = sorted(model.state_dict().items())
-    key = tuple((name, t.data_ptr(), t._version) for name, t in state)
-    known = _FINGERPRINTS.get(model)
-    if known is not None and known[0] == key:
-        return known[1]
-    h = hashlib.sha256()
-    for name, p in state:
-        t = p.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    _FINGERPRINTS[model] = (key, h.hexdigest())
-    return h.hexdigest()
-
-
-def _model_identity(model: HookedTransformer) -> dict:
+def _model_identity(model) -> dict:
+    """What a cache records of the model it was made with. ``model``: a `Forward` (whose fingerprint of the weights
+    is computed once and kept) or a model."""
+    fingerprint = model.weights_fingerprint() if isinstance(model, Forward) else weights_fingerprint(model)
+    model = model.model if isinstance(model, Forward) else model
     cfg = model.cfg
     return {
         "model_name": cfg.model_name, "weight_mode": weight_mode(model),
         "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
-        "weights_sha256": weights_fingerprint(model),
+        "weights_sha256": fingerprint,
     }
 
 
@@ -192,7 +174,7 @@ def load_cache(
         raise CorruptCacheError(f"{path}: truncated or damaged ({e})") from None
     _check_against_header(path, header, tensors)
     if model is not None:
-        _check_shapes(path, header, tensors, model)
+        _check_shapes(path, header, tensors, model.model if isinstance(model, Forward) else model)
     return {n: tensors[n].to(device) for n in header["hook_names"]}
 
 
@@ -256,8 +238,8 @@ def cached_run(
     path = Path(path)
     if not path.exists():
         _, acts = forward.run(tokens, cache=names)
-        save_cache(path, acts, forward.model, tokens, prepend_bos)
-    cache = load_cache(path, forward.model, tokens)
+        save_cache(path, acts, forward, tokens, prepend_bos)
+    cache = load_cache(path, forward, tokens)
     missing = [n for n in names if n not in cache]
     if missing:
         raise CacheMismatchError(f"{path} holds no {missing[0]!r} (and {len(missing) - 1} more of the {len(names)} needed)")

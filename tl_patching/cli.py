@@ -48,7 +48,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def save_result(key: str, result, out_dir: Path, png: bool = True) -> list[Path]:
+def save_result(key: str, result, out_dir: Path, png=True) -> list[Path]:
     from tl_patching import plotting
     from tl_patching.experiments import load
 
@@ -57,7 +57,7 @@ def save_result(key: str, result, out_dir: Path, png: bool = True) -> list[Path]
 
 
 def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n_prompts: int,
-              donor_cache: Path | None = None, png: bool = True) -> Path:
+              donor_cache: Path | None = None, png=True) -> Path:
     """Every experiment with its defaults; figures, results JSON and index.html under ``out_dir``."""
     from tqdm.auto import tqdm
 
@@ -117,7 +117,10 @@ def run(args: dict) -> None:
     from tl_patching.forward import load_forward
 
     command = args.pop("command")
-    model_name, backend, out_root, png = args.pop("model"), args.pop("backend"), args.pop("out"), not args.pop("no_png")
+    from tl_patching.plotting import PngExport
+
+    model_name, backend, out_root = args.pop("model"), args.pop("backend"), args.pop("out")
+    png = PngExport(not args.pop("no_png"))  # one per run: a failed export is noted once
     donor_cache = args.pop("donor_cache", None)
     if donor_cache is not None and not donor_cache.parent.is_dir():
         raise FileNotFoundError(f"--donor-cache {donor_cache}: the folder {donor_cache.parent} does not exist")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
@@ -29,6 +29,7 @@ class Forward:
 
     model: HookedTransformer
     hf_model: nn.Module | None = None
+    _fingerprint: list = field(default_factory=list, repr=False, compare=False)  # [(weights version, digest)]
 
     @property
     def backend(self) -> str:
@@ -44,6 +45,17 @@ class Forward:
         from tl_patching.provenance import weight_mode
 
         return "raw" if self.hf_model is not None else weight_mode(self.model)
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 of the TL model's weights (`tl_patching.provenance.weights_fingerprint`), computed once and kept
+        until a tensor is replaced or changed in place (a main job saves and loads its donor cache against the same
+        model several times, and hashing GPT-2 large takes seconds)."""
+        from tl_patching.provenance import weights_fingerprint, weights_version
+
+        version = weights_version(self.model)
+        if not self._fingerprint or self._fingerprint[0][0] != version:
+            self._fingerprint[:] = [(version, weights_fingerprint(self.model))]
+        return self._fingerprint[0][1]
 
     def hook_names(self) -> list[str]:
         return tl.hook_names(self.model) if self.hf_model is None else hf.hook_names(self.hf_model)

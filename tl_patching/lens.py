@@ -6,8 +6,8 @@ beyond its hook points.
 - `final_logits`: the final position's logits from the residual stream after the last block, as TransformerLens's
   forward computes them (final norm, unembedding, output soft-cap), optionally for a few vocabulary columns only;
 - `refuse`: `NotImplementedError` naming each feature of a model that a computation does not handle exactly;
-- context managers for what changes a model for a while and must be restored, even after an exception:
-  `frozen_weights` (no weight gradients) and `ungrouped_kv` (one key/value copy per query head).
+- `frozen_weights`: a context manager for what changes a model for a while and must be restored, even after an
+  exception (no weight gradients during attribution patching).
 """
 
 from __future__ import annotations
@@ -57,21 +57,6 @@ def kv_group(cfg) -> int:
 def kv_head_of(cfg, head: int) -> int:
     """The key/value head query head ``head`` reads (query heads 0…g−1 share key/value head 0, and so on)."""
     return head // kv_group(cfg)
-
-
-@contextlib.contextmanager
-def ungrouped_kv(model: HookedTransformer) -> Iterator[bool]:
-    """TransformerLens's ungrouped view of grouped-query attention (one key/value copy per query head, same logits)
-    for the duration; yields whether it had to be switched on. Restored on exit, whatever happens inside."""
-    cfg = model.cfg
-    if cfg.n_key_value_heads is None or cfg.n_key_value_heads == cfg.n_heads or cfg.ungroup_grouped_query_attention:
-        yield False
-        return
-    model.set_ungroup_grouped_query_attention(True)
-    try:
-        yield True
-    finally:
-        model.set_ungroup_grouped_query_attention(False)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ MAX_CELLS_WITH_VALUES = 400  # heatmaps with more cells show values on hover onl
 WIDTH, HEIGHT = 1000, 600  # PNG size (pixels) unless a figure sets its own height
 COLOURS = {"clean": "#1f77b4", "silenced": "#d62728", "edited": "#d62728", "rise": "#d62728", "fall": "#1f77b4"}
 
-_png_ok: bool | None = None  # None: not tried yet in this process
 
 
 def titled(head: str, sub: str) -> str:
@@ -98,12 +97,21 @@ def _export_failure(e: BaseException) -> str:
     return "; caused by ".join(parts)
 
 
-def save(fig: go.Figure, out_dir: Path, name: str, png: bool = True) -> list[Path]:
+class PngExport:
+    """Whether a run writes PNGs, and whether PNG export already failed in it (then the run's other figures skip it:
+    one note on its own line, not one per figure). One per run, passed to every `save`."""
+
+    def __init__(self, wanted: bool = True):
+        self.wanted = wanted
+        self.failed = False
+
+
+def save(fig: go.Figure, out_dir: Path, name: str, png: bool | PngExport = True) -> list[Path]:
     """Write ``name.html`` (and ``name.png`` if ``png`` and a browser is available); returns the files written.
 
     Without a PNG, an older ``name.png`` in ``out_dir`` is deleted: it would show the previous run's figure.
     """
-    global _png_ok
+    png = PngExport(png) if isinstance(png, bool) else png
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.update_layout(template="plotly_white", font=dict(size=13))
     if fig.layout.legend.orientation is None:
@@ -113,13 +121,12 @@ def save(fig: go.Figure, out_dir: Path, name: str, png: bool = True) -> list[Pat
     fig.write_html(html, include_plotlyjs="directory", div_id=name)
     written = [html]
     image = out_dir / f"{name}.png"
-    if png and _png_ok is not False:
+    if png.wanted and not png.failed:
         try:
             fig.write_image(image, width=WIDTH, height=fig.layout.height or HEIGHT, scale=1)
             written.append(image)
-            _png_ok = True
         except Exception as e:  # kaleido raises several types when no browser is found
-            _png_ok = False
+            png.failed = True
             tqdm.write(f"note: static PNG export skipped ({_export_failure(e)}).\n"
                        "      Interactive HTML is written and old PNGs are removed; install Chromium "
                        "(apt-get install -y chromium) for PNGs.", file=sys.stderr)

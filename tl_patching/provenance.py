@@ -13,6 +13,8 @@ Two weight modes, named for what they hold:
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Literal
 
 import torch
@@ -64,3 +66,20 @@ def weight_mode(model: HookedTransformer) -> WeightMode:
     if model.cfg.normalization_type in ("LNPre", "RMSPre"):  # the cheap sign, true of every processed model
         return "processed"
     return "processed" if any(weight_processing(model).values()) else "raw"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, shape, dtype, bytes): two checkpoints of the same shape and
+    name differ here. Hashing GPT-2 large's weights takes seconds: `tl_patching.forward.Forward.weights_fingerprint`
+    keeps the result while the weights stay unchanged."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Which tensors the model holds and how often each was changed in place: equal while no weight changes."""
+    return tuple((name, t.data_ptr(), t._version) for name, t in sorted(model.state_dict().items()))

@@ -165,6 +165,22 @@ def _capture(captured: dict[int, Tensor], layer: int) -> Callable:
     return pre_hook
 
 
+@contextlib.contextmanager
+def same_hooks(hf_model: nn.Module) -> Iterator[None]:
+    """Every hook registered on ``hf_model``'s modules inside is removed on exit: transformers installs its own
+    recorders on the first call that asks for ``output_attentions`` / ``output_hidden_states`` and keeps them,
+    and the model must leave as it came."""
+    before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in hf_model.modules()}
+    try:
+        yield
+    finally:
+        for m, (forward_hooks, pre_hooks) in before.items():
+            for key in set(m._forward_hooks) - forward_hooks:
+                del m._forward_hooks[key]
+            for key in set(m._forward_pre_hooks) - pre_hooks:
+                del m._forward_pre_hooks[key]
+
+
 def run(
     hf_model: nn.Module,
     tokens: Int[Tensor, "batch pos"],

@@ -3,7 +3,9 @@
 Four interventions, each an `Edit`:
 
 1. zero the key of one head at one layer — TL ``blocks.l.attn.hook_k[:, :, head] = 0``; HF: columns
-   d_model + head·d_head … of the fused ``c_attn`` output (768+128 … 768+191 for GPT-2 small, head 2);
+   d_model + head·d_head … of the fused ``c_attn`` output (768+128 … 768+191 for GPT-2 small, head 2). Under
+   grouped-query attention a head has no key of its own: the key/value head it reads is zeroed (``hook_k`` is
+   indexed by key/value head; HF: that head's slice of ``k_proj``), which changes every head of its group;
 2. replace the even MLP neurons (0, 2, 4, …) after GELU by seeded Gaussian noise of mean 10 —
    ``blocks.l.mlp.hook_post[..., ::2]`` ↔ output of ``h[l].mlp.act``;
 3. and 4. scale the output of one block by 0.1 and by 10 — ``blocks.l.hook_resid_post`` ↔ output of ``h[l]``.
@@ -17,8 +19,6 @@ explodes and the last layer compresses it. The last layer here is ``blocks.{L-1}
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,9 @@ from jaxtyping import Float
 from torch import Tensor
 from torch import nn
 
+from tl_patching.backends import hf
 from tl_patching.backends.hf_maps import hook_map_of
+from tl_patching import lens
 from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
 from tl_patching.forward import Forward
 from tl_patching.prompts import start_token_setting, token_strings, to_tokens
@@ -83,7 +85,7 @@ def interventions(cfg, layer: int, head: int, noise_mean: float, seed: int) -> d
     if not 0 <= head < cfg.n_heads:
         raise IndexError(f"head {head} out of range: the model has {cfg.n_heads} heads (0..{cfg.n_heads - 1})")
     return {
-        f"zero key of head {head}, layer {layer}": [zero(act_name("k", layer), head=head)],
+        key_label(cfg, layer, head): [zero(act_name("k", layer), head=lens.kv_head_of(cfg, head))],
         f"even MLP neurons → N({noise_mean:g}, 1), layer {layer}": [
             gaussian_noise(act_name("post", layer), mean=noise_mean, std=1.0, seed=seed, neurons=slice(0, None, 2))
         ],
@@ -92,27 +94,15 @@ def interventions(cfg, layer: int, head: int, noise_mean: float, seed: int) -> d
     }
 
 
-@contextlib.contextmanager
-def one_key_per_query_head(forward: Forward) -> Iterator[bool]:
-    """Grouped-query attention shares each key head among several query heads, so "zero the key of head h"
-    needs TL's ungrouped view (one key copy per query head, same logits) for ``hook_k`` to be indexed by
-    query head. Yields whether the view was switched on; the HF backend, whose ``k_proj`` has only the
-    shared heads, refuses."""
-    cfg = forward.cfg
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
-    if n_kv == cfg.n_heads or cfg.ungroup_grouped_query_attention:
-        yield False
-        return
-    if forward.backend != "tl":
-        raise NotImplementedError(
-            f"this model has grouped-query attention ({n_kv} key heads shared by {cfg.n_heads} query heads): HF's k_proj "
-            "holds only the shared heads, so the key of one query head cannot be zeroed there; use the tl backend, "
-            "which switches on TransformerLens's ungrouped view")
-    forward.model.set_ungroup_grouped_query_attention(True)
-    try:
-        yield True
-    finally:
-        forward.model.set_ungroup_grouped_query_attention(False)
+def key_label(cfg, layer: int, head: int) -> str:
+    """What the first edit zeroes, in words. Under grouped-query attention there is no key of one query head: head
+    ``head`` reads a key/value head shared by its group, and zeroing it changes every head of that group."""
+    group = lens.kv_group(cfg)
+    if group == 1:
+        return f"zero key of head {head}, layer {layer}"
+    kv = lens.kv_head_of(cfg, head)
+    return (f"zero key of head {head} (key/value head {kv}, shared by query heads {kv * group}–{kv * group + group - 1}), "
+            f"layer {layer}")
 
 
 def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str]:
@@ -130,12 +120,9 @@ def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str
         return f"Tensor{tuple(output.shape)}"
 
     for flag in (False, True):
-        handle = block.register_forward_hook(lambda m, a, out, flag=flag: seen.__setitem__(f"output_attentions={flag}", describe(out)))
-        try:
-            with torch.no_grad():
-                hf_model(tokens, output_attentions=flag)
-        finally:
-            handle.remove()
+        with hf.same_hooks(hf_model), torch.no_grad():  # transformers keeps the recorders output_attentions installs
+            block.register_forward_hook(lambda m, a, out, flag=flag: seen.__setitem__(f"output_attentions={flag}", describe(out)))
+            hf_model(tokens, output_attentions=flag)
     return seen
 
 
@@ -147,31 +134,30 @@ def run(
     cfg = forward.cfg
     layer = default_layer(cfg.n_layers) if layer is None else layer
     edits = interventions(cfg, layer, head, noise_mean, seed)
-    with one_key_per_query_head(forward) as ungrouped:  # TL backend: hook_k indexed by query head
-        prepend_bos = start_token_setting(forward.model, prepend_bos)  # None: the model's own convention
-        tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
-        resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
+    prepend_bos = start_token_setting(forward.model, prepend_bos)  # None: the model's own convention
+    tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
+    resid = [act_name("resid_post", l) for l in range(cfg.n_layers)]
 
-        def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
-            logits, cache = forward.run(tokens, e, resid, cache_device="cpu")  # statistics on the CPU, in float32
-            return torch.stack([cache[n].float().std() for n in resid]), logits[0, -1].float().cpu().log_softmax(-1)
+    def spread_and_probs(e: list[Edit]) -> tuple[Tensor, Tensor]:
+        logits, cache = forward.run(tokens, e, resid, cache_device="cpu")  # statistics on the CPU, in float32
+        return torch.stack([cache[n].float().std() for n in resid]), logits[0, -1].float().cpu().log_softmax(-1)
 
-        clean_std, clean_logp = spread_and_probs([])
-        clean_top = clean_logp.topk(top_k)
-        result = E2Result(
-            info=RunInfo.of(forward, tokens, prepend_bos, seed=seed, text=text, noise_mean=noise_mean, ungrouped_keys=ungrouped),
-            layer=layer, head=head, clean_resid_std=clean_std,
-            clean_top_tokens=token_strings(forward.model, clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
-            block_output_structure=block_output_structure(forward.hf_model, tokens) if forward.hf_model is not None else {},
-        )
-        for label, e in edits.items():
-            std, logp = spread_and_probs(e)
-            top = logp.topk(top_k)
-            result.interventions.append(Intervention(
-                label, std, token_strings(forward.model, top.indices), top.values.exp().tolist(),
-                clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
-                kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
-            ))
+    clean_std, clean_logp = spread_and_probs([])
+    clean_top = clean_logp.topk(top_k)
+    result = E2Result(
+        info=RunInfo.of(forward, tokens, prepend_bos, seed=seed, text=text, noise_mean=noise_mean),
+        layer=layer, head=head, clean_resid_std=clean_std,
+        clean_top_tokens=token_strings(forward.model, clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
+        block_output_structure=block_output_structure(forward.hf_model, tokens) if forward.hf_model is not None else {},
+    )
+    for label, e in edits.items():
+        std, logp = spread_and_probs(e)
+        top = logp.topk(top_k)
+        result.interventions.append(Intervention(
+            label, std, token_strings(forward.model, top.indices), top.values.exp().tolist(),
+            clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
+            kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
+        ))
     return result
 
 
