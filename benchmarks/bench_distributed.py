@@ -4,9 +4,9 @@
 
 For each model it launches ``torchrun --nproc_per_node=P`` on itself for P = 1 (1 and 2 threads) and P = 2
 (1 thread each: the two processes fill the same cores), times ``run_experiment("e5", …)`` on rank 0 from a
-barrier to the gathered result (model loading and a warm-up run excluded; the fastest of ``--repeats``), and compares the gathered
-effects with the 1-process run. ``gpt2-small-sized`` is GPT-2 small's shape (12 × 12, d_model 768) with
-random weights and the shipped model's 290-word tokenizer (speed does not depend on the weights).
+barrier to the gathered result (model loading and a warm-up run excluded; the fastest of ``--repeats``), and
+compares the gathered effects with the 1-process run. ``gpt2-small-sized`` is GPT-2 small's shape (12 × 12,
+d_model 768) with random weights and the shipped model's 290-word tokenizer (speed does not depend on the weights).
 Prints prompts per second per setting, then one line per model:
 ``shipped e5-fast 2 processes: 1.62x vs 1 process (2 threads), max abs diff 0``.
 """
@@ -44,7 +44,8 @@ def load(model: str):
 
 
 def worker(model: str, n_prompts: int, repeats: int, out: Path) -> None:
-    """One rank: warm up, then time E5 over ``n_prompts`` prompts (best of ``repeats``); rank 0 writes seconds and effects."""
+    """One rank: warm up, then time E5 over ``n_prompts`` prompts (best of ``repeats``); rank 0 writes seconds and
+    effects."""
     import torch
     import torch.distributed as dist
 
@@ -63,14 +64,30 @@ def worker(model: str, n_prompts: int, repeats: int, out: Path) -> None:
         times.append(time.perf_counter() - start)
     seconds = min(times)
     if distributed.is_main():
-        out.write_text(json.dumps({"seconds": seconds, "effect": result.effect.tolist(), "threads": torch.get_num_threads()}))
+        out.write_text(
+            json.dumps({"seconds": seconds, "effect": result.effect.tolist(), "threads": torch.get_num_threads()})
+        )
     distributed.teardown()
 
 
 def launch(model: str, n_prompts: int, repeats: int, procs: int, threads: int, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", __file__,
-           "--worker", "--models", model, "--n-prompts", str(n_prompts), "--repeats", str(repeats), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={procs}",
+        __file__,
+        "--worker",
+        "--models",
+        model,
+        "--n-prompts",
+        str(n_prompts),
+        "--repeats",
+        str(repeats),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -93,9 +110,14 @@ def main() -> None:
         for model in args.models.split(","):
             runs = {}
             for name, procs, threads in SETTINGS:
-                runs[name] = launch(model, args.n_prompts, args.repeats, procs, threads, Path(tmp) / f"{model}-{procs}-{threads}.json")
-                print(f"{model} e5-fast {name}: {args.n_prompts / runs[name]['seconds']:.1f} prompts/s "
-                      f"({runs[name]['seconds']:.2f} s for {args.n_prompts} prompts)", file=sys.stderr)
+                runs[name] = launch(
+                    model, args.n_prompts, args.repeats, procs, threads, Path(tmp) / f"{model}-{procs}-{threads}.json"
+                )
+                print(
+                    f"{model} e5-fast {name}: {args.n_prompts / runs[name]['seconds']:.1f} prompts/s "
+                    f"({runs[name]['seconds']:.2f} s for {args.n_prompts} prompts)",
+                    file=sys.stderr,
+                )
             two = runs[SETTINGS[2][0]]
             diff = (torch.tensor(two["effect"]) - torch.tensor(runs[SETTINGS[1][0]]["effect"])).abs().max().item()
             for reference in (SETTINGS[1][0], SETTINGS[0][0]):

@@ -19,8 +19,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    SIZES, Line, build, ioi_like_batch, llama_donor_z, peak_bytes, plain_hf_loop, plain_tl_loop, raw_llama_hf_loop,
-    spread, timed, tl_get_act_patch_sample,
+    SIZES,
+    Line,
+    build,
+    ioi_like_batch,
+    llama_donor_z,
+    peak_bytes,
+    plain_hf_loop,
+    plain_tl_loop,
+    raw_llama_hf_loop,
+    spread,
+    timed,
+    tl_get_act_patch_sample,
 )
 
 from tl_patching import fast  # noqa: E402
@@ -34,7 +44,11 @@ def time_in_blocks(model, fn):
     spent, starts, handles = [0.0], {}, []
     for j, block in enumerate(model.blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, j=j: starts.__setitem__(j, time.perf_counter())))
-        handles.append(block.register_forward_hook(lambda m, a, o, j=j: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[j])))
+        handles.append(
+            block.register_forward_hook(
+                lambda m, a, o, j=j: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[j])
+            )
+        )
     try:
         seconds, result = timed(fn)
     finally:
@@ -43,7 +57,9 @@ def time_in_blocks(model, fn):
     return seconds, spent[0], result
 
 
-def bench(size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any_positions: list[int] | None) -> list[str]:
+def bench(
+    size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any_positions: list[int] | None
+) -> list[str]:
     out = []
     say = lambda s: (print(s, flush=True), out.append(s))  # noqa: E731
     hf, model = build(size)
@@ -53,15 +69,20 @@ def bench(size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any
     with torch.no_grad():
         t_tl_fwd, tl_logits = timed(lambda: model(tokens), repeats=2)
         t_hf_fwd, hf_logits = timed(lambda: hf(tokens).logits, repeats=2)
-    say(f"note: {size}: TL vs HF logits max abs diff {(tl_logits - hf_logits).abs().max():.1e}; one forward of "
-        f"{batch}x{pos} tokens: TL {t_tl_fwd * 1e3:.0f} ms, HF {t_hf_fwd * 1e3:.0f} ms (TL/HF {t_tl_fwd / t_hf_fwd:.2f}x)")
+    say(
+        f"note: {size}: TL vs HF logits max abs diff {(tl_logits - hf_logits).abs().max():.1e}; one forward of "
+        f"{batch}x{pos} tokens: TL {t_tl_fwd * 1e3:.0f} ms, HF {t_hf_fwd * 1e3:.0f} ms (TL/HF "
+        f"{t_tl_fwd / t_hf_fwd:.2f}x)"
+    )
     z_names = [act_name("z", l) for l in range(L)]
     _, donor = forward.run(donor_tokens, cache=z_names)
 
     # --- final-position head sweep (E5) ---
     run_fast = lambda: fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False)  # noqa: E731
     timed(run_fast)  # warm-up
-    t_fast, t_blocks, fast_out = min((time_in_blocks(model, run_fast) for _ in range(2)), key=lambda r: r[0])  # best of 2
+    t_fast, t_blocks, fast_out = min(
+        (time_in_blocks(model, run_fast) for _ in range(2)), key=lambda r: r[0]
+    )  # best of 2
     pairs = spread([(l, h) for l in range(L) for h in range(H)], head_sample)
     scale = L * H / len(pairs)
     t_tl, tl_out = timed(lambda: plain_tl_loop(model, tokens, donor, correct, wrong, pairs))
@@ -76,19 +97,31 @@ def bench(size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any
         t_hf, hf_out = timed(lambda: raw_llama_hf_loop(hf, H, tokens, donor_z, correct, wrong, pairs))
         hf_ref = "plain raw-HF-hook loop (o_proj forward pre-hook, one HF forward per head)"
     diff_hf = max(float((fast_out[l, h] - hf_out[l, h]).abs().max()) for l, h in pairs)
-    say(f"note: {size}: plain loops timed on {len(pairs)} of {L * H} heads, scaled x{scale:.1f}: TL {t_tl * scale:.1f} s, "
-        f"HF {t_hf * scale:.1f} s; fast final-position sweep {t_fast:.2f} s, of which {t_blocks / t_fast:.0%} inside "
-        f"TL's own blocks (largest |effect| {fast_out.abs().max():.2e})")
+    say(
+        f"note: {size}: plain loops timed on {len(pairs)} of {L * H} heads, scaled x{scale:.1f}: "
+        f"TL {t_tl * scale:.1f} s, HF {t_hf * scale:.1f} s; fast final-position sweep {t_fast:.2f} s, of which "
+        f"{t_blocks / t_fast:.0%} inside TL's own blocks (largest |effect| {fast_out.abs().max():.2e})"
+    )
     say(str(Line(f"{size} final-position head sweep", t_tl * scale / t_fast, "plain TL run_with_hooks loop", diff_tl)))
     say(str(Line(f"{size} final-position head sweep", t_hf * scale / t_fast, hf_ref, diff_hf)))
 
     # --- any-position head sweep (layer x position x head) ---
     if not any_positions:
         m_cache, m_final = (peak_bytes(size, batch, pos, what) for what in ("run_with_cache", "final"))
-        say(str(Line(f"{size} final-position head sweep peak memory", m_final / m_cache,
-                     f"one run_with_cache ({m_final / 2**20:.0f} MB vs {m_cache / 2**20:.0f} MB)", diff_tl)))
+        say(
+            str(
+                Line(
+                    f"{size} final-position head sweep peak memory",
+                    m_final / m_cache,
+                    f"one run_with_cache ({m_final / 2**20:.0f} MB vs {m_cache / 2**20:.0f} MB)",
+                    diff_tl,
+                )
+            )
+        )
         return out
-    run_any = lambda: fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=any_positions)  # noqa: E731
+    run_any = lambda: fast.position_head_sweep(
+        forward, tokens, donor, LogitDiff(correct, wrong), positions=any_positions
+    )  # noqa: E731
     t_any, any_out = timed(run_any)
     any_scale = pos / len(any_positions)
     triples = spread([(l, p, h) for l in range(L) for p in any_positions for h in range(H)], tl_sample)
@@ -96,21 +129,48 @@ def bench(size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any
     tl_scale = L * pos * H / len(triples)
     where = {p: i for i, p in enumerate(any_positions)}
     diff_any = max(abs(float(any_out[l, where[p], h].mean()) - float(v)) for (l, p, h), v in zip(triples, tlfn_out))
-    say(f"note: {size}: any-position fast sweep timed at positions {any_positions} of {pos} ({t_any:.1f} s), scaled "
-        f"x{any_scale:.1f} to {t_any * any_scale:.1f} s; TL's get_act_patch_attn_head_out_by_pos timed on {len(triples)} "
-        f"of {L * pos * H} (layer, pos, head), scaled x{tl_scale:.0f} to {t_tlfn * tl_scale:.0f} s; diff on batch means")
-    say(str(Line(f"{size} any-position head sweep", t_tlfn * tl_scale / (t_any * any_scale),
-                 "TL get_act_patch_attn_head_out_by_pos", diff_any)))
+    say(
+        f"note: {size}: any-position fast sweep timed at positions {any_positions} of {pos} ({t_any:.1f} s), scaled "
+        f"x{any_scale:.1f} to {t_any * any_scale:.1f} s; TL's get_act_patch_attn_head_out_by_pos timed on "
+        f"{len(triples)} of {L * pos * H} (layer, pos, head), scaled x{tl_scale:.0f} to {t_tlfn * tl_scale:.0f} s; "
+        "diff on batch means"
+    )
+    say(
+        str(
+            Line(
+                f"{size} any-position head sweep",
+                t_tlfn * tl_scale / (t_any * any_scale),
+                "TL get_act_patch_attn_head_out_by_pos",
+                diff_any,
+            )
+        )
+    )
 
     # --- peak memory, each against one clean run_with_cache of the same prompts ---
     m_cache = peak_bytes(size, batch, pos, "run_with_cache")
     m_final = peak_bytes(size, batch, pos, "final")
     m_any = peak_bytes(size, batch, pos, "any")
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
-    say(str(Line(f"{size} final-position head sweep peak memory", m_final / m_cache,
-                 f"one run_with_cache ({mb(m_final)} vs {mb(m_cache)})", diff_tl)))
-    say(str(Line(f"{size} any-position head sweep peak memory (widest pass, position 0)", m_any / m_cache,
-                 f"one run_with_cache ({mb(m_any)} vs {mb(m_cache)})", diff_any)))
+    say(
+        str(
+            Line(
+                f"{size} final-position head sweep peak memory",
+                m_final / m_cache,
+                f"one run_with_cache ({mb(m_final)} vs {mb(m_cache)})",
+                diff_tl,
+            )
+        )
+    )
+    say(
+        str(
+            Line(
+                f"{size} any-position head sweep peak memory (widest pass, position 0)",
+                m_any / m_cache,
+                f"one run_with_cache ({mb(m_any)} vs {mb(m_cache)})",
+                diff_any,
+            )
+        )
+    )
     return out
 
 
@@ -120,21 +180,40 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=16)
     parser.add_argument("--head-sample", type=int, default=24, help="heads the plain final-position loops are timed on")
-    parser.add_argument("--tl-sample", type=int, default=24, help="(layer, pos, head) patches TL's any-position sweep is timed on")
-    parser.add_argument("--any-positions", default="", help="positions the fast any-position sweep is timed at "
-                        "(default: 0, P/3, 2P/3-ish and P-1, symmetric about the middle)")
+    parser.add_argument(
+        "--tl-sample", type=int, default=24, help="(layer, pos, head) patches TL's any-position sweep is timed on"
+    )
+    parser.add_argument(
+        "--any-positions",
+        default="",
+        help="positions the fast any-position sweep is timed at "
+        "(default: 0, P/3, 2P/3-ish and P-1, symmetric about the middle)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     parser.add_argument("--any-sizes", default="gpt2-small-sized", help="sizes to run the any-position sweep on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     P = args.pos
-    positions = [int(p) for p in args.any_positions.split(",")] if args.any_positions else sorted({0, P // 3, P - 1 - P // 3, P - 1})
+    positions = (
+        [int(p) for p in args.any_positions.split(",")]
+        if args.any_positions
+        else sorted({0, P // 3, P - 1 - P // 3, P - 1})
+    )
     if abs(sum(P - p for p in positions) / len(positions) - (P + 1) / 2) > 1e-9:
         sys.exit(f"--any-positions {positions}: their mean suffix length must be the full sweep's, (P + 1) / 2")
-    print(f"note: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {P} tokens; "
-          "timings on a shared machine", flush=True)
+    print(
+        f"note: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {P} tokens; "
+        "timings on a shared machine",
+        flush=True,
+    )
     lines = []
     for size in args.sizes.split(","):
-        lines += bench(size, args.batch, P, args.head_sample, args.tl_sample,
-                       positions if size in args.any_sizes.split(",") else None)
+        lines += bench(
+            size,
+            args.batch,
+            P,
+            args.head_sample,
+            args.tl_sample,
+            positions if size in args.any_sizes.split(",") else None,
+        )
     print("\n" + "\n".join(line for line in lines if not line.startswith("note:")))

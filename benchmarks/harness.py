@@ -39,28 +39,62 @@ def build(size: str, seed: int = 0) -> tuple[torch.nn.Module, HookedTransformer]
     if size == "gpt2-small-sized":
         hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
         cfg = HookedTransformerConfig(
-            d_model=768, d_head=64, n_heads=12, d_mlp=3072, n_layers=12, n_ctx=1024, eps=1e-5, d_vocab=50257,
-            act_fn="gelu_new", normalization_type="LN", original_architecture="GPT2LMHeadModel",
+            d_model=768,
+            d_head=64,
+            n_heads=12,
+            d_mlp=3072,
+            n_layers=12,
+            n_ctx=1024,
+            eps=1e-5,
+            d_vocab=50257,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            original_architecture="GPT2LMHeadModel",
         )
         state = convert_gpt2_weights(hf, cfg)
     elif size == "smollm2-135m-sized":
-        hf = LlamaForCausalLM(LlamaConfig(
-            hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
-            vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=2048,
-            tie_word_embeddings=True, hidden_act="silu",
-        )).eval()
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=576,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                intermediate_size=1536,
+                vocab_size=49152,
+                rms_norm_eps=1e-5,
+                rope_theta=100000.0,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                hidden_act="silu",
+            )
+        ).eval()
         cfg = HookedTransformerConfig(
-            d_model=576, d_head=64, n_heads=9, n_key_value_heads=3, d_mlp=1536, n_layers=30, n_ctx=2048, eps=1e-5,
-            d_vocab=49152, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_dim=64, rotary_base=100000, rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True,
+            d_model=576,
+            d_head=64,
+            n_heads=9,
+            n_key_value_heads=3,
+            d_mlp=1536,
+            n_layers=30,
+            n_ctx=2048,
+            eps=1e-5,
+            d_vocab=49152,
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=64,
+            rotary_base=100000,
+            rotary_adjacent_pairs=False,
+            gated_mlp=True,
+            final_rms=True,
             original_architecture="LlamaForCausalLM",
         )
         state = convert_llama_weights(hf, cfg)
     else:
         raise ValueError(f"size must be one of {SIZES}")
     model = HookedTransformer(cfg).eval()
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=False)
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
     return hf, model
 
 
@@ -102,7 +136,9 @@ def _peak_child(size: str, batch: int, pos: int, what: str, threads: int, queue)
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(model.cfg.n_layers)])
     calls = {
         "run_with_cache": lambda: model.run_with_cache(tokens),
-        "final": lambda: fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False),
+        "final": lambda: fast.final_position_head_sweep(
+            forward, tokens, donor, LogitDiff(correct, wrong), progress=False
+        ),
         "any": lambda: fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=[0]),
     }
     with open("/proc/self/clear_refs", "w") as f:
@@ -150,6 +186,7 @@ def plain_tl_loop(model: HookedTransformer, tokens, donor, correct, wrong, pairs
     """One ``run_with_hooks`` per (layer, head): head h's z at the final position from the donor."""
     out = {}
     for l, h in pairs:
+
         def hook(z, hook, h=h, l=l):
             z = z.clone()
             z[:, -1, h] = donor[act_name("z", l)][:, -1, h]
@@ -161,8 +198,10 @@ def plain_tl_loop(model: HookedTransformer, tokens, donor, correct, wrong, pairs
 
 def plain_hf_loop(forward: Forward, tokens, donor, correct, wrong, pairs) -> dict:
     """One HF forward per (layer, head) through tl_patching's raw-HF-hook backend (GPT-2 mirror)."""
-    return {(l, h): logit_diff(forward(tokens, [patch(act_name("z", l), donor, head=h, pos=-1)]), correct, wrong)
-            for l, h in pairs}
+    return {
+        (l, h): logit_diff(forward(tokens, [patch(act_name("z", l), donor, head=h, pos=-1)]), correct, wrong)
+        for l, h in pairs
+    }
 
 
 def raw_llama_hf_loop(hf: LlamaForCausalLM, n_heads: int, tokens, donor_z: dict, correct, wrong, pairs) -> dict:
@@ -173,7 +212,7 @@ def raw_llama_hf_loop(hf: LlamaForCausalLM, n_heads: int, tokens, donor_z: dict,
         o_proj = hf.model.layers[l].self_attn.o_proj
         d_head = o_proj.in_features // n_heads
 
-        def pre_hook(module, args, l=l, h=h):
+        def pre_hook(module, args, l=l, h=h, d_head=d_head):
             x = args[0].clone()
             x[:, -1, h * d_head : (h + 1) * d_head] = donor_z[l][:, -1, h * d_head : (h + 1) * d_head]
             return (x,)
@@ -190,7 +229,11 @@ def llama_donor_z(hf: LlamaForCausalLM, tokens) -> dict:
     """Each layer's o_proj input (z, heads concatenated) on ``tokens``, recorded with raw HF hooks."""
     z, handles = {}, []
     for l, layer in enumerate(hf.model.layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, l=l: z.__setitem__(l, args[0].detach().clone())))
+        handles.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, args, l=l: z.__setitem__(l, args[0].detach().clone())
+            )
+        )
     try:
         with torch.no_grad():
             hf(tokens)
@@ -200,7 +243,9 @@ def llama_donor_z(hf: LlamaForCausalLM, tokens) -> dict:
     return z
 
 
-def tl_get_act_patch_sample(model: HookedTransformer, tokens, donor_cache: dict, correct, wrong, triples) -> torch.Tensor:
+def tl_get_act_patch_sample(
+    model: HookedTransformer, tokens, donor_cache: dict, correct, wrong, triples
+) -> torch.Tensor:
     """TransformerLens's ``get_act_patch_attn_head_out_by_pos`` on the (layer, pos, head) rows of ``triples``
     (its own driver and setter, one full forward per row; the metric is the batch mean, as TL's is one number)."""
     import pandas as pd  # TL's driver takes its index as a DataFrame
@@ -210,5 +255,10 @@ def tl_get_act_patch_sample(model: HookedTransformer, tokens, donor_cache: dict,
     tl_fn = tl_patching.get_act_patch_attn_head_out_by_pos
     index = pd.DataFrame(triples, columns=["layer", "pos", "head"])
     metric = lambda logits: logit_diff(logits, correct, wrong).mean()  # noqa: E731
-    return tl_fn.func(model, tokens, ActivationCache(donor_cache, model), metric,
-                      **{**tl_fn.keywords, "index_axis_names": None, "index_df": index})
+    return tl_fn.func(
+        model,
+        tokens,
+        ActivationCache(donor_cache, model),
+        metric,
+        **{**tl_fn.keywords, "index_axis_names": None, "index_df": index},
+    )

@@ -3,8 +3,8 @@
     python scripts/check_main_job.py            # runs `tl-patching reproduce` in a child process
 
 Targets: main job < 5 minutes and < 4 GB peak memory on this machine; on the shipped model, patching
-resid_post (at the repeated name or the final position) at a middle layer flips the sign of the mean logit difference, and at
-least one single head at the final position moves it by more than 10%.
+resid_post (at the repeated name or the final position) at a middle layer flips the sign of the mean logit difference,
+and at least one single head at the final position moves it by more than 10%.
 """
 
 import argparse
@@ -37,7 +37,12 @@ if __name__ == "__main__":
     biggest = max(abs(v) for row in heat for v in row)
     print(f"main job: {wall:.0f} s (target < 300 s), peak memory {peak_gb:.2f} GB (target < 4 GB)")
     for label, curve in (("at S2", s2), ("at the final position", final)):
-        print(f"E4: clean mean logit diff {clean:.2f}; resid_post patched {label}, mean per layer: "
-              + ", ".join(f"L{l} {v:+.2f}" for l, v in enumerate(curve))
-              + f" -> sign flipped at middle layer(s) {[l for l in middle if curve[l] < 0]}")
-    print(f"E5: largest single-head final-position effect {biggest:.2f} nats = {biggest / clean:.0%} of the clean logit diff (target > 10%)")
+        print(
+            f"E4: clean mean logit diff {clean:.2f}; resid_post patched {label}, mean per layer: "
+            + ", ".join(f"L{l} {v:+.2f}" for l, v in enumerate(curve))
+            + f" -> sign flipped at middle layer(s) {[l for l in middle if curve[l] < 0]}"
+        )
+    print(
+        f"E5: largest single-head final-position effect {biggest:.2f} nats = {biggest / clean:.0%} "
+        "of the clean logit diff (target > 10%)"
+    )

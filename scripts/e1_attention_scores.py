@@ -1,6 +1,6 @@
 """E1: run on a model by name or directory; see `tl-patching e1 --help` for its settings.
 
-    python scripts/e1_attention_scores.py --model shipped
+python scripts/e1_attention_scores.py --model shipped
 """
 
 import sys

@@ -1,6 +1,6 @@
 """E2: run on a model by name or directory; see `tl-patching e2 --help` for its settings.
 
-    python scripts/e2_activation_editing.py --model shipped
+python scripts/e2_activation_editing.py --model shipped
 """
 
 import sys

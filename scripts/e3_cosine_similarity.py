@@ -1,6 +1,6 @@
 """E3: run on a model by name or directory; see `tl-patching e3 --help` for its settings.
 
-    python scripts/e3_cosine_similarity.py --model shipped
+python scripts/e3_cosine_similarity.py --model shipped
 """
 
 import sys

@@ -1,6 +1,6 @@
 """E4: run on a model by name or directory; see `tl-patching e4 --help` for its settings.
 
-    python scripts/e4_ioi_patching.py --model shipped
+python scripts/e4_ioi_patching.py --model shipped
 """
 
 import sys

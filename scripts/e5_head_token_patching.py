@@ -1,6 +1,6 @@
 """E5: run on a model by name or directory; see `tl-patching e5 --help` for its settings.
 
-    python scripts/e5_head_token_patching.py --model shipped
+python scripts/e5_head_token_patching.py --model shipped
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Train the shipped IOI GPT-2 (deterministic, CPU) and save it in HF format inside the package.
 
-    python scripts/train_shipped_model.py [--steps 4000] [--out tl_patching/assets/ioi-gpt2]
+python scripts/train_shipped_model.py [--steps 4000] [--out tl_patching/assets/ioi-gpt2]
 """
 
 import argparse

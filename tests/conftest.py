@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-
-from tl_patching.testing import random_gpt2
+from tl_patching import prompts
 from tl_patching.recipe.word_tokenizer import word_tokenizer
+from tl_patching.testing import random_gpt2
 
 TEXTS = [
     "Sam and Sally went to the park. Sam gave a gift to Sally",
@@ -50,10 +50,14 @@ def forwards(pair):
 @pytest.fixture(scope="session")
 def ioi_tokenizer():
     """A word-level tokenizer that knows every IOI template, name and the experiments' default texts."""
-    from tl_patching.experiments import e1_attention_scores as e1, e4_ioi_patching as e4
+    from tl_patching.experiments import e1_attention_scores as e1
     from tl_patching.prompts import NAMES, PIZZA_SENTENCES, TEMPLATES, ioi_prompts
 
-    texts = [e1.DEFAULT_TEXT, e4.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES] + [" " + n for n in NAMES] + [p.text for p in ioi_prompts(200)]
+    texts = (
+        [e1.DEFAULT_TEXT, prompts.SEED_DONOR, *PIZZA_SENTENCES, *TEMPLATES]
+        + [" " + n for n in NAMES]
+        + [p.text for p in ioi_prompts(200)]
+    )
     return word_tokenizer(texts)
 
 

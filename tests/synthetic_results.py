@@ -22,33 +22,59 @@ def gen(seed: int) -> torch.Generator:
 
 
 def info(model_name: str = "shipped", n_layers: int = L, n_heads: int = H, **settings) -> RunInfo:
-    return RunInfo(model_name=model_name, weight_mode="raw", n_layers=n_layers, n_heads=n_heads,
-                   token_ids=[[0, 5, 6, 7, 8, 9]], prepend_bos=True, settings=settings, start_token="<|endoftext|>",
-                   start_token_convention=True)
+    return RunInfo(
+        model_name=model_name,
+        weight_mode="raw",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        token_ids=[[0, 5, 6, 7, 8, 9]],
+        prepend_bos=True,
+        settings=settings,
+        start_token="<|endoftext|>",
+        start_token_convention=True,
+    )
 
 
 def e1(model_name: str = "shipped") -> E1Result:
     grid = torch.linspace(-6, 6, 60)
     centres = torch.tensor([-0.2, -0.6, -0.3, 0.1])
     widths = torch.tensor([0.6, 1.2, 1.5, 2.0])
-    density = torch.stack([torch.exp(-((grid - c) / w) ** 2 / 2) / (w * math.sqrt(2 * math.pi)) for c, w in zip(centres, widths)])
-    return E1Result(info=info(model_name, text="Sam and Sally went to the park."),
-                    mean_score=torch.randn(L, H, generator=gen(1)) * 0.5, frac_negative=0.5 + 0.1 * torch.rand(L, H, generator=gen(2)),
-                    first_token_self_attention=torch.ones(L, H), kde_grid=grid, kde_density=density, max_diff_split_vs_hook=9.5e-7)
+    density = torch.stack(
+        [torch.exp(-(((grid - c) / w) ** 2) / 2) / (w * math.sqrt(2 * math.pi)) for c, w in zip(centres, widths)]
+    )
+    return E1Result(
+        info=info(model_name, text="Sam and Sally went to the park."),
+        mean_score=torch.randn(L, H, generator=gen(1)) * 0.5,
+        frac_negative=0.5 + 0.1 * torch.rand(L, H, generator=gen(2)),
+        first_token_self_attention=torch.ones(L, H),
+        kde_grid=grid,
+        kde_density=density,
+        max_diff_split_vs_hook=9.5e-7,
+    )
 
 
 def e2(model_name: str = "shipped") -> E2Result:
     clean = torch.tensor([2.0, 3.0, 6.0, 10.0])
 
     def edited(label, std, top):
-        return Intervention(label, torch.tensor(std), [top, " Sam"], [0.7, 0.2], clean_top1_prob=0.5, kl_from_clean=0.25)
+        return Intervention(
+            label, torch.tensor(std), [top, " Sam"], [0.7, 0.2], clean_top1_prob=0.5, kl_from_clean=0.25
+        )
 
-    return E2Result(info=info(model_name, text="Sam and Sally went to the park. Sam gave a gift to", noise_mean=10.0), layer=2,
-                    head=2, clean_resid_std=clean, clean_top_tokens=[" Sally", " Sam"], clean_top_probs=[0.9, 0.05], interventions=[
-                        edited("zero key of head 2, layer 2", [2.0, 3.0, 6.0, 10.0], " Sally"),
-                        edited("even MLP neurons → N(10, 1), layer 2", [2.0, 3.0, 25.0, 24.0], " and"),
-                        edited("block 2 output × 0.1", [2.0, 3.0, 0.6, 5.6], " were"),
-                        edited("block 2 output × 10", [2.0, 3.0, 60.0, 61.0], " Sally")])
+    return E2Result(
+        info=info(model_name, text="Sam and Sally went to the park. Sam gave a gift to", noise_mean=10.0),
+        layer=2,
+        head=2,
+        clean_resid_std=clean,
+        clean_top_tokens=[" Sally", " Sam"],
+        clean_top_probs=[0.9, 0.05],
+        interventions=[
+            edited("zero key of head 2, layer 2", [2.0, 3.0, 6.0, 10.0], " Sally"),
+            edited("even MLP neurons → N(10, 1), layer 2", [2.0, 3.0, 25.0, 24.0], " and"),
+            edited("block 2 output × 0.1", [2.0, 3.0, 0.6, 5.6], " were"),
+            edited("block 2 output × 10", [2.0, 3.0, 60.0, 61.0], " Sally"),
+        ],
+    )
 
 
 def e3(model_name: str = "shipped") -> E3Result:
@@ -56,9 +82,18 @@ def e3(model_name: str = "shipped") -> E3Result:
     clean = torch.tensor([0.35, 0.3, 0.2, 0.05])[:, None] + 0.05 * torch.randn(L, pairs, generator=gen(3))
     silenced = clean - torch.tensor([0.04, 0.05, 0.01, 0.0])[:, None]
     p = torch.tensor([1e-5, 1e-6, 0.2, 1.0], dtype=torch.float64)
-    return E3Result(info=info(model_name, text="I think that pineapple on pizza is a crime."), layer=0, head=0, n_pairs=pairs,
-                    clean_pairs=clean, silenced_pairs=silenced, t_statistic=torch.tensor([5.0, 6.0, 1.0, 0.0]), p_value=p,
-                    threshold=0.05 / L, significant=[bool(x < 0.05 / L) for x in p])
+    return E3Result(
+        info=info(model_name, text="I think that pineapple on pizza is a crime."),
+        layer=0,
+        head=0,
+        n_pairs=pairs,
+        clean_pairs=clean,
+        silenced_pairs=silenced,
+        t_statistic=torch.tensor([5.0, 6.0, 1.0, 0.0]),
+        p_value=p,
+        threshold=0.05 / L,
+        significant=[bool(x < 0.05 / L) for x in p],
+    )
 
 
 def e4(model_name: str = "shipped", n: int = N) -> E4Result:
@@ -69,18 +104,33 @@ def e4(model_name: str = "shipped", n: int = N) -> E4Result:
     heads[2, :3] = 12.0
     s2 = torch.tensor([4.5, 4.5, 9.0, 9.0])[:, None] + torch.randn(L, n, generator=gen(7))
     final = torch.tensor([10.0, 5.0, -4.0, -9.0])[:, None] + torch.randn(L, n, generator=gen(8))
-    return E4Result(info=info(model_name, n_prompts=n, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
-                    clean=clean, donor=donor, heads_patched=heads, resid_s2_patched=s2, resid_final_patched=final,
-                    clean_summary=summarize(clean), donor_summary=summarize(donor), heads_summary=[summarize(x) for x in heads],
-                    resid_s2_summary=[summarize(x) for x in s2], resid_final_summary=[summarize(x) for x in final])
+    return E4Result(
+        info=info(model_name, n_prompts=n, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
+        clean=clean,
+        donor=donor,
+        heads_patched=heads,
+        resid_s2_patched=s2,
+        resid_final_patched=final,
+        clean_summary=summarize(clean),
+        donor_summary=summarize(donor),
+        heads_summary=[summarize(x) for x in heads],
+        resid_s2_summary=[summarize(x) for x in s2],
+        resid_final_summary=[summarize(x) for x in final],
+    )
 
 
 def e5(model_name: str = "shipped", n_layers: int = L, n_heads: int = H) -> E5Result:
     effect = 0.2 * torch.randn(n_layers, n_heads, N, generator=gen(9))
     effect[2, 1] -= 7.0  # the largest fall
     effect[0, 1] += 0.5
-    return E5Result(info=info(model_name, n_layers, n_heads, n_prompts=N, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
-                    clean=9.0 + torch.randn(N, generator=gen(10)), effect=effect, method="fast")
+    return E5Result(
+        info=info(
+            model_name, n_layers, n_heads, n_prompts=N, texts=["Sam and Sally went to the park. Sam gave a gift to"]
+        ),
+        clean=9.0 + torch.randn(N, generator=gen(10)),
+        effect=effect,
+        method="fast",
+    )
 
 
 ALL = {"e1": e1, "e2": e2, "e3": e3, "e4": e4, "e5": e5}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching import attribution, path_patching, patching
+from tl_patching import attribution, patching, path_patching
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
@@ -60,8 +60,19 @@ def qk_only_model(rotary: bool) -> HookedTransformer:
     never read. That head's effect on layer 1 is through queries and keys alone, and the logits are linear
     in layer 1's pattern: AtP with the QK fix must then be exact for its nodes."""
     extra = dict(positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=1) if rotary else {}
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=20, n_ctx=16, attn_only=True,
-                                  normalization_type=None, act_fn="relu", seed=0, **extra)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_vocab=20,
+        n_ctx=16,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="relu",
+        seed=0,
+        **extra,
+    )
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -98,7 +109,9 @@ def test_grad_drop_known_answer():
     tokens, donor_tokens = torch.randint(0, 20, (2, 6), generator=g), torch.randint(0, 20, (2, 6), generator=g)
     correct, wrong = torch.tensor([1, 2]), torch.tensor([3, 4])
     out = attribution.atp_star(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong))
-    direct = path_patching.path_patch(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=[(0, 0), (0, 1)])
+    direct = path_patching.path_patch(
+        Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=[(0, 0), (0, 1)]
+    )
     clean = logit_diff(model(tokens), correct, wrong)
     assert torch.allclose(out.scores["atp_gd"][0, -1], (direct - clean).abs(), atol=1e-4)
     assert out.scores["atp_gd"][0, :-1].abs().max() < 1e-6  # earlier positions reach the logits only via layer 1

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tl_patching.backends import hf as hf_backend, tl as tl_backend
+from tl_patching.backends import hf as hf_backend
+from tl_patching.backends import tl as tl_backend
 from tl_patching.edits import HookNameError, gaussian_noise, patch, replace, scale, zero
 
 ATOL = 1e-4
@@ -26,10 +27,14 @@ def test_both_backends_know_the_same_names(pair):
 
 def mapped_names(hf):
     family_refused = hf_backend.hook_map_of(hf).refused
-    return [n for n in hf_backend.hook_names(hf) if n.split(".", 2)[-1] not in family_refused and n not in family_refused]
+    return [
+        n for n in hf_backend.hook_names(hf) if n.split(".", 2)[-1] not in family_refused and n not in family_refused
+    ]
 
 
-@pytest.mark.parametrize("name", mapped_names(__import__("tl_patching.testing", fromlist=["random_gpt2"]).random_gpt2(n_layers=3)[0]))
+@pytest.mark.parametrize(
+    "name", mapped_names(__import__("tl_patching.testing", fromlist=["random_gpt2"]).random_gpt2(n_layers=3)[0])
+)
 def test_cached_activation_equals_hf(forwards, tokens, name):
     _, tl_cache = forwards["tl"].run(tokens, cache=[name])
     _, hf_cache = forwards["hf"].run(tokens, cache=[name])
@@ -46,7 +51,9 @@ def edits_for(donor, head=2):
     return {
         "zero head z": [zero("blocks.1.attn.hook_z", head=head)],
         "zero head key": [zero("blocks.1.attn.hook_k", head=head)],
-        "noise even MLP neurons": [gaussian_noise("blocks.1.mlp.hook_post", mean=10.0, std=1.0, seed=0, neurons=slice(0, None, 2))],
+        "noise even MLP neurons": [
+            gaussian_noise("blocks.1.mlp.hook_post", mean=10.0, std=1.0, seed=0, neurons=slice(0, None, 2))
+        ],
         "scale block output 0.1": [scale("blocks.1.hook_resid_post", 0.1)],
         "scale block output 10": [scale("blocks.1.hook_resid_post", 10.0)],
         "patch one head at one position": [patch("blocks.1.attn.hook_z", donor, head=head, pos=-1)],
@@ -129,7 +136,9 @@ def test_hooks_removed_even_when_forward_raises(pair, forwards, tokens, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hooks_context_manager_records_and_edits(forwards, tokens, backend):
     cache = {}
-    with forwards[backend].hooks([zero("blocks.0.hook_resid_post")], cache, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]):
+    with forwards[backend].hooks(
+        [zero("blocks.0.hook_resid_post")], cache, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
+    ):
         forwards[backend].model(tokens) if backend == "tl" else forwards[backend].hf_model(tokens)
     assert torch.equal(cache["blocks.0.hook_resid_post"], torch.zeros_like(cache["blocks.0.hook_resid_post"]))
     assert torch.equal(cache["blocks.1.hook_resid_pre"], torch.zeros_like(cache["blocks.1.hook_resid_pre"]))
@@ -138,7 +147,11 @@ def test_hooks_context_manager_records_and_edits(forwards, tokens, backend):
 # --- the same bad input, the same error on both backends ---
 
 BAD = [
-    ([zero("blocks.1.attn.hook_zz")], HookNameError, r"unknown hook name 'blocks\.1\.attn\.hook_zz'; did you mean 'blocks\.1\.attn\.hook_z'"),
+    (
+        [zero("blocks.1.attn.hook_zz")],
+        HookNameError,
+        r"unknown hook name 'blocks\.1\.attn\.hook_zz'; did you mean 'blocks\.1\.attn\.hook_z'",
+    ),
     ([zero("nonsense")], HookNameError, "unknown hook name 'nonsense'"),
     ([zero("blocks.7.attn.hook_z")], IndexError, r"layer 7 out of range, the model has 3 layers \(0\.\.2\)"),
     ([zero("blocks.0.attn.hook_z", head=4)], IndexError, "head 4 out of range for blocks.0.attn.hook_z: size 4"),

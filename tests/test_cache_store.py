@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tl_patching import cache_store
+from tl_patching import cache_store, prompts
 from tl_patching.cache_store import (
     CacheMismatchError,
     CorruptCacheError,
@@ -21,7 +21,8 @@ from tl_patching.cache_store import (
     save_cache,
 )
 from tl_patching.edits import act_name
-from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
+from tl_patching.experiments import e4_ioi_patching as e4
+from tl_patching.experiments import e5_head_token_patching as e5
 from tl_patching.forward import Forward
 from tl_patching.models import hooked_from_hf
 from tl_patching.testing import random_gpt2, random_pair
@@ -108,14 +109,19 @@ def test_e4_e5_from_a_saved_donor_cache_give_identical_results(tmp_path):
     from tl_patching.prompts import NAMES
     from tl_patching.recipe.word_tokenizer import word_tokenizer
 
-    hf, tl = random_gpt2(n_layers=3, tokenizer=word_tokenizer([e4.SEED_RECIPIENT, e4.SEED_DONOR] + [" " + n for n in NAMES]))
+    hf, tl = random_gpt2(
+        n_layers=3, tokenizer=word_tokenizer([prompts.SEED_RECIPIENT, prompts.SEED_DONOR] + [" " + n for n in NAMES])
+    )
     forward = Forward(tl)
-    batch = e4.seed_pair(tl)
+    batch = prompts.seed_pair(tl)
     path = tmp_path / "donor.safetensors"
     cached_run(path, forward, batch.donor_tokens, e4.donor_names(3), batch.prepend_bos)  # computes and saves
     reused = cached_run(path, forward, batch.donor_tokens, e4.donor_names(3), batch.prepend_bos)  # loads
     for module in (e4, e5):
-        fresh, from_disk = module.run(forward, batch, progress=False), module.run(forward, batch, donor_cache=reused, progress=False)
+        fresh, from_disk = (
+            module.run(forward, batch, progress=False),
+            module.run(forward, batch, donor_cache=reused, progress=False),
+        )
         for field in ("clean", "heads_patched", "effect"):
             if hasattr(fresh, field):
                 assert torch.equal(getattr(fresh, field), getattr(from_disk, field))
@@ -146,6 +152,7 @@ def test_bytes_per_token_under_grouped_query_attention():
 
 # ---- each check of the loader, tripped alone --------------------------------------------------------------
 
+
 def doctored(path, out, header=None, tensors=None, reseal=False):
     """A copy of the cache at ``path`` whose header and/or tensors ``header(h)`` / ``tensors(t)`` edit in place.
     ``reseal``: rewrite the header's dtype and checksum of every tensor it lists, so that the file stays
@@ -169,8 +176,13 @@ def set_field(field, value):
 
 
 MODEL_FIELDS = {
-    "model_name": "another-model", "weight_mode": "processed", "n_layers": 4, "n_heads": 8, "d_model": 64,
-    "d_vocab": 128, "weights_sha256": "0" * 64,
+    "model_name": "another-model",
+    "weight_mode": "processed",
+    "n_layers": 4,
+    "n_heads": 8,
+    "d_model": 64,
+    "d_vocab": 128,
+    "weights_sha256": "0" * 64,
 }
 
 
@@ -179,7 +191,9 @@ def test_each_model_field_is_checked(pair, saved, tmp_path, field):
     _, tl = pair
     path = doctored(saved[0], tmp_path / "c.safetensors", header=set_field(field, MODEL_FIELDS[field]))
     load_cache(path)  # the file itself is sound: only the comparison with the model fails
-    with pytest.raises(CacheMismatchError, match=f"another model: {field}: cache has {MODEL_FIELDS[field]!r}, model has") as e:
+    with pytest.raises(
+        CacheMismatchError, match=f"another model: {field}: cache has {MODEL_FIELDS[field]!r}, model has"
+    ) as e:
         load_cache(path, tl)
     assert str(e.value).count("cache has") == 1
 
@@ -204,7 +218,10 @@ def test_token_mismatch_names_the_first_difference(pair, tmp_path):
     _, cache = Forward(tl).run(tokens, cache=[act_name("z", 0)])
     path = save_cache(tmp_path / "c.safetensors", cache, tl, tokens, True)
     cached_id = tokens[1, 9].item()
-    expected = f"other tokens: first difference at row 1, position 9: the cache has id {cached_id}, the tokens given have {cached_id + 1}"
+    expected = (
+        f"other tokens: first difference at row 1, position 9: the cache has id {cached_id}, the tokens given have "
+        f"{cached_id + 1}"
+    )
     with pytest.raises(CacheMismatchError, match=f"{expected}$"):
         load_cache(path, tl, other)
     with pytest.raises(CacheMismatchError, match="the cache holds 2×12 token ids, the tokens given are 2×11$"):
@@ -221,7 +238,9 @@ def test_a_listed_tensor_missing_from_the_file(saved, tmp_path):
 
 
 def test_an_unlisted_tensor_in_the_file(saved, tmp_path):
-    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__("blocks.9.hook_extra", torch.zeros(3)))
+    path = doctored(
+        saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__("blocks.9.hook_extra", torch.zeros(3))
+    )
     with pytest.raises(CorruptCacheError, match="holds a tensor 'blocks.9.hook_extra' that its header does not list"):
         load_cache(path)
 
@@ -229,7 +248,9 @@ def test_an_unlisted_tensor_in_the_file(saved, tmp_path):
 def test_dtype_is_checked_against_the_header(saved, tmp_path):
     """The same bytes read as int32: the checksum (over bytes) passes, only the dtype check can see it."""
     name = "blocks.0.hook_resid_post"
-    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__(name, t[name].view(torch.int32)))
+    path = doctored(
+        saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__(name, t[name].view(torch.int32))
+    )
     assert cache_store._digest(load_file(str(path))[name]) == read_header(path)["sha256"][name]
     with pytest.raises(CorruptCacheError, match=f"tensor '{name}' is int32, its header says float32"):
         load_cache(path)
@@ -241,20 +262,32 @@ def test_checksum_of_each_tensor(saved, tmp_path):
     def nudge(t):
         t[name] = t[name].clone()
         t[name][1, 4, 7] += 1e-3
+
     path = doctored(saved[0], tmp_path / "c.safetensors", tensors=nudge)
     with pytest.raises(CorruptCacheError, match=f"tensor '{name}' does not match its checksum"):
         load_cache(path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda h: h.__setitem__("format", "tl_patching.cache/0"), "unknown cache format 'tl_patching.cache/0'"),
-    (lambda h: h["dtype"].pop("blocks.0.attn.hook_q"),
-     r"the header's dtype does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
-    (lambda h: h["sha256"].pop("blocks.0.attn.hook_q"),
-     r"the header's sha256 does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)"),
-    (lambda h: h["hook_names"].append(h["hook_names"][0]), "the header's hook_names are not a list of distinct names"),
-    (lambda h: h["token_ids"][1].pop(), "the header's token_ids are not a rectangular batch of integer ids"),
-], ids=["format", "dtype-entry", "sha256-entry", "duplicate-name", "ragged-tokens"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h.__setitem__("format", "tl_patching.cache/0"), "unknown cache format 'tl_patching.cache/0'"),
+        (
+            lambda h: h["dtype"].pop("blocks.0.attn.hook_q"),
+            r"the header's dtype does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)",
+        ),
+        (
+            lambda h: h["sha256"].pop("blocks.0.attn.hook_q"),
+            r"the header's sha256 does not list exactly its hook_names \(differs on \['blocks.0.attn.hook_q'\]\)",
+        ),
+        (
+            lambda h: h["hook_names"].append(h["hook_names"][0]),
+            "the header's hook_names are not a list of distinct names",
+        ),
+        (lambda h: h["token_ids"][1].pop(), "the header's token_ids are not a rectangular batch of integer ids"),
+    ],
+    ids=["format", "dtype-entry", "sha256-entry", "duplicate-name", "ragged-tokens"],
+)
 def test_header_consistency(saved, tmp_path, edit, message):
     path = doctored(saved[0], tmp_path / "c.safetensors", header=edit)
     with pytest.raises(CorruptCacheError, match=message):
@@ -298,7 +331,9 @@ def test_each_tensor_shape_is_checked_against_the_model_and_tokens(pair, tokens,
     """The file is consistent with itself (checksums resealed): only the comparison with the model can fail."""
     _, tl = pair
     name, edit, message = SHAPE_CASES[case]
-    path = doctored(saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__(name, edit(t[name])), reseal=True)
+    path = doctored(
+        saved[0], tmp_path / "c.safetensors", tensors=lambda t: t.__setitem__(name, edit(t[name])), reseal=True
+    )
     load_cache(path)
     expected = re.escape(str(tuple(saved[1][name].shape)))
     message = message.format(V=tl.cfg.d_vocab, V_1=tl.cfg.d_vocab - 1)
@@ -314,6 +349,7 @@ def test_a_tensor_of_a_hook_the_model_lacks(pair, saved, tmp_path):
 
     def move(t):
         t.update({k.replace("blocks.2.", "blocks.7."): t.pop(k) for k in list(t) if k.startswith("blocks.2.")})
+
     path = doctored(saved[0], tmp_path / "c.safetensors", header=rename, tensors=move, reseal=True)
     with pytest.raises(CacheMismatchError, match="holds 'blocks.7.hook_resid_pre', which is not a hook of"):
         load_cache(path, tl)
@@ -390,7 +426,11 @@ def test_load_without_a_model_builds_none(saved, monkeypatch):
     import transformer_lens
 
     path, cache = saved
-    monkeypatch.setattr(transformer_lens.HookedTransformer, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built a model")))
+    monkeypatch.setattr(
+        transformer_lens.HookedTransformer,
+        "__init__",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("built a model")),
+    )
     loaded = load_cache(path)
     assert torch.equal(loaded["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"])
 

@@ -31,8 +31,16 @@ def test_help_is_fast_and_imports_no_torch():
     out = cli("--help")
     assert out.returncode == 0 and "reproduce" in out.stdout
     assert time.perf_counter() - start < 3.0  # a second or less on an idle machine; torch alone takes several
-    probe = subprocess.run([sys.executable, "-c", "import sys, tl_patching.cli; print(sorted(m for m in ('torch', 'transformers', "
-                            "'transformer_lens') if m in sys.modules))"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tl_patching.cli; print(sorted(m for m in ('torch', 'transformers', "
+            "'transformer_lens') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert probe.stdout.strip() == "[]"
 
 
@@ -45,16 +53,22 @@ def test_every_option_has_help_text(command):
     assert undocumented == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["e3", "--head", "99", "--no-png"], "head 99 out of range"),
-    (["e2", "--head", "99", "--no-png"], "head 99 out of range"),
-    (["e1", "--text", "", "--no-png"], "empty text"),
-    (["e2", "--text", "   ", "--no-png"], "empty text"),
-    (["e1", "--text", "The cat sat on the mat", "--no-png"], "does not know 'cat', 'sat', 'mat'"),
-    (["e1", "--text", " ".join(["Sam and Sally went to the park."] * 8), "--no-png"], "longer than the model's context of 48"),
-    (["e4", "--donor-cache", "/nonexistent/dir/x.safetensors"], "the folder /nonexistent/dir does not exist"),
-    (["e1", "--model", "/nonexistent-model-dir/x"], "no model directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["e3", "--head", "99", "--no-png"], "head 99 out of range"),
+        (["e2", "--head", "99", "--no-png"], "head 99 out of range"),
+        (["e1", "--text", "", "--no-png"], "empty text"),
+        (["e2", "--text", "   ", "--no-png"], "empty text"),
+        (["e1", "--text", "The cat sat on the mat", "--no-png"], "does not know 'cat', 'sat', 'mat'"),
+        (
+            ["e1", "--text", " ".join(["Sam and Sally went to the park."] * 8), "--no-png"],
+            "longer than the model's context of 48",
+        ),
+        (["e4", "--donor-cache", "/nonexistent/dir/x.safetensors"], "the folder /nonexistent/dir does not exist"),
+        (["e1", "--model", "/nonexistent-model-dir/x"], "no model directory"),
+    ],
+)
 def test_library_errors_are_one_line(args, message, tmp_path, capsys):
     status, err = in_process(capsys, *args, "--out", str(tmp_path))
     assert status == 1, err
@@ -98,7 +112,18 @@ def test_backend_hf_runs_an_experiment(tmp_path, capsys):
 def test_reproduce_uses_the_donor_cache(tmp_path, capsys):
     """--donor-cache on reproduce is honoured: the file is written by the first run and read by the second."""
     cache = tmp_path / "donor.safetensors"
-    args = ["reproduce", "--experiments", "e4", "--n-prompts", "1", "--donor-cache", str(cache), "--no-png", "--out", str(tmp_path)]
+    args = [
+        "reproduce",
+        "--experiments",
+        "e4",
+        "--n-prompts",
+        "1",
+        "--donor-cache",
+        str(cache),
+        "--no-png",
+        "--out",
+        str(tmp_path),
+    ]
     status, err = in_process(capsys, *args)
     assert status == 0 and cache.exists(), err
     stamp = cache.stat().st_mtime_ns

@@ -22,7 +22,8 @@ import torch
 import transformers
 
 from tl_patching.families import FAMILIES, UnsupportedArchitectureError
-from tl_patching.testing import random_config as _tiny_config, random_pair
+from tl_patching.testing import random_config as _tiny_config
+from tl_patching.testing import random_pair
 
 FOLLOWS, NO_EFFECT, REFUSED = "follows", "no effect", "refused"
 REL_TOL = 1e-4  # relative to max(1, max|HF logit|), as the probe check
@@ -39,8 +40,9 @@ def rope(family, rope_type, **params):
 
 LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
 YARN = dict(factor=4.0, original_max_position_embeddings=16)
-LONGROPE = dict(factor=4.0, short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0] * 4,
-                original_max_position_embeddings=16)
+LONGROPE = dict(
+    factor=4.0, short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0] * 4, original_max_position_embeddings=16
+)
 
 
 def row(family, field, value, expect, *, id=None, match=None, **extra):
@@ -86,25 +88,53 @@ FIELDS = [
     row("neox", "use_parallel_residual", False, FOLLOWS),
     row("neox", "attention_bias", False, REFUSED),
     row("neox", "max_position_embeddings", 40, NO_EFFECT),  # TL's n_ctx; the logits of 32 tokens do not depend on it
-    row("neox", "rope_parameters", rope("neox", "default", partial_rotary_factor=0.5) | {"rope_theta": 100.0},
-        FOLLOWS, id="theta100"),
+    row(
+        "neox",
+        "rope_parameters",
+        rope("neox", "default", partial_rotary_factor=0.5) | {"rope_theta": 100.0},
+        FOLLOWS,
+        id="theta100",
+    ),
     row("neox", "rope_parameters", rope("neox", "default", partial_rotary_factor=1.0), FOLLOWS, id="partial1"),
-    row("neox", "rope_parameters", rope("neox", "default", partial_rotary_factor=0.7), REFUSED, id="partial0.7",
-        match="partial_rotary_factor 0.7"),  # int(8 · 0.7) = 5 rotary dimensions: odd
+    row(
+        "neox",
+        "rope_parameters",
+        rope("neox", "default", partial_rotary_factor=0.7),
+        REFUSED,
+        id="partial0.7",
+        match="partial_rotary_factor 0.7",
+    ),  # int(8 · 0.7) = 5 rotary dimensions: odd
     row("neox", "rope_parameters", rope("neox", "linear", partial_rotary_factor=0.5, factor=4.0), FOLLOWS, id="linear"),
     row("neox", "rope_parameters", rope("neox", "llama3", partial_rotary_factor=0.5, **LLAMA3), FOLLOWS, id="llama3"),
     row("neox", "rope_parameters", rope("neox", "yarn", partial_rotary_factor=0.5, **YARN), FOLLOWS, id="yarn"),
-    row("neox", "rope_parameters", rope("neox", "dynamic", partial_rotary_factor=0.5, factor=4.0), NO_EFFECT,
-        id="dynamic"),  # rescales only past max_position_embeddings
-    row("neox", "rope_parameters", rope("neox", "longrope", partial_rotary_factor=0.5, **LONGROPE) | {
-        "short_factor": [1.0, 1.5], "long_factor": [1.0, 1.0]}, REFUSED, id="longrope", match="rope_type 'longrope'"),
+    row(
+        "neox",
+        "rope_parameters",
+        rope("neox", "dynamic", partial_rotary_factor=0.5, factor=4.0),
+        NO_EFFECT,
+        id="dynamic",
+    ),  # rescales only past max_position_embeddings
+    row(
+        "neox",
+        "rope_parameters",
+        rope("neox", "longrope", partial_rotary_factor=0.5, **LONGROPE)
+        | {"short_factor": [1.0, 1.5], "long_factor": [1.0, 1.0]},
+        REFUSED,
+        id="longrope",
+        match="rope_type 'longrope'",
+    ),
     # config.json's older names, folded into rope_parameters by GPTNeoXConfig
     row("neox", "rotary_pct", 1.0, FOLLOWS, rope_parameters=None, rotary_emb_base=10000.0),
     row("neox", "rotary_emb_base", 100.0, FOLLOWS, rope_parameters=None, rotary_pct=0.5),
     row("neox", "rope_theta", 100.0, NO_EFFECT, rope_parameters=None, rotary_pct=0.5),  # rotary_emb_base wins
     row("neox", "partial_rotary_factor", 1.0, NO_EFFECT, rope_parameters=None, rotary_pct=0.5),  # rotary_pct wins
-    row("neox", "original_max_position_embeddings", 8, FOLLOWS,  # outranks rope_parameters' own
-        rope_parameters=rope("neox", "yarn", partial_rotary_factor=0.5, **YARN)),
+    row(
+        "neox",
+        "original_max_position_embeddings",
+        8,
+        FOLLOWS,  # outranks rope_parameters' own
+        rope_parameters=rope("neox", "yarn", partial_rotary_factor=0.5, **YARN),
+    ),
     row("neox", "head_dim", 16, FOLLOWS),  # not a NeoX field, but its rotary embedding reads it: 8 rotary dims
     row("neox", "attention_dropout", 0.5, NO_EFFECT),
     row("neox", "hidden_dropout", 0.5, NO_EFFECT),
@@ -117,37 +147,74 @@ FIELDS = [
     *[row(f, "num_attention_heads", 2, FOLLOWS) for f in RMS],
     *[row(f, "num_key_value_heads", 1, FOLLOWS) for f in RMS],
     *[row(f, "num_key_value_heads", 4, FOLLOWS) for f in RMS],  # no grouping
-    *[row(f, "num_hidden_layers", 3, FOLLOWS, **({"layer_types": LAYER_TYPES[f] + ["sliding_attention"]}
-                                                 if f in LAYER_TYPES else {})) for f in RMS],
+    *[
+        row(
+            f,
+            "num_hidden_layers",
+            3,
+            FOLLOWS,
+            **({"layer_types": LAYER_TYPES[f] + ["sliding_attention"]} if f in LAYER_TYPES else {}),
+        )
+        for f in RMS
+    ],
     *[row(f, "intermediate_size", 48, FOLLOWS) for f in RMS],
     *[row(f, "rms_norm_eps", 0.5, FOLLOWS) for f in RMS],
     *[row(f, "max_position_embeddings", 40, NO_EFFECT) for f in RMS],
     *[row(f, "attention_dropout", 0.5, NO_EFFECT) for f in RMS],
-    *[row(f, "rope_parameters", rope(f, "default") | {"rope_theta": 100.0}, FOLLOWS, id="theta100")
-      for f in RMS if f != "gemma3"],
+    *[
+        row(f, "rope_parameters", rope(f, "default") | {"rope_theta": 100.0}, FOLLOWS, id="theta100")
+        for f in RMS
+        if f != "gemma3"
+    ],
     # older top-level names, folded into rope_parameters by the config (which outranks them when it has a value)
     *[row(f, "rope_theta", 100.0, FOLLOWS, rope_parameters=None) for f in RMS if f != "gemma3"],
-    *[row(f, "original_max_position_embeddings", 8, FOLLOWS, rope_parameters=rope(f, "yarn", **YARN))
-      for f in RMS if f != "gemma3"],
+    *[
+        row(f, "original_max_position_embeddings", 8, FOLLOWS, rope_parameters=rope(f, "yarn", **YARN))
+        for f in RMS
+        if f != "gemma3"
+    ],
     *[row(f, "rope_parameters", rope(f, "dynamic", factor=4.0), NO_EFFECT, id="dynamic") for f in RMS if f != "gemma3"],
     *[row(f, "rope_parameters", rope(f, "llama3", **LLAMA3), FOLLOWS, id="llama3") for f in RMS if f != "gemma3"],
     *[row(f, "rope_parameters", rope(f, "yarn", **YARN), FOLLOWS, id="yarn") for f in RMS if f != "gemma3"],
-    *[row(f, "rope_parameters", rope(f, "longrope", **LONGROPE), REFUSED, id="longrope", match="rope_type 'longrope'")
-      for f in RMS if f != "gemma3"],
+    *[
+        row(f, "rope_parameters", rope(f, "longrope", **LONGROPE), REFUSED, id="longrope", match="rope_type 'longrope'")
+        for f in RMS
+        if f != "gemma3"
+    ],
     # The default RoPE of these families rotates the whole head whatever partial_rotary_factor says; their
     # scaled RoPEs would rotate a part and fail to broadcast in HF itself.
     *[row(f, "partial_rotary_factor", 0.5, NO_EFFECT) for f in RMS],
-    *[row(f, "rope_parameters", rope(f, "linear", factor=4.0, partial_rotary_factor=0.5), REFUSED,
-          id="linear-partial", match="partial_rotary_factor") for f in RMS if f != "gemma3"],
+    *[
+        row(
+            f,
+            "rope_parameters",
+            rope(f, "linear", factor=4.0, partial_rotary_factor=0.5),
+            REFUSED,
+            id="linear-partial",
+            match="partial_rotary_factor",
+        )
+        for f in RMS
+        if f != "gemma3"
+    ],
     # ---- Llama ----------------------------------------------------------------------------------------------
     row("llama", "hidden_act", "gelu", FOLLOWS),
     row("llama", "hidden_act", "gelu_python", FOLLOWS),  # = gelu under another name
     row("llama", "hidden_act", "xielu", REFUSED),  # HF's xIELU has learned parameters
     row("llama", "rope_parameters", rope("llama", "linear", factor=4.0), FOLLOWS, id="linear"),
-    row("llama", "rope_parameters", rope("llama", "yarn", **YARN, attention_factor=1.5, beta_fast=8.0, beta_slow=2.0),
-        FOLLOWS, id="yarn-attention-factor-betas"),
-    row("llama", "rope_parameters", rope("llama", "yarn", **YARN, mscale=2.0, mscale_all_dim=1.0), FOLLOWS,
-        id="yarn-mscale"),
+    row(
+        "llama",
+        "rope_parameters",
+        rope("llama", "yarn", **YARN, attention_factor=1.5, beta_fast=8.0, beta_slow=2.0),
+        FOLLOWS,
+        id="yarn-attention-factor-betas",
+    ),
+    row(
+        "llama",
+        "rope_parameters",
+        rope("llama", "yarn", **YARN, mscale=2.0, mscale_all_dim=1.0),
+        FOLLOWS,
+        id="yarn-mscale",
+    ),
     row("llama", "rope_parameters", rope("llama", "yarn", **YARN, truncate=False), FOLLOWS, id="yarn-no-truncate"),
     row("llama", "attention_bias", True, REFUSED),
     row("llama", "mlp_bias", True, REFUSED),
@@ -159,77 +226,190 @@ FIELDS = [
     row("mistral", "layer_types", ["full_attention", "sliding_attention"], NO_EFFECT),  # MistralModel ignores it
     row("mistral", "hidden_act", "gelu", FOLLOWS),
     row("mistral", "hidden_act", "quick_gelu", REFUSED),
-    row("mistral", "rope_parameters", rope("mistral", "linear", factor=4.0), REFUSED, id="linear-on-windows",
-        match="rope_parameters rope_type 'linear' on sliding-window layers"),  # TL scales global layers only
-    row("mistral", "rope_parameters", rope("mistral", "linear", factor=4.0), FOLLOWS, id="linear-no-window",
-        sliding_window=None),
+    row(
+        "mistral",
+        "rope_parameters",
+        rope("mistral", "linear", factor=4.0),
+        REFUSED,
+        id="linear-on-windows",
+        match="rope_parameters rope_type 'linear' on sliding-window layers",
+    ),  # TL scales global layers only
+    row(
+        "mistral",
+        "rope_parameters",
+        rope("mistral", "linear", factor=4.0),
+        FOLLOWS,
+        id="linear-no-window",
+        sliding_window=None,
+    ),
     row("mistral", "attention_bias", True, NO_EFFECT),  # not a Mistral field: its projections have no bias
     # ---- Qwen2 / Qwen3: sliding layers from use_sliding_window and max_window_layers (or layer_types) -----------
-    *[r for f in ("qwen2", "qwen3") for r in (
-        row(f, "use_sliding_window", True, FOLLOWS, max_window_layers=0),
-        row(f, "max_window_layers", 1, FOLLOWS, use_sliding_window=True),
-        row(f, "sliding_window", 8, FOLLOWS, use_sliding_window=True, max_window_layers=0),
-        row(f, "layer_types", ["sliding_attention", "full_attention"], FOLLOWS, use_sliding_window=True),
-        # HF's config drops the window unless use_sliding_window; its forward would then fail on these layers
-        row(f, "layer_types", ["sliding_attention", "full_attention"], REFUSED, id="no-window", match="sliding_window"),
-        row(f, "hidden_act", "gelu", FOLLOWS),
-        row(f, "hidden_act", "quick_gelu", REFUSED),
-        row(f, "rope_parameters", rope(f, "linear", factor=4.0), FOLLOWS, id="linear"),
-        row(f, "rope_parameters", rope(f, "linear", factor=4.0), REFUSED, id="linear-on-windows",
-            match="rope_parameters rope_type 'linear' on sliding-window layers", use_sliding_window=True,
-            max_window_layers=1),
-        row(f, "rope_parameters", rope(f, "yarn", **YARN), FOLLOWS, id="yarn-with-windows", use_sliding_window=True,
-            max_window_layers=1),  # TL's yarn covers local layers too, as HF's single parameter set does
-    )],
+    *[
+        r
+        for f in ("qwen2", "qwen3")
+        for r in (
+            row(f, "use_sliding_window", True, FOLLOWS, max_window_layers=0),
+            row(f, "max_window_layers", 1, FOLLOWS, use_sliding_window=True),
+            row(f, "sliding_window", 8, FOLLOWS, use_sliding_window=True, max_window_layers=0),
+            row(f, "layer_types", ["sliding_attention", "full_attention"], FOLLOWS, use_sliding_window=True),
+            # HF's config drops the window unless use_sliding_window; its forward would then fail on these layers
+            row(
+                f,
+                "layer_types",
+                ["sliding_attention", "full_attention"],
+                REFUSED,
+                id="no-window",
+                match="sliding_window",
+            ),
+            row(f, "hidden_act", "gelu", FOLLOWS),
+            row(f, "hidden_act", "quick_gelu", REFUSED),
+            row(f, "rope_parameters", rope(f, "linear", factor=4.0), FOLLOWS, id="linear"),
+            row(
+                f,
+                "rope_parameters",
+                rope(f, "linear", factor=4.0),
+                REFUSED,
+                id="linear-on-windows",
+                match="rope_parameters rope_type 'linear' on sliding-window layers",
+                use_sliding_window=True,
+                max_window_layers=1,
+            ),
+            row(
+                f,
+                "rope_parameters",
+                rope(f, "yarn", **YARN),
+                FOLLOWS,
+                id="yarn-with-windows",
+                use_sliding_window=True,
+                max_window_layers=1,
+            ),  # TL's yarn covers local layers too, as HF's single parameter set does
+        )
+    ],
     row("qwen2", "attention_bias", True, NO_EFFECT),  # Qwen2's q/k/v always have biases, o_proj never
     row("qwen3", "attention_bias", True, REFUSED),
     # ---- Gemma 2 / Gemma 3 --------------------------------------------------------------------------------------
-    *[r for f in ("gemma2", "gemma3") for r in (
-        row(f, "query_pre_attn_scalar", 32, FOLLOWS),
-        row(f, "final_logit_softcapping", 2.0, FOLLOWS),  # binds: |logits| reach 2
-        row(f, "sliding_window", 8, FOLLOWS),
-        row(f, "layer_types", ["full_attention", "sliding_attention"], FOLLOWS),
-        row(f, "layer_types", ["full_attention", "full_attention"], FOLLOWS),
-        row(f, "hidden_activation", "silu", FOLLOWS),
-        row(f, "hidden_activation", "quick_gelu", REFUSED),
-        row(f, "attention_bias", True, REFUSED),
-        row(f, "use_bidirectional_attention", True, REFUSED),
-    )],
+    *[
+        r
+        for f in ("gemma2", "gemma3")
+        for r in (
+            row(f, "query_pre_attn_scalar", 32, FOLLOWS),
+            row(f, "final_logit_softcapping", 2.0, FOLLOWS),  # binds: |logits| reach 2
+            row(f, "sliding_window", 8, FOLLOWS),
+            row(f, "layer_types", ["full_attention", "sliding_attention"], FOLLOWS),
+            row(f, "layer_types", ["full_attention", "full_attention"], FOLLOWS),
+            row(f, "hidden_activation", "silu", FOLLOWS),
+            row(f, "hidden_activation", "quick_gelu", REFUSED),
+            row(f, "attention_bias", True, REFUSED),
+            row(f, "use_bidirectional_attention", True, REFUSED),
+        )
+    ],
     row("gemma2", "attn_logit_softcapping", 1.5, FOLLOWS),  # tiny default 3.0 already binds
     row("gemma2", "attn_logit_softcapping", None, FOLLOWS),
     row("gemma2", "final_logit_softcapping", None, FOLLOWS),
-    row("gemma2", "rope_parameters", rope("gemma2", "linear", factor=4.0), REFUSED, id="linear",
-        match="rope_parameters rope_type 'linear' on sliding-window layers"),
+    row(
+        "gemma2",
+        "rope_parameters",
+        rope("gemma2", "linear", factor=4.0),
+        REFUSED,
+        id="linear",
+        match="rope_parameters rope_type 'linear' on sliding-window layers",
+    ),
     # transformers 5.24's Gemma 3 stores attn_logit_softcapping but never passes it to its attention
     row("gemma3", "attn_logit_softcapping", 1.5, NO_EFFECT),
     # Gemma 3: one RoPE parameter set per layer type (tiny: local θ 10 000, global θ 1 000 000)
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "default") | {"rope_theta": 100.0},
-                                      "full_attention": rope("gemma3", "default") | {"rope_theta": 1e6}},
-        FOLLOWS, id="local-theta100"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "default"),
-                                      "full_attention": rope("gemma3", "default") | {"rope_theta": 1e3}},
-        FOLLOWS, id="global-theta1000"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "default"),
-                                      "full_attention": rope("gemma3", "linear", factor=8.0) | {"rope_theta": 1e6}},
-        FOLLOWS, id="global-linear"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "default"),
-                                      "full_attention": rope("gemma3", "yarn", **YARN) | {"rope_theta": 1e6}},
-        FOLLOWS, id="global-yarn"),  # TL: yarn_global_attn_only
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "yarn", **YARN),
-                                      "full_attention": rope("gemma3", "yarn", **YARN) | {"rope_theta": 1e6}},
-        FOLLOWS, id="yarn-both"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "default"),
-                                      "full_attention": rope("gemma3", "dynamic", factor=4.0) | {"rope_theta": 1e6}},
-        NO_EFFECT, id="global-dynamic"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "default"),
-                                      "full_attention": rope("gemma3", "llama3", **LLAMA3) | {"rope_theta": 1e6}},
-        REFUSED, id="global-llama3", match="rope_parameters rope_type 'default' on sliding-window layers"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "linear", factor=2.0),
-                                      "full_attention": rope("gemma3", "default") | {"rope_theta": 1e6}},
-        REFUSED, id="local-linear", match="rope_parameters rope_type 'linear' on sliding-window layers"),
-    row("gemma3", "rope_parameters", {"sliding_attention": rope("gemma3", "longrope", **LONGROPE),
-                                      "full_attention": rope("gemma3", "default") | {"rope_theta": 1e6}},
-        REFUSED, id="local-longrope", match="rope_type 'longrope'"),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "default") | {"rope_theta": 100.0},
+            "full_attention": rope("gemma3", "default") | {"rope_theta": 1e6},
+        },
+        FOLLOWS,
+        id="local-theta100",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "default"),
+            "full_attention": rope("gemma3", "default") | {"rope_theta": 1e3},
+        },
+        FOLLOWS,
+        id="global-theta1000",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "default"),
+            "full_attention": rope("gemma3", "linear", factor=8.0) | {"rope_theta": 1e6},
+        },
+        FOLLOWS,
+        id="global-linear",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "default"),
+            "full_attention": rope("gemma3", "yarn", **YARN) | {"rope_theta": 1e6},
+        },
+        FOLLOWS,
+        id="global-yarn",
+    ),  # TL: yarn_global_attn_only
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "yarn", **YARN),
+            "full_attention": rope("gemma3", "yarn", **YARN) | {"rope_theta": 1e6},
+        },
+        FOLLOWS,
+        id="yarn-both",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "default"),
+            "full_attention": rope("gemma3", "dynamic", factor=4.0) | {"rope_theta": 1e6},
+        },
+        NO_EFFECT,
+        id="global-dynamic",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "default"),
+            "full_attention": rope("gemma3", "llama3", **LLAMA3) | {"rope_theta": 1e6},
+        },
+        REFUSED,
+        id="global-llama3",
+        match="rope_parameters rope_type 'default' on sliding-window layers",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "linear", factor=2.0),
+            "full_attention": rope("gemma3", "default") | {"rope_theta": 1e6},
+        },
+        REFUSED,
+        id="local-linear",
+        match="rope_parameters rope_type 'linear' on sliding-window layers",
+    ),
+    row(
+        "gemma3",
+        "rope_parameters",
+        {
+            "sliding_attention": rope("gemma3", "longrope", **LONGROPE),
+            "full_attention": rope("gemma3", "default") | {"rope_theta": 1e6},
+        },
+        REFUSED,
+        id="local-longrope",
+        match="rope_type 'longrope'",
+    ),
     # config.json's older names, folded into rope_parameters / layer_types by Gemma3TextConfig
     row("gemma3", "rope_local_base_freq", 100.0, FOLLOWS, rope_parameters=None, rope_theta=1e6),
     row("gemma3", "rope_theta", 1e3, FOLLOWS, rope_parameters=None, rope_local_base_freq=1e4),
@@ -274,6 +454,7 @@ def test_config_field(family, field, overrides, expect, match):
 
 # ---- the table is complete ------------------------------------------------------------------------------------
 
+
 def _table_fields(family: str) -> set[str]:
     return {p.values[1] for p in FIELDS if p.values[0] == family}
 
@@ -309,22 +490,44 @@ def test_every_field_the_converter_reads_is_in_the_table(family):
 # Read by HF's modeling code without changing a forward's logits (float32, eval mode, no cache).
 HF_ALLOWED = {
     # what to return and how to run, not what to compute
-    "return_dict", "output_attentions", "_output_attentions", "output_hidden_states", "output_cross_attentions",
+    "return_dict",
+    "output_attentions",
+    "_output_attentions",
+    "output_hidden_states",
+    "output_cross_attentions",
     "use_cache",
-    "_attn_implementation", "_attn_implementation_internal", "_experts_implementation",
-    "_experts_implementation_internal", "is_encoder_decoder", "gradient_checkpointing",
-    "base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "base_model_fsdp_plan",
-    "_name_or_path", "name_or_path",
+    "_attn_implementation",
+    "_attn_implementation_internal",
+    "_experts_implementation",
+    "_experts_implementation_internal",
+    "is_encoder_decoder",
+    "gradient_checkpointing",
+    "base_model_tp_plan",
+    "base_model_pp_plan",
+    "base_model_ep_plan",
+    "base_model_fsdp_plan",
+    "_name_or_path",
+    "name_or_path",
     # initialisation only: every weight is then overwritten (random_pair) or loaded (checkpoints); pad_token_id
     # is nn.Embedding's padding_idx, which zeroes that row at init and stops its gradient
-    "initializer_range", "pad_token_id",
+    "initializer_range",
+    "pad_token_id",
     # composite-model and quantisation lookups (absent on these decoder-only float configs)
-    "text_config", "decoder", "generator", "vision_aspect_ratio", "vision_feature_layer",
-    "vision_feature_select_strategy", "quantization_config", "kv_sharing_modes",
+    "text_config",
+    "decoder",
+    "generator",
+    "vision_aspect_ratio",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "quantization_config",
+    "kv_sharing_modes",
     # per-layer overrides: HF refuses to build these families from a heterogeneous config
-    "per_layer_config", "is_heterogeneous", "_heterogeneity_spec",
+    "per_layer_config",
+    "is_heterogeneous",
+    "_heterogeneity_spec",
     # bookkeeping of transformers' RoPE-config mixin (the parameters themselves are in rope_parameters)
-    "default_rope_type", "_rope_type_labels",
+    "default_rope_type",
+    "_rope_type_labels",
 }
 
 
@@ -346,8 +549,11 @@ def _hf_reads(family: str, overrides: dict) -> set[str]:
     finally:
         config.__class__ = base
     aliases = base.attribute_map  # e.g. GPT-2's hidden_size -> n_embd
-    return {aliases.get(name, name) for name in reads
-            if not name.startswith("__") and not callable(getattr(config, name, None))}
+    return {
+        aliases.get(name, name)
+        for name in reads
+        if not name.startswith("__") and not callable(getattr(config, name, None))
+    }
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

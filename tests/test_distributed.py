@@ -11,15 +11,17 @@ import pytest
 import torch
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
-from tl_patching import distributed
+from tl_patching import distributed, prompts
 from tl_patching.cache_store import load_cache, read_header, save_cache
 from tl_patching.edits import act_name
-from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5, run_experiment
+from tl_patching.experiments import e4_ioi_patching as e4
+from tl_patching.experiments import e5_head_token_patching as e5
+from tl_patching.experiments import run_experiment
 from tl_patching.forward import Forward, load_forward
 from tl_patching.metrics import logit_diff
-from tl_patching.testing import random_gpt2
 from tl_patching.prompts import ioi_batches, ioi_prompts
 from tl_patching.recipe.word_tokenizer import word_tokenizer
+from tl_patching.testing import random_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,9 +146,28 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     """The real thing: ``torchrun --nproc_per_node=2`` (gloo) on the shipped model; JSON equal to one process."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "3",
-           "-m", "tl_patching.cli", "reproduce", "--experiments", "e4,e5", "--n-prompts", "8", "--device", "cpu",
-           "--no-png", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        "-m",
+        "tl_patching.cli",
+        "reproduce",
+        "--experiments",
+        "e4,e5",
+        "--n-prompts",
+        "8",
+        "--device",
+        "cpu",
+        "--no-png",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     forward = load_forward("shipped", device="cpu")
@@ -160,7 +181,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 
 def test_dtypes_load_and_stay_close(tmp_path):
     ref = load_forward("shipped", device="cpu")
-    batch = e4.seed_pair(ref.model)
+    batch = prompts.seed_pair(ref.model)
     clean = logit_diff(ref(batch.tokens), batch.correct, batch.wrong)
     for dtype, tol in (("bfloat16", 0.5), ("float16", 0.1)):  # docs/scaling.md: measured 0.25 / 0.04 nats on E4
         for backend in ("tl", "hf"):
@@ -178,7 +199,7 @@ def test_cache_from_another_device_and_dtype_loads_on_cpu(tmp_path):
     """A cache file holds no device: what a GPU run saved loads on a CPU machine. Simulated here with a
     bfloat16 run (what a GPU run typically saves), loaded onto the CPU and onto a second device type (meta)."""
     f = load_forward("shipped", device="cpu", dtype="bfloat16")
-    batch = e4.seed_pair(f.model)
+    batch = prompts.seed_pair(f.model)
     names = [act_name("z", 0), act_name("resid_post", 1)]
     acts = f.run(batch.donor_tokens, cache=names)[1]
     path = save_cache(tmp_path / "gpu-run.safetensors", acts, f.model, batch.donor_tokens, True)

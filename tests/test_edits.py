@@ -9,12 +9,35 @@ from transformer_lens.utilities import get_act_name
 from tl_patching.edits import HookNameError, act_name, patch, scale, zero
 
 
-@pytest.mark.parametrize("kind, layer", [
-    ("z", 3), ("q", 0), ("k", 1), ("v", 2), ("rot_q", 1), ("rot_k", 0), ("result", 1), ("pattern", 2), ("attn", 2),
-    ("attn_scores", 0), ("pre", 1), ("post", 1), ("mid", 0), ("pre_linear", 0), ("resid_pre", 0), ("resid_mid", 1),
-    ("resid_post", 2), ("attn_out", 0), ("mlp_out", 3), ("embed", None), ("pos_embed", None), ("normalized", None),
-    ("scale", None), ("blocks.2.attn.hook_z", None),
-])
+@pytest.mark.parametrize(
+    "kind, layer",
+    [
+        ("z", 3),
+        ("q", 0),
+        ("k", 1),
+        ("v", 2),
+        ("rot_q", 1),
+        ("rot_k", 0),
+        ("result", 1),
+        ("pattern", 2),
+        ("attn", 2),
+        ("attn_scores", 0),
+        ("pre", 1),
+        ("post", 1),
+        ("mid", 0),
+        ("pre_linear", 0),
+        ("resid_pre", 0),
+        ("resid_mid", 1),
+        ("resid_post", 2),
+        ("attn_out", 0),
+        ("mlp_out", 3),
+        ("embed", None),
+        ("pos_embed", None),
+        ("normalized", None),
+        ("scale", None),
+        ("blocks.2.attn.hook_z", None),
+    ],
+)
 def test_act_name_spells_names_as_transformer_lens(kind, layer):
     assert act_name(kind, layer) == get_act_name(kind, layer)
 
@@ -30,7 +53,11 @@ def test_edit_on_rows_touches_only_those_rows():
     act = torch.ones(6, 4, 3, 2)
     out = scale("blocks.0.attn.hook_z", 5.0, head=1).on_rows(slice(2, 4))(act)
     assert torch.equal(out[2:4, :, 1], torch.full((2, 4, 2), 5.0))
-    assert torch.equal(out[:2], act[:2]) and torch.equal(out[4:], act[4:]) and torch.equal(out[2:4, :, [0, 2]], act[2:4, :, [0, 2]])
+    assert (
+        torch.equal(out[:2], act[:2])
+        and torch.equal(out[4:], act[4:])
+        and torch.equal(out[2:4, :, [0, 2]], act[2:4, :, [0, 2]])
+    )
 
 
 def test_patch_with_a_batch_of_one_donor():

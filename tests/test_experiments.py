@@ -8,19 +8,28 @@ import pytest
 import torch
 from scipy import stats
 
+from tl_patching import prompts
 from tl_patching.edits import act_name
 from tl_patching.experiments import (
     e1_attention_scores as e1,
+)
+from tl_patching.experiments import (
     e2_activation_editing as e2,
+)
+from tl_patching.experiments import (
     e3_cosine_similarity as e3,
+)
+from tl_patching.experiments import (
     e4_ioi_patching as e4,
+)
+from tl_patching.experiments import (
     e5_head_token_patching as e5,
 )
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
 from tl_patching.models import hooked_from_hf
-from tl_patching.testing import random_gpt2
 from tl_patching.prompts import PromptError, ioi_batches, ioi_pair, ioi_prompts
+from tl_patching.testing import random_gpt2
 
 ATOL = 1e-4
 
@@ -43,7 +52,10 @@ def close(a, b, atol=ATOL):
 def hooked(model, tokens, hooks):
     """Logits and the residual streams, with hand-written TL hooks (not our Edit)."""
     resid = {}
-    record = [(act_name("resid_post", l), lambda x, hook: resid.__setitem__(hook.name, x.detach().clone())) for l in range(model.cfg.n_layers)]
+    record = [
+        (act_name("resid_post", l), lambda x, hook: resid.__setitem__(hook.name, x.detach().clone()))
+        for l in range(model.cfg.n_layers)
+    ]
     with torch.no_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks + record)
     return logits, [resid[act_name("resid_post", l)] for l in range(model.cfg.n_layers)]
@@ -51,10 +63,15 @@ def hooked(model, tokens, hooks):
 
 # --- E1 ---
 
+
 def test_e1_same_on_both_backends(both):
     r, rh = (e1.run(f) for f in both)
     assert r.info.backend == "tl" and rh.info.backend == "hf"
-    assert close(r.mean_score, rh.mean_score) and close(r.frac_negative, rh.frac_negative) and close(r.kde_density, rh.kde_density)
+    assert (
+        close(r.mean_score, rh.mean_score)
+        and close(r.frac_negative, rh.frac_negative)
+        and close(r.kde_density, rh.kde_density)
+    )
 
 
 def test_e1_scores_by_hand(both):
@@ -69,11 +86,13 @@ def test_e1_scores_by_hand(both):
     for l in range(4):
         x = cache[act_name("resid_pre", l)]
         ln = model.blocks[l].ln1
-        normed = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + model.cfg.eps).sqrt() * ln.w + ln.b
+        normed = (x - x.mean(-1, keepdim=True)) / (
+            x.var(-1, unbiased=False, keepdim=True) + model.cfg.eps
+        ).sqrt() * ln.w + ln.b
         attn = model.blocks[l].attn
         q = einops.einsum(normed, attn.W_Q, "b p m, h m d -> b p h d") + attn.b_Q
         k = einops.einsum(normed, attn.W_K, "b p m, h m d -> b p h d") + attn.b_K
-        scores = einops.einsum(q, k, "b q h d, b k h d -> b h q k") / 8 ** 0.5  # d_head = 8
+        scores = einops.einsum(q, k, "b q h d, b k h d -> b h q k") / 8**0.5  # d_head = 8
         values = scores[0][:, visible]  # [head, n_visible]
         assert torch.allclose(r.mean_score[l], values.mean(-1), atol=ATOL)
         assert torch.allclose(r.frac_negative[l], (values < 0).float().mean(-1))
@@ -93,7 +112,9 @@ def test_e1_split_check_is_enforced(both, monkeypatch):
 def test_e1_json_round_trip(both):
     r = e1.run(both[0])
     back = e1.E1Result.from_json(r.to_json())
-    assert torch.allclose(back.mean_score, r.mean_score, rtol=1e-5, atol=1e-12) and back.info == r.info  # 6 significant digits
+    assert (
+        torch.allclose(back.mean_score, r.mean_score, rtol=1e-5, atol=1e-12) and back.info == r.info
+    )  # 6 significant digits
 
 
 def test_e1_fraction_negative_counts_scores_below_zero_not_at_zero(ioi_tokenizer):
@@ -117,12 +138,17 @@ def test_e1_fraction_negative_counts_scores_below_zero_not_at_zero(ioi_tokenizer
 
 # --- E2 ---
 
+
 def test_e2_same_on_both_backends(both):
     r, rh = (e2.run(f, layer=2, head=1) for f in both)
     assert [i.label for i in r.interventions] == [i.label for i in rh.interventions] and len(r.interventions) == 4
     assert close(r.clean_resid_std, rh.clean_resid_std)
     for a, b in zip(r.interventions, rh.interventions):
-        assert close(a.resid_std, b.resid_std) and a.top_tokens == b.top_tokens and abs(a.kl_from_clean - b.kl_from_clean) < ATOL
+        assert (
+            close(a.resid_std, b.resid_std)
+            and a.top_tokens == b.top_tokens
+            and abs(a.kl_from_clean - b.kl_from_clean) < ATOL
+        )
     assert set(rh.block_output_structure) == {"output_attentions=False", "output_attentions=True"}
     assert "(1, " in rh.block_output_structure["output_attentions=False"]
 
@@ -145,8 +171,12 @@ def test_e2_edits_by_hand(both):
         post[..., ::2] = draw
         return post
 
-    by_hand = {0: [(act_name("k", 2), zero_key)], 1: [(act_name("post", 2), noise_even)],
-               2: [(act_name("resid_post", 2), lambda x, hook: x * 0.1)], 3: [(act_name("resid_post", 2), lambda x, hook: x * 10)]}
+    by_hand = {
+        0: [(act_name("k", 2), zero_key)],
+        1: [(act_name("post", 2), noise_even)],
+        2: [(act_name("resid_post", 2), lambda x, hook: x * 0.1)],
+        3: [(act_name("resid_post", 2), lambda x, hook: x * 10)],
+    }
     for i, hooks in by_hand.items():
         logits, resid = hooked(model, tokens, hooks)
         assert close(r.interventions[i].resid_std, torch.stack([x.std() for x in resid])), r.interventions[i].label
@@ -188,6 +218,7 @@ def test_e2_kl_is_from_clean_to_edited_and_spread_is_over_positions_and_d_model(
 
 # --- E3 ---
 
+
 def test_e3_same_on_both_backends(both):
     r, rh = (e3.run(f, layer=1, head=2) for f in both)
     assert close(r.clean_pairs, rh.clean_pairs) and close(r.silenced_pairs, rh.silenced_pairs)
@@ -195,7 +226,8 @@ def test_e3_same_on_both_backends(both):
 
 
 def test_e3_by_hand(both):
-    """Known answer: head 2 of layer 1 zeroed with a hand-written hook, pair similarities and the paired t-test by hand."""
+    """Known answer: head 2 of layer 1 zeroed with a hand-written hook, pair similarities and the paired t-test by
+    hand."""
     forward = both[0]
     r = e3.run(forward, layer=1, head=2)
     tokens = torch.tensor(r.info.token_ids)
@@ -220,8 +252,10 @@ def test_e3_by_hand(both):
     assert close(r.silenced_pairs, torch.stack([pairs(x) for x in silenced]))
     _, other = hooked(forward.model, tokens, [(act_name("z", 1), lambda z, hook: silence(z, hook, head=3))])
     assert not close(r.silenced_pairs, torch.stack([pairs(x) for x in other]), atol=1e-3)  # another head differs
-    p = [stats.ttest_rel(s.double().numpy(), c.double().numpy()).pvalue if l >= 1 else 1.0
-         for l, (c, s) in enumerate(zip(r.clean_pairs, r.silenced_pairs))]
+    p = [
+        stats.ttest_rel(s.double().numpy(), c.double().numpy()).pvalue if l >= 1 else 1.0
+        for l, (c, s) in enumerate(zip(r.clean_pairs, r.silenced_pairs))
+    ]
     assert np.allclose(r.p_value.numpy(), p)
     assert r.significant == [x < 0.05 / 4 for x in p] and r.threshold == 0.05 / 4
 
@@ -239,7 +273,9 @@ def test_e3_refuses_processed_weights_from_any_source(models):
     from transformer_lens import HookedTransformer
 
     tl_processed = HookedTransformer(tl.cfg.to_dict() | {"normalization_type": "LN"}, tokenizer=tl.tokenizer)
-    tl_processed.load_and_process_state_dict(tl.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=True)
+    tl_processed.load_and_process_state_dict(
+        tl.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=True
+    )
     with pytest.raises(ValueError, match="raw weights"):  # TL's own processing, no attribute of ours involved
         e3.run(Forward(tl_processed))
 
@@ -283,6 +319,7 @@ def test_e3_run_t_direction_and_corrected_decision(both):
 
 # --- E4 ---
 
+
 def test_e4_same_on_both_backends(both):
     r, rh = (e4.run(f, progress=False) for f in both)
     for field in ("clean", "donor", "heads_patched", "resid_s2_patched", "resid_final_patched"):
@@ -294,7 +331,7 @@ def test_e4_by_hand(both):
     forward = both[0]
     model = forward.model
     r = e4.run(forward, progress=False)
-    pair = e4.seed_pair(model)
+    pair = prompts.seed_pair(model)
     _, donor = model.run_with_cache(pair.donor_tokens)
     ld = lambda logits: logit_diff(logits, pair.correct, pair.wrong)  # noqa: E731
     s2 = int((pair.tokens != pair.donor_tokens).nonzero()[0, 1])
@@ -306,9 +343,12 @@ def test_e4_by_hand(both):
                 x = x.clone()
                 x[:, pos] = donor[name][:, pos]
                 return x
+
             return hook
 
-        assert close(r.heads_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(z, lambda x, hook, z=z: donor[z])])))
+        assert close(
+            r.heads_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(z, lambda x, hook, z=z: donor[z])]))
+        )
         assert close(r.resid_s2_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(resid, at(s2))])))
         assert close(r.resid_final_patched[l], ld(model.run_with_hooks(pair.tokens, fwd_hooks=[(resid, at(-1))])))
     assert close(r.resid_final_patched[-1], r.donor)  # the last block's output at the end *is* the donor's answer
@@ -320,21 +360,25 @@ def test_e4_dataset_and_json(both):
     batches = ioi_batches(forward.model, ioi_prompts(12, seed=5))
     r = e4.run(forward, batches, progress=False)
     assert r.clean.shape == (12,) and r.heads_patched.shape == (4, 12) and r.info.settings["n_prompts"] == 12
-    assert sorted(r.info.token_ids) == sorted(row for b in batches for row in b.tokens.tolist())  # every prompt recorded
+    assert sorted(r.info.token_ids) == sorted(
+        row for b in batches for row in b.tokens.tolist()
+    )  # every prompt recorded
     assert r.heads_summary[0].ci_low <= r.heads_summary[0].mean <= r.heads_summary[0].ci_high
     back = e4.E4Result.from_json(r.to_json())
-    assert back.heads_summary[0].mean == pytest.approx(r.heads_summary[0].mean, rel=1e-5)  # JSON keeps 6 significant digits
+    assert back.heads_summary[0].mean == pytest.approx(
+        r.heads_summary[0].mean, rel=1e-5
+    )  # JSON keeps 6 significant digits
     assert torch.allclose(back.heads_patched, r.heads_patched, rtol=1e-5, atol=0)
 
 
 def test_e4_pair_builder_rejects_bad_pairs(both):
     tl = both[0].model
     with pytest.raises(PromptError, match="not one"):
-        ioi_pair(tl, e4.SEED_RECIPIENT, e4.SEED_DONOR, " Sally Sam", " Sam")
+        ioi_pair(tl, prompts.SEED_RECIPIENT, prompts.SEED_DONOR, " Sally Sam", " Sam")
     with pytest.raises(PromptError, match="equal lengths"):
-        ioi_pair(tl, e4.SEED_RECIPIENT, "Sam and Sally went to the park. Sally gave a gift", " Sally", " Sam")
+        ioi_pair(tl, prompts.SEED_RECIPIENT, "Sam and Sally went to the park. Sally gave a gift", " Sally", " Sam")
     with pytest.raises(PromptError, match="empty"):
-        ioi_pair(tl, "  ", e4.SEED_DONOR, " Sally", " Sam")
+        ioi_pair(tl, "  ", prompts.SEED_DONOR, " Sally", " Sam")
 
 
 def test_e4_probability_ratio_is_exp_of_the_mean_logit_difference_with_its_interval():
@@ -348,13 +392,16 @@ def test_e4_probability_ratio_is_exp_of_the_mean_logit_difference_with_its_inter
     for l in range(4):
         x = r.heads_patched[l].double()
         assert float(ratio[l]) == pytest.approx(float(x.mean().exp()), rel=1e-6)
-        assert (float(low[l]), float(high[l])) == pytest.approx((np.exp(r.heads_summary[l].ci_low), np.exp(r.heads_summary[l].ci_high)))
+        assert (float(low[l]), float(high[l])) == pytest.approx(
+            (np.exp(r.heads_summary[l].ci_low), np.exp(r.heads_summary[l].ci_high))
+        )
     assert float(r.heads_patched[2].double().exp().mean()) > 100 * float(ratio[2])
     clean = r.prob_ratio("clean")
     assert float(clean) == pytest.approx(float(r.clean.double().mean().exp()), rel=1e-6)
 
 
 # --- E5 ---
+
 
 def test_e5_fast_equals_the_driver_equals_hf(both):
     fast = e5.run(both[0], progress=False)
@@ -376,11 +423,15 @@ def test_e5_effect_by_hand(both):
     _, donor = model.run_with_cache(pair.donor_tokens)
     clean = logit_diff(model(pair.tokens), pair.correct, pair.wrong)
     for l, h in [(0, 0), (1, 3), (3, 2)]:
+
         def hook(z, hook, l=l, h=h):
             z = z.clone()
             z[:, -1, h] = donor[act_name("z", l)][:, -1, h]
             return z
-        patched = logit_diff(model.run_with_hooks(pair.tokens, fwd_hooks=[(act_name("z", l), hook)]), pair.correct, pair.wrong)
+
+        patched = logit_diff(
+            model.run_with_hooks(pair.tokens, fwd_hooks=[(act_name("z", l), hook)]), pair.correct, pair.wrong
+        )
         assert close(r.effect[l, h], patched - clean)
     assert r.heatmap.abs().max() > 1e-2  # non-trivial effects, so the sign check above means something
     summary = r.layer_summary()
@@ -392,15 +443,19 @@ def test_e5_layer_summary_and_reading_locate_heads_row_major():
     rise at layer 2 head 0 (flat index 10), the largest fall at layer 1 head 3 (flat 8; transposed: layer 2 head 2)."""
     import synthetic_results as synth
 
-    heatmap = torch.tensor([[0.1, -0.2, 0.0, 0.3, 0.05],
-                            [0.2, 0.1, -0.1, -0.9, 0.0],
-                            [0.8, -0.3, 0.4, 0.2, -0.1]])
-    r = e5.E5Result(info=synth.info(n_layers=3, n_heads=5), clean=torch.tensor([4.0, 6.0]),
-                    effect=torch.stack([heatmap + 0.25, heatmap - 0.25], -1), method="fast")
+    heatmap = torch.tensor([[0.1, -0.2, 0.0, 0.3, 0.05], [0.2, 0.1, -0.1, -0.9, 0.0], [0.8, -0.3, 0.4, 0.2, -0.1]])
+    r = e5.E5Result(
+        info=synth.info(n_layers=3, n_heads=5),
+        clean=torch.tensor([4.0, 6.0]),
+        effect=torch.stack([heatmap + 0.25, heatmap - 0.25], -1),
+        method="fast",
+    )
     assert torch.allclose(r.heatmap, heatmap, atol=1e-6)  # the mean over prompts
     summary = r.layer_summary()
     assert torch.allclose(summary["mean_abs"], torch.tensor([0.65, 1.3, 1.8]) / 5, atol=1e-6)
-    assert torch.allclose(summary["max"], torch.tensor([0.3, 0.2, 0.8])) and torch.allclose(summary["min"], torch.tensor([-0.2, -0.9, -0.3]))
+    assert torch.allclose(summary["max"], torch.tensor([0.3, 0.2, 0.8])) and torch.allclose(
+        summary["min"], torch.tensor([-0.2, -0.9, -0.3])
+    )
     assert summary["n_positive"].tolist() == [3, 2, 3]
     reading = r.reading()
     assert "largest rise +0.800 (layer 2, head 0)" in reading and "largest fall -0.900 (layer 1, head 3)" in reading

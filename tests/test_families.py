@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 from transformers import BloomConfig, BloomForCausalLM
 
-from tl_patching.families import FAMILIES, UnsupportedArchitectureError, family_of
 from tl_patching.checkpoints import load_hf
+from tl_patching.families import FAMILIES, UnsupportedArchitectureError, family_of
 from tl_patching.models import (
     PROBE_TOLERANCE,
     IncompleteCheckpointError,
@@ -27,8 +27,8 @@ from tl_patching.models import (
     verify_against_hf,
 )
 from tl_patching.provenance import weight_mode, weight_processing
-from tl_patching.testing import random_pair
 from tl_patching.recipe.word_tokenizer import word_tokenizer
+from tl_patching.testing import random_pair
 
 ALL = list(FAMILIES)
 LN_FAMILIES = {"gpt2", "neox"}  # LayerNorm: TL centres writing weights; RMSNorm families: it does not
@@ -89,7 +89,10 @@ def test_transformer_lens_own_processing_reads_as_processed(raw_pair, family):
     cfg = hooked_config(hf.config)
     model = HookedTransformer(cfg, move_to_device=False)
     model.load_and_process_state_dict(
-        FAMILIES[family].convert_weights(hf, cfg), fold_ln=True, center_writing_weights=True, center_unembed=True,
+        FAMILIES[family].convert_weights(hf, cfg),
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
         fold_value_biases=True,
     )
     assert weight_mode(model) == "processed"
@@ -135,9 +138,14 @@ def test_cache_shapes_from_the_config_are_every_hooks_shape(raw_pair, family):
 
     _, tl = raw_pair
     cfg, tokens = tl.cfg, torch.arange(5)[None].repeat(3, 1)
-    variants = [dict(), dict(ungroup_grouped_query_attention=True),
-                dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True),
-                dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True, ungroup_grouped_query_attention=True)]
+    variants = [
+        dict(),
+        dict(ungroup_grouped_query_attention=True),
+        dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True),
+        dict(
+            use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True, ungroup_grouped_query_attention=True
+        ),
+    ]
     # TL's attn_in is one copy per query head: it runs on grouped-query models only once they are ungrouped
     variants.append(dict(use_attn_in=True, ungroup_grouped_query_attention=cfg.n_key_value_heads is not None))
     checked = set()
@@ -158,8 +166,12 @@ def test_cache_shapes_from_the_config_are_every_hooks_shape(raw_pair, family):
 
 # ---- weight processing: each of TL's steps alone is detected unless it changes nothing ------------------
 
-STEPS = {"fold_ln": "ln_folded", "center_writing_weights": "writing_weights_centred",
-         "center_unembed": "unembed_centred", "fold_value_biases": "value_biases_folded"}
+STEPS = {
+    "fold_ln": "ln_folded",
+    "center_writing_weights": "writing_weights_centred",
+    "center_unembed": "unembed_centred",
+    "fold_value_biases": "value_biases_folded",
+}
 # The single steps that are numerically the identity: TL centres writing weights under LayerNorm only
 # (Qwen2, Llama: RMSNorm), and folding value biases moves nothing where attention has no biases (Llama).
 IDENTITY = {("qwen2", "center_writing_weights"), ("llama", "center_writing_weights"), ("llama", "fold_value_biases")}
@@ -178,7 +190,8 @@ def test_each_processing_step_alone_is_detected_unless_it_is_the_identity(step_p
     cfg = hooked_config(hf.config)
     model = HookedTransformer(cfg, move_to_device=False)
     model.load_and_process_state_dict(
-        FAMILIES[family_name].convert_weights(hf, cfg), refactor_factored_attn_matrices=False,
+        FAMILIES[family_name].convert_weights(hf, cfg),
+        refactor_factored_attn_matrices=False,
         **{s: s == step for s in STEPS},
     )
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(6))
@@ -194,20 +207,34 @@ def raw_model_with_cfg(hf, cfg):
     """hf's weights, unprocessed, in a HookedTransformer built from ``cfg`` (possibly altered)."""
     model = HookedTransformer(cfg, move_to_device=False)
     model.load_and_process_state_dict(
-        family_of(hf.config).convert_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False,
+        family_of(hf.config).convert_weights(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
     )
     return model
 
 
 # Each config detail, changed alone, makes the tiny model disagree with HF: the suite would catch it.
 DETAILS = [
-    ("gpt2", "eps", 1e-2), ("neox", "rotary_adjacent_pairs", True), ("neox", "parallel_attn_mlp", False),
-    ("neox", "rotary_dim", 8), ("llama", "rotary_base", 5000.0), ("mistral", "use_local_attn", False),
-    ("qwen2", "rotary_base", 10000.0), ("qwen3", "use_qk_norm", False), ("gemma2", "attn_scores_soft_cap", -1.0),
-    ("gemma2", "output_logits_soft_cap", -1.0), ("gemma2", "attn_scale", 8**0.5), ("gemma2", "use_local_attn", False),
-    ("gemma2", "use_normalization_before_and_after", False), ("gemma3", "rotary_base_local", None),
-    ("gemma3", "use_qk_norm", False), ("gemma3", "attn_scale", 8**0.5), ("gemma3", "use_local_attn", False),
+    ("gpt2", "eps", 1e-2),
+    ("neox", "rotary_adjacent_pairs", True),
+    ("neox", "parallel_attn_mlp", False),
+    ("neox", "rotary_dim", 8),
+    ("llama", "rotary_base", 5000.0),
+    ("mistral", "use_local_attn", False),
+    ("qwen2", "rotary_base", 10000.0),
+    ("qwen3", "use_qk_norm", False),
+    ("gemma2", "attn_scores_soft_cap", -1.0),
+    ("gemma2", "output_logits_soft_cap", -1.0),
+    ("gemma2", "attn_scale", 8**0.5),
+    ("gemma2", "use_local_attn", False),
+    ("gemma2", "use_normalization_before_and_after", False),
+    ("gemma3", "rotary_base_local", None),
+    ("gemma3", "use_qk_norm", False),
+    ("gemma3", "attn_scale", 8**0.5),
+    ("gemma3", "use_local_attn", False),
 ]
 
 
@@ -223,8 +250,14 @@ def test_every_config_detail_matters(family_name, field, value):
 
 
 def test_llama3_rope_scaling():
-    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=64)
+    rope = dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )
     hf, tl = random_pair("llama", d_head=16, rope_parameters=rope)
     assert tl.cfg.use_NTK_by_parts_rope and tl.cfg.NTK_original_ctx_len == 64
     tokens = torch.arange(40)[None] % 64
@@ -233,14 +266,26 @@ def test_llama3_rope_scaling():
 
 
 VARIANTS = {
-    "llama-linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
-                          dict(rotary_scaling_factor=4.0)),
+    "llama-linear-rope": (
+        "llama",
+        dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+        dict(rotary_scaling_factor=4.0),
+    ),
     "gemma3-linear-rope-on-global-layers": (
-        "gemma3", dict(rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
-                                        "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=8.0)}),
-        dict(rotary_scaling_factor=8.0, attn_types=["local", "global"])),
-    "qwen2-sliding-layers": ("qwen2", dict(use_sliding_window=True, max_window_layers=1),
-                             dict(attn_types=["global", "local"], window_size=4)),
+        "gemma3",
+        dict(
+            rope_parameters={
+                "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=8.0),
+            }
+        ),
+        dict(rotary_scaling_factor=8.0, attn_types=["local", "global"]),
+    ),
+    "qwen2-sliding-layers": (
+        "qwen2",
+        dict(use_sliding_window=True, max_window_layers=1),
+        dict(attn_types=["global", "local"], window_size=4),
+    ),
     "mistral-no-window": ("mistral", dict(sliding_window=None), dict(use_local_attn=False)),
 }
 
@@ -263,9 +308,17 @@ def test_unrepresentable_configs_raise_not_implemented():
     # "dynamic" RoPE, refused here before, equals the default one up to max_position_embeddings (TL's n_ctx):
     # it is loaded now (tests/test_config_fields.py), longrope's per-frequency factors are not.
     with pytest.raises(NotImplementedError, match="rope_type 'longrope'"):
-        random_pair("llama", rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, factor=2.0,
-                                                  short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0] * 4,
-                                                  original_max_position_embeddings=16))
+        random_pair(
+            "llama",
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                factor=2.0,
+                short_factor=[1.0, 1.5, 2.0, 3.0],
+                long_factor=[1.0] * 4,
+                original_max_position_embeddings=16,
+            ),
+        )
     with pytest.raises(NotImplementedError, match="attention_bias"):
         random_pair("llama", attention_bias=True)
 
@@ -376,6 +429,7 @@ def test_conversion_that_drops_or_adds_weights_is_refused(monkeypatch):
                 del state[key]
             state.update({key: torch.zeros(1) for key in add})
             return state
+
         return dataclasses.replace(family, convert_weights=convert)
 
     monkeypatch.setitem(FAMILIES, "llama", converter(drop=["blocks.1.attn.W_Q"]))

@@ -6,15 +6,23 @@ import torch
 
 from tl_patching.experiments import (
     e1_attention_scores as e1,
+)
+from tl_patching.experiments import (
     e2_activation_editing as e2,
+)
+from tl_patching.experiments import (
     e3_cosine_similarity as e3,
+)
+from tl_patching.experiments import (
     e4_ioi_patching as e4,
+)
+from tl_patching.experiments import (
     e5_head_token_patching as e5,
 )
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.testing import random_pair
 from tl_patching.prompts import ioi_dataset
+from tl_patching.testing import random_pair
 
 ATOL = 1e-4
 
@@ -41,9 +49,16 @@ def test_e1_scores_are_the_ones_the_attention_applies(family):
 
 
 # The raw score each family's attention applies (tiny Gemma 2: soft-cap 3, query_pre_attn_scalar = d_head + 4 ≠ d_head).
-SCORE_FORMULAS = {"gpt2": "Q·Kᵀ/√d_head", "neox": "Q·Kᵀ/√d_head", "llama": "Q·Kᵀ/√d_head", "mistral": "Q·Kᵀ/√d_head",
-                  "qwen2": "Q·Kᵀ/√d_head", "qwen3": "Q·Kᵀ/√d_head", "gemma2": "3·tanh((Q·Kᵀ/√query_pre_attn_scalar)/3)",
-                  "gemma3": "Q·Kᵀ/√query_pre_attn_scalar"}
+SCORE_FORMULAS = {
+    "gpt2": "Q·Kᵀ/√d_head",
+    "neox": "Q·Kᵀ/√d_head",
+    "llama": "Q·Kᵀ/√d_head",
+    "mistral": "Q·Kᵀ/√d_head",
+    "qwen2": "Q·Kᵀ/√d_head",
+    "qwen3": "Q·Kᵀ/√d_head",
+    "gemma2": "3·tanh((Q·Kᵀ/√query_pre_attn_scalar)/3)",
+    "gemma3": "Q·Kᵀ/√query_pre_attn_scalar",
+}
 
 
 def test_e1_records_the_score_formula_of_the_family(family):
@@ -51,10 +66,16 @@ def test_e1_records_the_score_formula_of_the_family(family):
     assert e1.run(tl).score_formula == SCORE_FORMULAS[name]  # the run's own check proves the scores follow it
 
 
-@pytest.mark.parametrize("overrides, formula", [
-    (dict(scale_attn_by_inverse_layer_idx=True), "Q·Kᵀ/(√d_head·(layer+1))"),
-    (dict(scale_attn_weights=False), "Q·Kᵀ"),  # E1 refused this model before: it divided by TL's unused attn_scale (−1)
-])
+@pytest.mark.parametrize(
+    "overrides, formula",
+    [
+        (dict(scale_attn_by_inverse_layer_idx=True), "Q·Kᵀ/(√d_head·(layer+1))"),
+        (
+            dict(scale_attn_weights=False),
+            "Q·Kᵀ",
+        ),  # E1 refused this model before: it divided by TL's unused attn_scale (−1)
+    ],
+)
 def test_e1_score_formula_of_gpt2_variants(ioi_tokenizer, overrides, formula):
     _, tl = random_pair("gpt2", n_layers=3, seed=2, tokenizer=ioi_tokenizer, n_ctx=64, **overrides)
     r = e1.run(Forward(tl))
@@ -70,8 +91,9 @@ def test_e2_zeroes_the_key_that_a_head_reads(family):
     assert len(r.interventions) == 4 and r.interventions[0].kl_from_clean > 0
     group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
     kv = 2 // group
-    assert (f"key/value head {kv}, shared by query heads {kv * group}–{kv * group + group - 1}" in r.interventions[0].label) \
-        == (group > 1)
+    assert (
+        f"key/value head {kv}, shared by query heads {kv * group}–{kv * group + group - 1}" in r.interventions[0].label
+    ) == (group > 1)
     tokens = torch.tensor(r.info.token_ids)
     pattern = "blocks.1.attn.hook_pattern"
     _, clean = tl.run(tokens, cache=[pattern])

@@ -21,9 +21,12 @@ ATOL = 1e-4
 B, P, VOCAB = 3, 9, 40
 BASE = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=VOCAB, n_ctx=32, act_fn="gelu_new")
 ROPE = dict(positional_embedding_type="rotary", rotary_adjacent_pairs=False)
-LLAMA = dict(ROPE, normalization_type="RMS", rotary_dim=8, n_key_value_heads=2, gated_mlp=True, act_fn="silu", final_rms=True)
-GEMMA = dict(LLAMA, act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True, window_size=3,
-             use_local_attn=True)
+LLAMA = dict(
+    ROPE, normalization_type="RMS", rotary_dim=8, n_key_value_heads=2, gated_mlp=True, act_fn="silu", final_rms=True
+)
+GEMMA = dict(
+    LLAMA, act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True, window_size=3, use_local_attn=True
+)
 FAMILIES = {
     "gpt2": dict(normalization_type="LN"),
     "neox": dict(ROPE, normalization_type="LN", rotary_dim=4, parallel_attn_mlp=True, act_fn="gelu"),  # partial rotary
@@ -32,10 +35,21 @@ FAMILIES = {
     "mistral": dict(LLAMA, use_local_attn=True, window_size=4, attn_types=["local"] * 3),
     "qwen2": dict(LLAMA, rotary_base=1000),  # q/k/v biases: drawn at random below like every bias
     "qwen3": dict(LLAMA, use_qk_norm=True),
-    "gemma2": dict(GEMMA, attn_types=["local", "global", "local"], attn_scores_soft_cap=3.0, output_logits_soft_cap=4.0,
-                   attn_scale=math.sqrt(12.0)),  # query_pre_attn_scalar = 12 instead of d_head
-    "gemma3": dict(GEMMA, n_key_value_heads=1, use_qk_norm=True, attn_types=["local", "local", "global"],
-                   rotary_base=1_000_000, rotary_base_local=10_000),
+    "gemma2": dict(
+        GEMMA,
+        attn_types=["local", "global", "local"],
+        attn_scores_soft_cap=3.0,
+        output_logits_soft_cap=4.0,
+        attn_scale=math.sqrt(12.0),
+    ),  # query_pre_attn_scalar = 12 instead of d_head
+    "gemma3": dict(
+        GEMMA,
+        n_key_value_heads=1,
+        use_qk_norm=True,
+        attn_types=["local", "local", "global"],
+        rotary_base=1_000_000,
+        rotary_base_local=10_000,
+    ),
 }
 # LayerNorm folding needs a norm before each sublayer's input only (TL skips the post-norms), and no logit soft-cap
 # with centred unembedding: every family but the Gemmas is also run processed.
@@ -59,9 +73,12 @@ def tiny(family: str, seed: int = 0) -> HookedTransformer:
 
 
 def processed(model: HookedTransformer) -> HookedTransformer:
-    out = HookedTransformer(model.cfg.__class__(**{**model.cfg.to_dict(), "normalization_type": model.cfg.normalization_type + "Pre"})).eval()
-    out.load_and_process_state_dict(model.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=True,
-                                    fold_value_biases=True)
+    out = HookedTransformer(
+        model.cfg.__class__(**{**model.cfg.to_dict(), "normalization_type": model.cfg.normalization_type + "Pre"})
+    ).eval()
+    out.load_and_process_state_dict(
+        model.state_dict(), fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+    )
     return out
 
 
@@ -115,7 +132,9 @@ def test_donor_equal_to_recipient_has_no_effect(case):
 def test_any_position_sweeps_equal_the_driver(case):
     forward, tokens, donor, correct, wrong, metric, kinds = case
     positions = [0, 3, P - 2, P - 1]
-    heads = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=positions, max_rows=20)
+    heads = fast.position_head_sweep(
+        forward, tokens, donor, LogitDiff(correct, wrong), positions=positions, max_rows=20
+    )
     variants = [[patch(act_name("z", l), donor, pos=p, head=h)] for l in range(3) for p in positions for h in range(4)]
     reference = patching.sweep(forward, tokens, variants, metric).reshape(3, len(positions), 4, B)
     assert (heads - reference).abs().max() < ATOL
@@ -145,9 +164,13 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
     forward, tokens, donor_tokens, correct, wrong = gpt2
     model = forward.model
     _, donor_cache = model.run_with_cache(donor_tokens)
-    tl_fn = {"z": tl_patching.get_act_patch_attn_head_out_by_pos, "resid_pre": tl_patching.get_act_patch_resid_pre,
-             "resid_mid": tl_patching.get_act_patch_resid_mid, "attn_out": tl_patching.get_act_patch_attn_out,
-             "mlp_out": tl_patching.get_act_patch_mlp_out}[kind]
+    tl_fn = {
+        "z": tl_patching.get_act_patch_attn_head_out_by_pos,
+        "resid_pre": tl_patching.get_act_patch_resid_pre,
+        "resid_mid": tl_patching.get_act_patch_resid_mid,
+        "attn_out": tl_patching.get_act_patch_attn_out,
+        "mlp_out": tl_patching.get_act_patch_mlp_out,
+    }[kind]
     expected = tl_fn(model, tokens, donor_cache, lambda logits: logit_diff(logits, correct, wrong).mean())
     donor = dict(donor_cache.cache_dict)
     if kind == "z":
@@ -162,9 +185,13 @@ def test_options_and_refusals(gpt2):
     forward, tokens, donor_tokens, correct, wrong = gpt2
     _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(3) for k in ("z", "resid_post")])
     full = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong))
-    part = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), layers=[2, 0], positions=[-1, 1], heads=[3, 1])
+    part = fast.position_head_sweep(
+        forward, tokens, donor, LogitDiff(correct, wrong), layers=[2, 0], positions=[-1, 1], heads=[3, 1]
+    )
     assert torch.allclose(part, full[[2, 0]][:, [5, 1]][:, :, [3, 1]], atol=1e-5)
-    final = fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), layers=[1], max_rows=1, progress=False)
+    final = fast.final_position_head_sweep(
+        forward, tokens, donor, LogitDiff(correct, wrong), layers=[1], max_rows=1, progress=False
+    )
     assert torch.allclose(final, full[[1], -1], atol=1e-5)
     metric = LogitDiff(correct, wrong)
     with pytest.raises(ValueError, match="the final position's logits"):  # a metric fed every position's logits
@@ -179,8 +206,13 @@ def test_options_and_refusals(gpt2):
         fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), recipient_run={})
     neox = Forward(tiny("neox"))
     with pytest.raises(NotImplementedError, match="parallel attention and MLP: no resid_mid"):
-        fast.position_sweep(neox, tokens, {act_name("resid_mid", l): donor[act_name("resid_post", l)] for l in range(3)},
-                            "resid_mid", metric)
+        fast.position_sweep(
+            neox,
+            tokens,
+            {act_name("resid_mid", l): donor[act_name("resid_post", l)] for l in range(3)},
+            "resid_mid",
+            metric,
+        )
     bidirectional = tiny("gpt2")
     bidirectional.cfg.attention_dir = "bidirectional"  # a patch there reaches earlier positions: nothing to reuse
     with pytest.raises(NotImplementedError, match="bidirectional attention"):

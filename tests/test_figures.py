@@ -7,8 +7,8 @@ import re
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-import torch
 import synthetic_results as synth
+import torch
 
 from tl_patching import plotting
 from tl_patching.experiments import load
@@ -28,7 +28,9 @@ def test_same_figure_saved_twice_gives_identical_html(tmp_path):
     # A rerun whose numbers differ in the 8th significant digit writes the same file.
     r = synth.e5()
     r.effect = r.effect * (1 + 1e-8)
-    c = plotting.save(load("e5").figures(r)["e5_head_heatmap"], tmp_path / "c", "e5_head_heatmap", png=False)[0].read_bytes()
+    c = plotting.save(load("e5").figures(r)["e5_head_heatmap"], tmp_path / "c", "e5_head_heatmap", png=False)[
+        0
+    ].read_bytes()
     assert c == a
 
 
@@ -41,7 +43,9 @@ def test_result_json_round_trips_and_is_stable():
     assert back.heads_summary[2].ci_low == pytest.approx(r.heads_summary[2].ci_low, rel=1e-5)
     jittered = synth.e4()
     jittered.heads_patched = jittered.heads_patched.double() * (1 + 3e-9)
-    assert json.loads(jittered.to_json())["heads_patched"]["__tensor__"] == json.loads(text)["heads_patched"]["__tensor__"]
+    assert (
+        json.loads(jittered.to_json())["heads_patched"]["__tensor__"] == json.loads(text)["heads_patched"]["__tensor__"]
+    )
     assert round_sig(9.410123825073242) == 9.41012 and round_sig(-1.23456789e-7) == -1.23457e-7
 
 
@@ -65,7 +69,9 @@ def test_heatmap_ticks_are_integers():
             assert all(float(t).is_integer() for t in axis.tickvals)
         assert fig.data[0].texttemplate, name
     many = load("e5").figures(synth.e5(n_layers=36, n_heads=20))["e5_head_heatmap"]
-    assert list(many.layout.yaxis.tickvals) == list(range(0, 36, 2)) and many.data[0].texttemplate is None  # 720 cells: hover only
+    assert (
+        list(many.layout.yaxis.tickvals) == list(range(0, 36, 2)) and many.data[0].texttemplate is None
+    )  # 720 cells: hover only
 
 
 def test_e4_ratio_is_exp_of_mean_logit_diff_with_its_ci():
@@ -73,10 +79,13 @@ def test_e4_ratio_is_exp_of_mean_logit_diff_with_its_ci():
     for which in ("heads_patched", "resid_s2_patched", "resid_final_patched"):
         ratio, low, high = r.prob_ratio(which, with_ci=True)
         summaries = getattr(r, which.removesuffix("_patched") + "_summary")
-        assert torch.allclose(ratio, getattr(r, which).double().mean(-1).exp())  # geometric mean of the per-prompt ratios
+        assert torch.allclose(
+            ratio, getattr(r, which).double().mean(-1).exp()
+        )  # geometric mean of the per-prompt ratios
         assert torch.allclose(low, torch.tensor([s.ci_low for s in summaries], dtype=torch.float64).exp())
         assert torch.allclose(high, torch.tensor([s.ci_high for s in summaries], dtype=torch.float64).exp())
-    # Three confident prompts at layer 2 pull the arithmetic mean of exp() far above exp(mean): the figure uses the latter.
+    # Three confident prompts at layer 2 pull the arithmetic mean of exp() far above exp(mean): the figure uses the
+    # latter.
     assert r.heads_patched[2].exp().mean() > 100 * r.prob_ratio("heads_patched")[2]
     fig = load("e4").figures(r)["e4_prob_ratio_by_layer"]
     heads = fig.data[0]
@@ -104,7 +113,11 @@ def test_stale_png_is_removed_when_png_export_is_unavailable(tmp_path, monkeypat
     assert written == [tmp_path / "e5_head_heatmap.html"] and not stale.exists() and run.failed
     err = capsys.readouterr().err
     assert err.startswith("note: static PNG export skipped") and err.endswith("\n")  # a line of its own
-    assert "Kaleido requires Google Chrome to be installed" in err and "No browser found" in err and "RuntimeError: )" not in err
+    assert (
+        "Kaleido requires Google Chrome to be installed" in err
+        and "No browser found" in err
+        and "RuntimeError: )" not in err
+    )
     plotting.save(load("e5").figures(synth.e5())["e5_layer_summary"], tmp_path, "e5_layer_summary", png=run)
     assert capsys.readouterr().err == ""  # the run's other figures skip PNG export quietly
     # --no-png: an old PNG is removed too, it would show an earlier run.
@@ -118,7 +131,9 @@ def test_ridge_plot_rises_upward_without_overlap_and_has_a_density_scale():
     fills = [t for t in fig.data if t.fill == "tonexty"]
     assert len(fills) == synth.L
     baselines = list(fig.layout.yaxis.tickvals)
-    assert list(fig.layout.yaxis.ticktext) == [str(l) for l in range(synth.L)] and baselines == sorted(baselines, reverse=True)
+    assert list(fig.layout.yaxis.ticktext) == [str(l) for l in range(synth.L)] and baselines == sorted(
+        baselines, reverse=True
+    )
     for l, trace in enumerate(fills):
         y = np.asarray(trace.y)
         assert (y >= baselines[l] - 1e-9).all()  # rises upward from its own baseline
@@ -136,12 +151,21 @@ def test_e3_bands_match_their_lines_and_every_trace_is_in_the_legend():
             assert trace.mode == "lines"  # no stray markers on the band's outline
             line = next(t for t in fig.data if t.name == trace.name.split(":")[0] + ": mean")
             assert rgb(trace.fillcolor) == rgb(plotting.rgba(line.line.color, 1))
-    assert "M(M−1)/2" not in fig.layout.annotations[0].text and "all 6 pairs of the 4 tokens" in fig.layout.annotations[0].text
+    assert (
+        "M(M−1)/2" not in fig.layout.annotations[0].text
+        and "all 6 pairs of the 4 tokens" in fig.layout.annotations[0].text
+    )
 
 
 def test_every_title_states_the_unit():
     figs = {}
-    for key, result in (("e1", synth.e1()), ("e2", synth.e2()), ("e3", synth.e3()), ("e4", synth.e4()), ("e5", synth.e5())):
+    for key, result in (
+        ("e1", synth.e1()),
+        ("e2", synth.e2()),
+        ("e3", synth.e3()),
+        ("e4", synth.e4()),
+        ("e5", synth.e5()),
+    ):
         figs.update(load(key).figures(result))
     assert len(figs) == 12
     for name in ("e4_logit_diff_by_layer", "e5_head_heatmap", "e5_layer_summary"):

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_patching import fast
+from tl_patching import fast, prompts
 from tl_patching.cache_store import load_cache, save_cache
-from tl_patching.experiments import e4_ioi_patching as e4, run_experiment
+from tl_patching.experiments import e4_ioi_patching as e4
+from tl_patching.experiments import run_experiment
 from tl_patching.forward import load_forward
 from tl_patching.metrics import LogitDiff
 
@@ -48,19 +49,23 @@ def test_experiments_on_cuda_equal_cpu(cpu, backend, dtype):
     gpu = load_forward("shipped", backend, "cuda", dtype)
     assert {p.device.type for p in gpu.model.parameters()} == {"cuda"}
     for key, fields in (("e4", E4_FIELDS), ("e5", ("clean", "effect"))):
-        ref = run_experiment(key, load_forward("shipped", backend, "cpu") if backend == "hf" else cpu, 8, progress=False)
+        ref = run_experiment(
+            key, load_forward("shipped", backend, "cpu") if backend == "hf" else cpu, 8, progress=False
+        )
         assert_results_close(run_experiment(key, gpu, 8, progress=False), ref, fields, TOLERANCE[dtype])
 
 
 def test_fast_path_keeps_its_tensors_on_the_device():
     gpu = load_forward("shipped", device="cuda")
-    batch = e4.seed_pair(gpu.model)
+    batch = prompts.seed_pair(gpu.model)
     donor = gpu.run(batch.donor_tokens, cache=e4.donor_names(gpu.cfg.n_layers))[1]
     torch.cuda.set_sync_debug_mode("warn")  # every device→host copy or sync warns
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = fast.final_position_head_sweep(gpu, batch.tokens, donor, LogitDiff(batch.correct, batch.wrong), progress=False)
+            out = fast.final_position_head_sweep(
+                gpu, batch.tokens, donor, LogitDiff(batch.correct, batch.wrong), progress=False
+            )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda"
@@ -70,7 +75,7 @@ def test_fast_path_keeps_its_tensors_on_the_device():
 
 def test_cache_saved_on_gpu_loads_on_cpu(cpu, tmp_path):
     gpu = load_forward("shipped", device="cuda")
-    batch = e4.seed_pair(gpu.model)
+    batch = prompts.seed_pair(gpu.model)
     names = e4.donor_names(gpu.cfg.n_layers)
     acts = gpu.run(batch.donor_tokens, cache=names)[1]
     path = save_cache(tmp_path / "donor.safetensors", acts, gpu.model, batch.donor_tokens, True)
@@ -95,8 +100,24 @@ def test_model_split_over_two_gpus_equals_one(cpu, backend):
 @two_gpus
 def test_torchrun_nccl_two_processes_equal_one(cpu, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "tl_patching.cli", "reproduce",
-           "--experiments", "e4,e5", "--n-prompts", "8", "--device", "cuda", "--no-png", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "tl_patching.cli",
+        "reproduce",
+        "--experiments",
+        "e4,e5",
+        "--n-prompts",
+        "8",
+        "--device",
+        "cuda",
+        "--no-png",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for key in ("e4", "e5"):

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
+from tl_patching.checkpoints import ModelNotFoundError, load_hf
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
-from tl_patching.checkpoints import ModelNotFoundError, load_hf
 from tl_patching.models import (
     PROBE_TOLERANCE,
     ModelMismatchError,
@@ -80,6 +80,7 @@ def test_missing_model_fails_fast_and_clearly(tmp_path, monkeypatch):
 
 # ---- the probe check after loading ------------------------------------------------------------------------
 
+
 def probe_scale(hf):
     """max(1, max|HF logit|) on the probe input: what PROBE_TOLERANCE is relative to."""
     with torch.no_grad():
@@ -96,8 +97,11 @@ def test_probe_boundary_and_message(pair):
         under.unembed.b_U += 0.98 * PROBE_TOLERANCE * scale
         over.unembed.b_U += 1.02 * PROBE_TOLERANCE * scale
     assert 0.97 * PROBE_TOLERANCE < verify_against_hf(hf, under) <= PROBE_TOLERANCE
-    with pytest.raises(ModelMismatchError, match=r"^probe-over \(GPT2LMHeadModel, raw\): TransformerLens logits differ "
-                       r"from HF's by ([0-9.e-]+) \(relative ([0-9.e-]+) > 0.0001\) on the probe input$") as e:
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"^probe-over \(GPT2LMHeadModel, raw\): TransformerLens logits differ "
+        r"from HF's by ([0-9.e-]+) \(relative ([0-9.e-]+) > 0.0001\) on the probe input$",
+    ) as e:
         verify_against_hf(hf, over)
     diff, relative = map(float, re.search(r"by (\S+) \(relative (\S+) ", str(e.value)).groups())
     assert diff == pytest.approx(1.02 * PROBE_TOLERANCE * scale, rel=0.01)
@@ -126,7 +130,9 @@ def test_nan_weight_fails_the_probe(pair):
     model = hooked_from_hf(hf, name="with-nan")
     with torch.no_grad():
         model.blocks[1].mlp.W_out[3, 7] = float("nan")
-    with pytest.raises(ModelMismatchError, match=r"^with-nan \(GPT2LMHeadModel, raw\): TransformerLens logits differ from HF's by nan"):
+    with pytest.raises(
+        ModelMismatchError, match=r"^with-nan \(GPT2LMHeadModel, raw\): TransformerLens logits differ from HF's by nan"
+    ):
         verify_against_hf(hf, model)
 
 
@@ -140,9 +146,12 @@ def test_hooked_from_hf_verifies_by_default(pair, monkeypatch):
         state["blocks.2.attn.W_O"] = state["blocks.2.attn.W_O"].clone()
         state["blocks.2.attn.W_O"][1, 2, 3] += 0.5
         return state
+
     monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(family, convert_weights=nudged))
     for weights, what in (("raw", "logits"), ("processed", "log-probs")):
-        with pytest.raises(ModelMismatchError, match=f"^wrong \\(GPT2LMHeadModel, {weights}\\): TransformerLens {what} differ"):
+        with pytest.raises(
+            ModelMismatchError, match=f"^wrong \\(GPT2LMHeadModel, {weights}\\): TransformerLens {what} differ"
+        ):
             hooked_from_hf(hf, weights=weights, name="wrong")
         unchecked = hooked_from_hf(hf, weights=weights, name="wrong", verify=False)
         with pytest.raises(ModelMismatchError):

@@ -17,8 +17,12 @@ from tl_patching.testing import tiny_pair
 def _hook_counts(module: torch.nn.Module) -> dict:
     out = {}
     for name, m in module.named_modules():
-        counts = (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-                  len(getattr(m, "_backward_pre_hooks", {})))
+        counts = (
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "_backward_pre_hooks", {})),
+        )
         if hasattr(m, "fwd_hooks"):  # a TransformerLens HookPoint
             counts += (len(m.fwd_hooks), len(m.bwd_hooks))
         out[name] = counts
@@ -98,12 +102,15 @@ def sweeps(forward: Forward, pair, donor, metric):
         "sweep": lambda: patching.sweep(forward, tokens, [[], [zero(act_name("z", 1), head=0)]], metric),
         "head_sweep": lambda: patching.head_sweep(forward, tokens, donor, metric),
         "head_pos_sweep": lambda: patching.head_pos_sweep(forward, tokens, donor, metric),
-        "final_position_head_sweep": lambda: fast.final_position_head_sweep(forward, tokens, donor, metric, progress=False),
+        "final_position_head_sweep": lambda: fast.final_position_head_sweep(
+            forward, tokens, donor, metric, progress=False
+        ),
         "position_head_sweep": lambda: fast.position_head_sweep(forward, tokens, donor, metric, positions=[1, -1]),
         "position_sweep": lambda: fast.position_sweep(forward, tokens, donor, "resid_post", metric, positions=[1]),
         "path_patch to logits": lambda: path_patching.path_patch(forward, tokens, pair.donor_tokens, metric),
-        "path_patch to values": lambda: path_patching.path_patch(forward, tokens, pair.donor_tokens, metric,
-                                                                 senders=[(0, 0)], receivers=[(1, 0, "v")]),
+        "path_patch to values": lambda: path_patching.path_patch(
+            forward, tokens, pair.donor_tokens, metric, senders=[(0, 0)], receivers=[(1, 0, "v")]
+        ),
         "attribution_patch": lambda: attribution.attribution_patch(forward, tokens, pair.donor_tokens, metric),
         "atp_star": lambda: attribution.atp_star(forward, tokens, pair.donor_tokens, metric),
     }

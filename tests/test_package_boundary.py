@@ -23,13 +23,16 @@ def imported_modules(path: Path) -> set[str]:
 def test_no_library_module_imports_the_recipe_benchmarks_or_pandas():
     offenders = {
         str(p.relative_to(PACKAGE)): sorted(n for n in imported_modules(p) if n.startswith(FORBIDDEN))
-        for p in PACKAGE.rglob("*.py") if "recipe" not in p.parts
+        for p in PACKAGE.rglob("*.py")
+        if "recipe" not in p.parts
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_importing_the_package_loads_nothing_heavy():
-    probe = ("import sys, tl_patching; print(sorted(m for m in sys.modules if m.startswith(('torch', 'transformers', "
-             "'transformer_lens', 'pandas', 'tl_patching.recipe'))))")
+    probe = (
+        "import sys, tl_patching; print(sorted(m for m in sys.modules if m.startswith(('torch', 'transformers', "
+        "'transformer_lens', 'pandas', 'tl_patching.recipe'))))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

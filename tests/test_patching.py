@@ -23,8 +23,12 @@ def setup(patch_setup):
 @pytest.mark.parametrize("max_rows", [64, 3, 1])
 def test_sweep_equals_one_forward_per_variant(setup, max_rows):
     forward, tokens, _, donor, _, _, metric, _ = setup
-    variants = [[], [zero(act_name("z", 1), head=2)], [patch(act_name("resid_post", 2), donor, pos=4)],
-                [scale(act_name("post", 0), 0.5), zero(act_name("k", 3), head=0)]]
+    variants = [
+        [],
+        [zero(act_name("z", 1), head=2)],
+        [patch(act_name("resid_post", 2), donor, pos=4)],
+        [scale(act_name("post", 0), 0.5), zero(act_name("k", 3), head=0)],
+    ]
     swept = patching.sweep(forward, tokens, variants, metric, max_rows=max_rows)
     one_by_one = torch.stack([metric(forward(tokens, v)[:, -1]) for v in variants])
     assert swept.shape == (4, 3) and (swept - one_by_one).abs().max() < ATOL
@@ -36,10 +40,12 @@ def test_head_sweep_by_hand(setup):
     forward, tokens, _, donor, _, _, metric, reference = setup
     assert reference.shape == (4, 4, 3)
     for l, h in [(0, 1), (2, 3), (3, 0)]:
+
         def hook(z, hook, l=l, h=h):
             z = z.clone()
             z[:, -1, h] = donor[act_name("z", l)][:, -1, h]
             return z
+
         by_hand = metric(forward.model.run_with_hooks(tokens, fwd_hooks=[(act_name("z", l), hook)])[:, -1])
         assert (reference[l, h] - by_hand).abs().max() < ATOL
 
@@ -59,7 +65,9 @@ def test_head_sweep_same_on_hf():
 @pytest.mark.parametrize("layers, max_rows", [(None, 8192), (None, 12), ([3, 0], 8192), ([2], 1)])
 def test_final_position_fast_path_equals_the_driver(setup, layers, max_rows):
     forward, tokens, _, donor, correct, wrong, _, reference = setup
-    out = fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), layers=layers, max_rows=max_rows, progress=False)
+    out = fast.final_position_head_sweep(
+        forward, tokens, donor, LogitDiff(correct, wrong), layers=layers, max_rows=max_rows, progress=False
+    )
     expected = reference if layers is None else reference[layers]
     assert out.shape == expected.shape and (out - expected).abs().max() < ATOL
 

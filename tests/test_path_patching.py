@@ -31,15 +31,34 @@ def tiny(family: str) -> HookedTransformer:
     common = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=64, n_ctx=32, seed=0)
     configs = {
         # Llama-like: rotary, grouped-query attention (2 key/value heads), RMSNorm, gated SiLU MLP
-        "llama": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
-                      n_key_value_heads=2, gated_mlp=True, final_rms=True),
+        "llama": dict(
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            n_key_value_heads=2,
+            gated_mlp=True,
+            final_rms=True,
+        ),
         # Pythia/GPT-J-like: attention and MLP in parallel, partial rotary
-        "parallel": dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4,
-                         parallel_attn_mlp=True),
+        "parallel": dict(
+            act_fn="gelu_new",
+            normalization_type="LN",
+            positional_embedding_type="rotary",
+            rotary_dim=4,
+            parallel_attn_mlp=True,
+        ),
         # Gemma-2-like: norms before and after attention and MLP, output logit soft-capping
-        "postnorms": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary",
-                          rotary_dim=8, use_normalization_before_and_after=True, gated_mlp=True, final_rms=True,
-                          output_logits_soft_cap=10.0),
+        "postnorms": dict(
+            act_fn="gelu_pytorch_tanh",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            use_normalization_before_and_after=True,
+            gated_mlp=True,
+            final_rms=True,
+            output_logits_soft_cap=10.0,
+        ),
     }
     return random_weights(HookedTransformer(HookedTransformerConfig(**common, **configs[family])), seed=1)
 
@@ -85,7 +104,11 @@ def two_pass_reference(model, tokens, clean, donor, correct, wrong, senders, rec
 @pytest.fixture(scope="module", params=["gpt2", "llama", "parallel", "postnorms"] + [f"hf-{f}" for f in FAMILIES])
 def family(request):
     """Hand-built TL configs of each block shape, and every loadable family's tiny model (its HF config converted)."""
-    model = random_pair(request.param[3:], n_layers=3, seed=4)[1] if request.param.startswith("hf-") else tiny(request.param)
+    model = (
+        random_pair(request.param[3:], n_layers=3, seed=4)[1]
+        if request.param.startswith("hf-")
+        else tiny(request.param)
+    )
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 64, (2, 7), generator=g)
     donor_tokens = tokens.clone()
@@ -107,9 +130,13 @@ SENDERS = [(0, 1), (2, 0), [(0, 2), (1, 0)]]
 @pytest.mark.parametrize("mlps", ["recompute", "frozen"])
 def test_senders_to_logits_equal_the_two_pass_reference(family, caches, mlps):
     name, model, tokens, donor_tokens, correct, wrong = family
-    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=SENDERS, mlps=mlps)
+    out = path_patching.path_patch(
+        Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=SENDERS, mlps=mlps
+    )
     for i, s in enumerate(SENDERS):
-        ref = two_pass_reference(model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, "logits", mlps)
+        ref = two_pass_reference(
+            model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, "logits", mlps
+        )
         assert (out[i] - ref).abs().max() < ATOL, (name, s)
     clean = logit_diff(model(tokens), correct, wrong)
     assert (out - clean).abs().max() > 1e-2  # the paths do move the metric: the comparison is not vacuous
@@ -122,7 +149,9 @@ def test_senders_to_head_inputs_equal_the_two_pass_reference(family, caches):
     name, model, tokens, donor_tokens, correct, wrong = family
     receivers = RECEIVERS
     senders = [(0, 1), [(0, 0), (1, 3)], (2, 2)]  # (2, 2) sits above every receiver: no path
-    out = path_patching.path_patch(Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=senders, receivers=receivers)
+    out = path_patching.path_patch(
+        Forward(model), tokens, donor_tokens, LogitDiff(correct, wrong), senders=senders, receivers=receivers
+    )
     for i, s in enumerate(senders):
         ref = two_pass_reference(model, tokens, *caches, correct, wrong, [s] if isinstance(s, tuple) else s, receivers)
         assert (out[i] - ref).abs().max() < ATOL, (name, s)
@@ -136,7 +165,9 @@ def test_last_layer_sender_to_logits_is_the_plain_head_patch(family):
     _, model, tokens, donor_tokens, correct, wrong = family
     forward = Forward(model)
     _, donor = forward.run(donor_tokens, cache=[act_name("z", 2)])
-    out = path_patching.path_patch(forward, tokens, donor_tokens, LogitDiff(correct, wrong), senders=[(2, h) for h in range(4)])
+    out = path_patching.path_patch(
+        forward, tokens, donor_tokens, LogitDiff(correct, wrong), senders=[(2, h) for h in range(4)]
+    )
     for h in range(4):
         plain = logit_diff(forward(tokens, [patch(act_name("z", 2), donor, head=h)]), correct, wrong)
         assert (out[h] - plain).abs().max() < ATOL
@@ -198,10 +229,14 @@ def test_circuit_on_the_shipped_model(shipped_circuit, tmp_path):
     movers = result.heads["name mover"]
     assert 1 <= len(movers) <= 2 and all(abs(result.direct[l, h]) >= result.settings["cut_nats"] for l, h in movers)
     b = data[0]  # the table is the mean of path_patch over the prompts: check one batch's share
-    one = path_patching.path_patch(Forward(model), b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong), senders=[tuple(movers[0])])
+    one = path_patching.path_patch(
+        Forward(model), b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong), senders=[tuple(movers[0])]
+    )
     assert one.shape == (1, len(b))
     for e in result.edges:  # every edge at or above the edge threshold, receivers above senders
-        assert abs(e["effect"]) >= result.settings["edge_min"] and (e["receiver"] == "logits" or e["receiver"][0] > e["sender"][0])
+        assert abs(e["effect"]) >= result.settings["edge_min"] and (
+            e["receiver"] == "logits" or e["receiver"][0] > e["sender"][0]
+        )
     again = circuit.CircuitResult.from_json(result.to_json(tmp_path / "circuit.json"))
     assert torch.allclose(again.direct, result.direct, rtol=1e-5, atol=1e-9)  # JSON keeps 6 significant digits
     assert again.heads == result.heads and again.reading() == circuit.CircuitResult.from_json(again.to_json()).reading()
@@ -253,9 +288,20 @@ def test_circuit_finder_addresses_a_grouped_query_receivers_shared_kv_head(ioi_t
     def by_hand(receiver) -> torch.Tensor:
         """Mean over the prompts of the path-patched minus the clean logit difference, per sender."""
         with torch.no_grad():
-            total = sum((path_patching.path_patch(forward, b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong), senders=senders,
-                                                  receivers=[receiver]) - logit_diff(model(b.tokens), b.correct, b.wrong)).sum(-1)
-                        for b in data)
+            total = sum(
+                (
+                    path_patching.path_patch(
+                        forward,
+                        b.tokens,
+                        b.donor_tokens,
+                        LogitDiff(b.correct, b.wrong),
+                        senders=senders,
+                        receivers=[receiver],
+                    )
+                    - logit_diff(model(b.tokens), b.correct, b.wrong)
+                ).sum(-1)
+                for b in data
+            )
         return total / sum(len(b) for b in data)
 
     for kind in ("k", "v"):

@@ -5,7 +5,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tl_patching.prompts import (
-    HELD_OUT_TEMPLATES, NAMES, TEMPLATES, IOIPrompt, PromptError, ioi_batches, ioi_pair, ioi_prompts, single_token, to_tokens,
+    HELD_OUT_TEMPLATES,
+    NAMES,
+    TEMPLATES,
+    IOIPrompt,
+    PromptError,
+    ioi_batches,
+    ioi_pair,
+    ioi_prompts,
+    single_token,
+    to_tokens,
 )
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
@@ -57,8 +66,13 @@ def test_unknown_words_are_named_not_replaced(ioi_model):
     with pytest.raises(PromptError, match="Bartholomew"):
         single_token(ioi_model, " Bartholomew")
     with pytest.raises(PromptError, match="Bartholomew"):
-        ioi_pair(ioi_model, "Sam and Sally went to the park. Sam gave a gift to",
-                 "Sam and Sally went to the park. Sally gave a gift to", " Bartholomew", " Sam")
+        ioi_pair(
+            ioi_model,
+            "Sam and Sally went to the park. Sam gave a gift to",
+            "Sam and Sally went to the park. Sally gave a gift to",
+            " Bartholomew",
+            " Sam",
+        )
 
 
 def test_text_longer_than_the_context_is_refused_not_truncated(ioi_model):

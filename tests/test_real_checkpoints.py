@@ -18,9 +18,24 @@ from tl_patching.testing import CHECKPOINTS, real_config, save_tiny_checkpoint, 
 
 NAMES = list(CHECKPOINTS)
 # What a shrunk config may change: widths, depth, vocabulary (and the token ids that point into it).
-SHRUNK = {"n_embd", "hidden_size", "n_head", "num_attention_heads", "num_key_value_heads", "head_dim", "n_inner",
-          "intermediate_size", "n_layer", "num_hidden_layers", "layer_types", "max_window_layers", "vocab_size",
-          "bos_token_id", "eos_token_id", "pad_token_id"}
+SHRUNK = {
+    "n_embd",
+    "hidden_size",
+    "n_head",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_inner",
+    "intermediate_size",
+    "n_layer",
+    "num_hidden_layers",
+    "layer_types",
+    "max_window_layers",
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +172,15 @@ def test_llama_3_sized_context_loads(pairs):
 
 def test_family_of_each_checkpoint():
     assert {family_of(SimpleNamespace(**real_config(n))).name for n in NAMES} == {
-        "gpt2", "neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"}
+        "gpt2",
+        "neox",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3",
+    }
 
 
 def test_fixtures_are_deterministic():

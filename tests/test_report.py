@@ -12,7 +12,8 @@ import torch
 
 from tl_patching import plotting, report
 from tl_patching.experiments import keys, load
-from tl_patching.report import cards, page as report_page
+from tl_patching.report import cards
+from tl_patching.report import page as report_page
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,8 @@ def page_text(path: Path) -> str:
 
 
 def build(out_dir: Path, model_name: str = "shipped", results=None, png_for=()) -> Path:
-    """Results JSON and figures (HTML only, plus a fake PNG for the names in ``png_for``) as the main job writes them."""
+    """Results JSON and figures (HTML only, plus a fake PNG for the names in ``png_for``) as the main job writes
+    them."""
     results = results or {k: make() for k, make in synth.ALL.items()}
     sections = []
     for key, r in results.items():
@@ -71,7 +73,9 @@ def test_e1_self_attention_is_a_check_not_a_finding(page):
 
 def test_model_card_for_the_shipped_model_matches_its_files_and_the_doc(page):
     _, text = page
-    assert "4 × 4 (d_head 32)" in text and "128 / 512" in text and "290 WordLevel tokens" in text and "48 tokens" in text
+    assert (
+        "4 × 4 (d_head 32)" in text and "128 / 512" in text and "290 WordLevel tokens" in text and "48 tokens" in text
+    )
     card = cards.card_markdown(cards.shipped_model_card())
     assert card in (ROOT / "docs" / "model_card.md").read_text()
 
@@ -118,15 +122,24 @@ from tl_patching.metrics import summarize  # noqa: E402
 
 def e1_result(mean_score, frac_negative, **fields) -> E1Result:
     L, H = mean_score.shape
-    return E1Result(info=synth.info(n_layers=L, n_heads=H, text="Sam and Sally went to the park."), mean_score=mean_score,
-                    frac_negative=frac_negative, first_token_self_attention=torch.ones(L, H), kde_grid=torch.linspace(-3, 3, 5),
-                    kde_density=torch.ones(L, 5) / 6, max_diff_split_vs_hook=1e-7, **fields)
+    return E1Result(
+        info=synth.info(n_layers=L, n_heads=H, text="Sam and Sally went to the park."),
+        mean_score=mean_score,
+        frac_negative=frac_negative,
+        first_token_self_attention=torch.ones(L, H),
+        kde_grid=torch.linspace(-3, 3, 5),
+        kde_density=torch.ones(L, 5) / 6,
+        max_diff_split_vs_hook=1e-7,
+        **fields,
+    )
 
 
 # 3 layers × 5 heads. Layer means −1.0, 0.0, −0.1: the highest *layer* (1) is not the layer of the highest *head*
 # (1.5 in layer 2). Lowest head: flat index 8 = layer 1 head 3 (transposed, 8 // 3, 8 % 3: layer 2 head 2); highest:
 # flat 10 = layer 2 head 0 (transposed: layer 3 head 1). Mean of all 15: −5.5 / 15 = −0.37.
-E1_MEANS = torch.tensor([[-1.0, -1.0, -1.0, -1.0, -1.0], [0.5, 0.5, 0.5, -2.0, 0.5], [1.5, -0.5, -0.5, -0.5, -0.5]], dtype=torch.float64)
+E1_MEANS = torch.tensor(
+    [[-1.0, -1.0, -1.0, -1.0, -1.0], [0.5, 0.5, 0.5, -2.0, 0.5], [1.5, -0.5, -0.5, -0.5, -0.5]], dtype=torch.float64
+)
 
 
 def test_e1_finding_numbers_by_hand():
@@ -138,12 +151,15 @@ def test_e1_finding_numbers_by_hand():
     assert [(c.verdict, c.because) for c in claims] == [("agrees", "the scores are shifted below zero (70% negative).")]
 
 
-@pytest.mark.parametrize("mean, frac, verdict", [
-    (-0.1, 0.6, "agrees"),  # exactly at the 60% bound: agrees (>=)
-    (-0.1, 0.59, "partly"),  # just below it
-    (-0.01, 0.75, "agrees"),
-    (0.0, 0.75, "differs"),  # a mean of exactly 0 is not below zero
-])
+@pytest.mark.parametrize(
+    "mean, frac, verdict",
+    [
+        (-0.1, 0.6, "agrees"),  # exactly at the 60% bound: agrees (>=)
+        (-0.1, 0.59, "partly"),  # just below it
+        (-0.01, 0.75, "agrees"),
+        (0.0, 0.75, "differs"),  # a mean of exactly 0 is not below zero
+    ],
+)
 def test_e1_verdict_on_both_sides_of_each_bound(mean, frac, verdict):
     frac_negative = torch.full((3, 5), frac, dtype=torch.float64)
     assert float(frac_negative.mean()) == frac  # the bound is met exactly, not up to rounding
@@ -156,43 +172,66 @@ def test_e1_score_formula_in_the_finding_and_the_figures():
     r = e1_result(E1_MEANS, torch.full((3, 5), 0.7, dtype=torch.float64), score_formula=gemma)
     assert f"the mean raw score {gemma} of all 15 heads" in load("e1").finding(r)[0]
     figures = load("e1").figures(r)
-    assert gemma in figures["e1_mean_raw_score"].layout.title.text and gemma in figures["e1_kde_by_layer"].layout.xaxis.title.text
+    assert (
+        gemma in figures["e1_mean_raw_score"].layout.title.text
+        and gemma in figures["e1_kde_by_layer"].layout.xaxis.title.text
+    )
     assert "√d_head" not in figures["e1_kde_by_layer"].layout.xaxis.title.text
-    saved = E1Result.from_json((ROOT / "figures" / "shipped" / "e1_result.json").read_text())  # written before the field
+    saved = E1Result.from_json(
+        (ROOT / "figures" / "shipped" / "e1_result.json").read_text()
+    )  # written before the field
     assert saved.score_formula == "Q·Kᵀ/√d_head"  # the shipped GPT-2's
     assert E1Result.from_json(r.to_json()).score_formula == gemma
 
 
 def e2_result(resid_01: list[float], resid_10: list[float], layer: int = 2) -> E2Result:
     """Clean spread [2, 3, 6, 10] per layer; the ×0.1 and ×10 edits at ``layer`` with the given spreads."""
+
     def edited(label, std, top, kl):
         return Intervention(label, torch.tensor(std), [top, " Sam"], [0.7, 0.2], clean_top1_prob=0.5, kl_from_clean=kl)
 
-    return E2Result(info=synth.info(text="Sam and Sally went to the park. Sam gave a gift to"), layer=layer, head=2,
-                    clean_resid_std=torch.tensor([2.0, 3.0, 6.0, 10.0]), clean_top_tokens=[" Sally", " Sam"], clean_top_probs=[0.9, 0.05],
-                    interventions=[edited(f"block {layer} output × 0.1", resid_01, " were", 0.125),
-                                   edited(f"block {layer} output × 10", resid_10, " Sally", 2.5)])
+    return E2Result(
+        info=synth.info(text="Sam and Sally went to the park. Sam gave a gift to"),
+        layer=layer,
+        head=2,
+        clean_resid_std=torch.tensor([2.0, 3.0, 6.0, 10.0]),
+        clean_top_tokens=[" Sally", " Sam"],
+        clean_top_probs=[0.9, 0.05],
+        interventions=[
+            edited(f"block {layer} output × 0.1", resid_01, " were", 0.125),
+            edited(f"block {layer} output × 10", resid_10, " Sally", 2.5),
+        ],
+    )
 
 
 def test_e2_finding_numbers_by_hand():
     text, claims = load("e2").finding(e2_result([2.0, 3.0, 0.6, 5.6], [2.0, 3.0, 60.0, 61.0]))
     # ×0.1: 6.00 → 0.60 at layer 2 (×0.10), 10.00 → 5.60 at layer 3 (×0.56); ×10: ×10.00 and ×6.10.
-    assert ("Block 2 output × 0.1: the spread at layer 2 goes from 6.00 to 0.60 (×0.10), at the last layer (3) from 10.00 to "
-            "5.60 (×0.56); the next-token prediction changes from ' Sally' to ' were' (KL(clean‖edited) = 0.125 nats).") in text
-    assert ("Block 2 output × 10: the spread at layer 2 goes from 6.00 to 60.00 (×10.00), at the last layer (3) from 10.00 to "
-            "61.00 (×6.10); the next-token prediction stays ' Sally' (KL(clean‖edited) = 2.500 nats).") in text
+    assert (
+        "Block 2 output × 0.1: the spread at layer 2 goes from 6.00 to 0.60 (×0.10), at the last layer (3) from 10.00 "
+        "to 5.60 (×0.56); the next-token prediction changes from ' Sally' to ' were' (KL(clean‖edited) = 0.125 nats)."
+    ) in text
+    assert (
+        "Block 2 output × 10: the spread at layer 2 goes from 6.00 to 60.00 (×10.00), at the last layer (3) from 10.00 "
+        "to 61.00 (×6.10); the next-token prediction stays ' Sally' (KL(clean‖edited) = 2.500 nats)."
+    ) in text
     assert "every edit is at layer 2 of 4." in text
     assert [c.verdict for c in claims] == ["agrees", "partly"]
-    assert claims[0].because == "it falls to ×0.10 of clean at layer 2 and is at ×0.56 by the last layer — much closer to clean."
-    assert claims[1].because.startswith("it rises to ×10.0 of clean at layer 2 and is still ×6.1 at the last layer: it explodes, "
-                                        "but is not compressed.")
+    assert (
+        claims[0].because
+        == "it falls to ×0.10 of clean at layer 2 and is at ×0.56 by the last layer — much closer to clean."
+    )
+    assert claims[1].because.startswith(
+        "it rises to ×10.0 of clean at layer 2 and is still ×6.1 at the last layer: it explodes, but is not compressed."
+    )
 
 
-# Recovery / compression: |log(end / clean)| < ½ |log(at / clean)|; at ×0.1 and ×10 the bound is ×√10^∓1 ≈ ×0.316 / ×3.16.
+# Recovery / compression: |log(end / clean)| < ½ |log(at / clean)|; at ×0.1 and ×10 the bound is
+# ×√10^∓1 ≈ ×0.316 / ×3.16.
 @pytest.mark.parametrize("end, verdict", [(3.2, "agrees"), (3.1, "differs"), (1 / 0.032, "agrees"), (100.0, "differs")])
 def test_e2_recovery_verdict_on_both_sides_of_the_bound(end, verdict):
-    # end is the last layer's spread (clean 10): ×0.32 recovers, ×0.31 does not; ×3.1 recovers (past clean), ×10 does not
-    # (a signed comparison, log(end) > ½ log(at), would call ×10 a recovery).
+    # end is the last layer's spread (clean 10): ×0.32 recovers, ×0.31 does not; ×3.1 recovers (past clean), ×10 does
+    # not (a signed comparison, log(end) > ½ log(at), would call ×10 a recovery).
     _, claims = load("e2").finding(e2_result([2.0, 3.0, 0.6, end], [2.0, 3.0, 60.0, 61.0]))
     assert claims[0].verdict == verdict
 
@@ -212,53 +251,82 @@ def e3_result(clean_means, diffs, significant, layer=1, head=2, alpha=0.05) -> E
     """10 pairs (M = 5 tokens) per layer, every pair at its layer's mean; silenced = clean + diff."""
     clean = torch.tensor(clean_means)[:, None].expand(-1, 10).clone()
     L = len(clean_means)
-    return E3Result(info=synth.info(text="I think that pineapple on pizza is a crime.", alpha=alpha), layer=layer, head=head,
-                    n_pairs=10, clean_pairs=clean, silenced_pairs=clean + torch.tensor(diffs)[:, None], t_statistic=torch.zeros(L),
-                    p_value=torch.ones(L, dtype=torch.float64), threshold=alpha / L, significant=significant)
+    return E3Result(
+        info=synth.info(text="I think that pineapple on pizza is a crime.", alpha=alpha),
+        layer=layer,
+        head=head,
+        n_pairs=10,
+        clean_pairs=clean,
+        silenced_pairs=clean + torch.tensor(diffs)[:, None],
+        t_statistic=torch.zeros(L),
+        p_value=torch.ones(L, dtype=torch.float64),
+        threshold=alpha / L,
+        significant=significant,
+    )
 
 
 def test_e3_finding_numbers_by_hand():
     # Largest |change| −0.05 at layer 1 (the largest signed change is +0.02 at layer 2).
-    text, claims = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, True]))
+    text, claims = load("e3").finding(
+        e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, True])
+    )
     assert "M(M−1)/2 = 10 pairs for M = 5 tokens." in text
-    assert ("The clean mean cosine similarity is 0.60 at layer 0, lowest (0.30) at layer 1, and 0.90 at the last layer (3). "
-            "Silencing head 2 of layer 1 changes the mean similarity by at most -0.050 (layer 1);") in text
-    assert ("significant below the Bonferroni threshold 0.05/4 = 0.0125, finds a difference at layers 1 and 3 and none at "
-            "layers 0 and 2.") in text
+    assert (
+        "The clean mean cosine similarity is 0.60 at layer 0, lowest (0.30) at layer 1, and 0.90 at the last layer "
+        "(3). Silencing head 2 of layer 1 changes the mean similarity by at most -0.050 (layer 1);"
+    ) in text
+    assert (
+        "significant below the Bonferroni threshold 0.05/4 = 0.0125, finds a difference at layers 1 and 3 and none at "
+        "layers 0 and 2."
+    ) in text
     assert claims[0].verdict == "agrees" and claims[0].because.endswith("(0.60 → 0.30 → 0.90).")
-    assert claims[1].verdict == "partly" and claims[1].because.startswith("significant at layers 1 and 3; hook_resid_post of layer 1")
+    assert claims[1].verdict == "partly" and claims[1].because.startswith(
+        "significant at layers 1 and 3; hook_resid_post of layer 1"
+    )
 
 
 def test_e3_finding_states_the_alpha_the_run_used():
     """The threshold was written "0.05/L" whatever alpha the run used (alpha 0.01: "0.05/4 = 0.0025")."""
-    text, _ = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, False], alpha=0.01))
-    assert "the Bonferroni threshold 0.01/4 = 0.0025, finds a difference at layer 1 and none at layers 0, 2 and 3." in text
+    text, _ = load("e3").finding(
+        e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.02, 0.01], [False, True, False, False], alpha=0.01)
+    )
+    assert (
+        "the Bonferroni threshold 0.01/4 = 0.0025, finds a difference at layer 1 and none at layers 0, 2 and 3." in text
+    )
 
 
-@pytest.mark.parametrize("clean, verdict", [
-    ([0.6, 0.57, 0.6, 0.8], "agrees"),  # falls by 0.03 (> 0.02), rises by 0.23
-    ([0.6, 0.59, 0.6, 0.8], "partly"),  # falls by 0.01 only
-    ([0.6, 0.3, 0.5, 0.39], "partly"),  # rises by 0.09 only (≤ 0.1)
-    ([0.6, 0.3, 0.5, 0.41], "agrees"),  # rises by 0.11
-    ([0.6, 0.65, 0.7, 0.65], "differs"),
-])
+@pytest.mark.parametrize(
+    "clean, verdict",
+    [
+        ([0.6, 0.57, 0.6, 0.8], "agrees"),  # falls by 0.03 (> 0.02), rises by 0.23
+        ([0.6, 0.59, 0.6, 0.8], "partly"),  # falls by 0.01 only
+        ([0.6, 0.3, 0.5, 0.39], "partly"),  # rises by 0.09 only (≤ 0.1)
+        ([0.6, 0.3, 0.5, 0.41], "agrees"),  # rises by 0.11
+        ([0.6, 0.65, 0.7, 0.65], "differs"),
+    ],
+)
 def test_e3_shape_verdict_on_both_sides_of_each_bound(clean, verdict):
     _, claims = load("e3").finding(e3_result(clean, [0.0] * 4, [False] * 4))
     assert claims[0].verdict == verdict
 
 
-@pytest.mark.parametrize("layer, significant, verdict", [
-    (0, [False, True, False, True], "agrees"),  # not at the silenced layer, at the last: the ripple
-    (1, [False, True, False, True], "partly"),  # at the silenced layer and at the last
-    (1, [False, True, False, False], "differs"),  # at the silenced layer only
-    (1, [False, False, False, False], "partly"),  # nowhere
-])
+@pytest.mark.parametrize(
+    "layer, significant, verdict",
+    [
+        (0, [False, True, False, True], "agrees"),  # not at the silenced layer, at the last: the ripple
+        (1, [False, True, False, True], "partly"),  # at the silenced layer and at the last
+        (1, [False, True, False, False], "differs"),  # at the silenced layer only
+        (1, [False, False, False, False], "partly"),  # nowhere
+    ],
+)
 def test_e3_ripple_verdict(layer, significant, verdict):
     _, claims = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0] * 4, significant, layer=layer))
     assert claims[1].verdict == verdict
 
 
-def e4_result(heads_layer2: float = 2.0, final_layer1: list[float] | None = None, final_layer2: float = -2.0) -> E4Result:
+def e4_result(
+    heads_layer2: float = 2.0, final_layer1: list[float] | None = None, final_layer2: float = -2.0
+) -> E4Result:
     """6 prompts, 4 layers. Clean [0, 3, 4, 5, 6, 9]: mean 4.5, 5 of 6 above 0 (83%; ">= 0" would give 100%);
     the donor its negative (mean −4.5). Per layer: constant rows unless given."""
     clean = torch.tensor([0.0, 3.0, 4.0, 5.0, 6.0, 9.0])
@@ -268,25 +336,43 @@ def e4_result(heads_layer2: float = 2.0, final_layer1: list[float] | None = None
     final = row(4.5, 1.0, final_layer2, 0.0)
     final[1] = torch.tensor(final_layer1 or [-1.0, -1.0, -1.0, -1.0, 5.0, 5.0])  # mean +1.0, yet 4 of 6 prompts flipped
     final[3] = -clean
-    return E4Result(info=synth.info(n_prompts=6, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
-                    clean=clean, donor=-clean, heads_patched=heads, resid_s2_patched=s2, resid_final_patched=final,
-                    clean_summary=summarize(clean), donor_summary=summarize(-clean), heads_summary=[summarize(x) for x in heads],
-                    resid_s2_summary=[summarize(x) for x in s2], resid_final_summary=[summarize(x) for x in final])
+    return E4Result(
+        info=synth.info(n_prompts=6, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
+        clean=clean,
+        donor=-clean,
+        heads_patched=heads,
+        resid_s2_patched=s2,
+        resid_final_patched=final,
+        clean_summary=summarize(clean),
+        donor_summary=summarize(-clean),
+        heads_summary=[summarize(x) for x in heads],
+        resid_s2_summary=[summarize(x) for x in s2],
+        resid_final_summary=[summarize(x) for x in final],
+    )
 
 
 def test_e4_finding_numbers_by_hand():
     r = e4_result()
     text, claims = load("e4").finding(r)
     c = summarize(r.clean)  # the interval itself: tests/test_metrics.py
-    assert (f"the unpatched model prefers the correct name by 4.50 nats (95% bootstrap CI [{c.ci_low:.2f}, {c.ci_high:.2f}]) "
-            "in logit difference, a probability ratio P(correct)/P(wrong) of 90 (exp of the mean") in text  # e^4.5 = 90.0
+    assert (
+        f"the unpatched model prefers the correct name by 4.50 nats (95% bootstrap CI [{c.ci_low:.2f}, "
+        f"{c.ci_high:.2f}]) in logit difference, a probability ratio P(correct)/P(wrong) of 90 (exp of the mean"
+    ) in text  # e^4.5 = 90.0
     assert "the geometric mean over prompts); 83% of prompts are right." in text  # mean of the ratios: 1.5 × 10^3
     final = summarize(-r.clean)
-    assert (f"Patching hook_resid_post at the final position flips the mean at layers 2 and 3 (lowest at layer 3: -4.50 nats, "
-            f"95% bootstrap CI [{final.ci_low:.2f}, {final.ci_high:.2f}]).") in text  # layer 1: mean +1.0, not flipped
-    assert ("Patching hook_resid_post at the repeated name (S2) flips it at no layer (lowest at layer 3: 0.50 nats, "
-            "95% bootstrap CI [0.50, 0.50]).") in text
-    assert "Patching all heads of the layer (hook_z, every position) flips it at no layer (lowest at layer 2: 2.00 nats" in text
+    assert (
+        "Patching hook_resid_post at the final position flips the mean at layers 2 and 3 (lowest at layer 3: -4.50 "
+        f"nats, 95% bootstrap CI [{final.ci_low:.2f}, {final.ci_high:.2f}])."
+    ) in text  # layer 1: mean +1.0, not flipped
+    assert (
+        "Patching hook_resid_post at the repeated name (S2) flips it at no layer (lowest at layer 3: 0.50 nats, "
+        "95% bootstrap CI [0.50, 0.50])."
+    ) in text
+    assert (
+        "Patching all heads of the layer (hook_z, every position) flips it at no layer (lowest at layer 2: 2.00 nats"
+        in text
+    )
     assert (claims[0].verdict, claims[0].because) == ("agrees", "hook_resid_post flips the mean at layers 2 and 3.")
     # Heads move the mean by 0.5, 0, 2.5, 0 nats; the gap clean − donor is 9: 2.5 / 9 = 28% ≥ 25%.
     assert claims[1].verdict == "differs"
@@ -303,8 +389,12 @@ def test_e4_heads_verdict_on_both_sides_of_a_quarter(heads_layer2, verdict):
 def e5_result(heatmap: list[list[float]], clean=(9.0, 11.0)) -> E5Result:
     m = torch.tensor(heatmap)
     L, H = m.shape
-    return E5Result(info=synth.info(n_layers=L, n_heads=H, n_prompts=2), clean=torch.tensor(clean),
-                    effect=torch.stack([m + 0.25, m - 0.25], -1), method="fast")  # two prompts; their mean is the heatmap
+    return E5Result(
+        info=synth.info(n_layers=L, n_heads=H, n_prompts=2),
+        clean=torch.tensor(clean),
+        effect=torch.stack([m + 0.25, m - 0.25], -1),
+        method="fast",
+    )  # two prompts; their mean is the heatmap
 
 
 # 4 layers × 3 heads. Fall −2.5 at flat index 7 = layer 2 head 1 (transposed, 7 // 4, 7 % 4: layer 1 head 3); rise 1.2
@@ -314,10 +404,12 @@ E5_MAP = [[0.3, -0.2, 0.0], [0.0, 0.1, -0.1], [0.8, -2.5, 0.4], [-0.6, 0.5, 1.2]
 
 def test_e5_finding_numbers_by_hand():
     text, claims = load("e5").finding(e5_result(E5_MAP))
-    assert ("mean over 2 prompts (clean logit difference 10.00 nats): the largest fall is -2.50 nats at layer 2, head 1 (25% of "
-            "the clean value), the largest rise +1.20 at layer 3, head 2. 6 of 12 heads raise the score and 4 lower it; 2 change "
-            "it by less than 0.01 nats. The mean |effect| per head is 0.12 nats in the first half of the layers and 1.00 in the "
-            "second.") in text
+    assert (
+        "mean over 2 prompts (clean logit difference 10.00 nats): the largest fall is -2.50 nats at layer 2, head 1 "
+        "(25% of the clean value), the largest rise +1.20 at layer 3, head 2. 6 of 12 heads raise the score and 4 "
+        "lower it; 2 change it by less than 0.01 nats. The mean |effect| per head is 0.12 nats in the first half of "
+        "the layers and 1.00 in the second."
+    ) in text
     assert [c.verdict for c in claims] == ["differs", "agrees", "agrees"]
     assert claims[0].because.startswith("the largest is 2.50 nats against a clean 10.00. A block computes")
     assert "a 1/3 share of one term here" in claims[0].because and "this model has 12 heads in all" in claims[0].because
@@ -325,19 +417,24 @@ def test_e5_finding_numbers_by_hand():
     assert claims[2].because == "6 raise it and 4 lower it."
 
 
-@pytest.mark.parametrize("heatmap, verdict", [
-    # Late layers larger on average though the single largest |effect| is early (a max would say "differs").
-    ([[-3.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, -1.0], [1.0, -1.0, 1.0]], "agrees"),
-    # Early larger in |effect| (0.567 vs 0.55) but negative: a signed mean would call the late layers larger.
-    ([[-3.0, 0.2, 0.0], [0.1, -0.1, 0.0], [0.5, -0.6, 0.7], [0.9, -0.4, 0.2]], "differs"),
-    ([[1.0, -1.0, 1.0]] * 4, "differs"),  # equal is not larger
-])
+@pytest.mark.parametrize(
+    "heatmap, verdict",
+    [
+        # Late layers larger on average though the single largest |effect| is early (a max would say "differs").
+        ([[-3.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, -1.0], [1.0, -1.0, 1.0]], "agrees"),
+        # Early larger in |effect| (0.567 vs 0.55) but negative: a signed mean would call the late layers larger.
+        ([[-3.0, 0.2, 0.0], [0.1, -0.1, 0.0], [0.5, -0.6, 0.7], [0.9, -0.4, 0.2]], "differs"),
+        ([[1.0, -1.0, 1.0]] * 4, "differs"),  # equal is not larger
+    ],
+)
 def test_e5_late_layers_verdict(heatmap, verdict):
     _, claims = load("e5").finding(e5_result(heatmap))
     assert claims[1].verdict == verdict
 
 
-@pytest.mark.parametrize("fall, rise, verdict", [(-0.99, 0.5, "agrees"), (-1.0, 0.5, "differs"), (-0.5, 1.0, "differs")])
+@pytest.mark.parametrize(
+    "fall, rise, verdict", [(-0.99, 0.5, "agrees"), (-1.0, 0.5, "differs"), (-0.5, 1.0, "differs")]
+)
 def test_e5_tiny_verdict_on_both_sides_of_a_tenth(fall, rise, verdict):
     # Clean 10: "tiny" is both the largest fall and the largest rise below 1.0 nats in size.
     _, claims = load("e5").finding(e5_result([[fall, 0.1, 0.0], [0.0, rise, 0.0]]))
@@ -351,46 +448,72 @@ def circuit_result(movers: list[list[int]]) -> CircuitResult:
     steer["q"][1, 2], steer["k"][1, 2], steer["v"][1, 2] = 0.1, -0.4, 0.3  # strongest |effect|: k (signed: v)
     read = {k: torch.zeros(3, 4) for k in "qkv"}
     read["q"][0, 0], read["v"][0, 0] = 0.2, -0.1
-    edges = [{"sender": [1, 2], "receiver": m, "input": "k", "effect": -0.2} for m in movers] + [{"sender": [0, 0], "receiver": [1, 2], "input": "q", "effect": 0.2}]
-    return CircuitResult(info=synth.info(n_layers=3, n_heads=4, n_prompts=2), clean=torch.tensor([2.0, 4.0]), donor=torch.tensor([-1.0, -2.0]),
-                         direct=direct, steer=steer, read=read, heads={"name mover": movers, "steering": [[1, 2]], "source": [[0, 0]]},
-                         edges=edges, settings={"threshold": 0.1, "cut_nats": 0.25, "edge_min": 0.05})
+    edges = [{"sender": [1, 2], "receiver": m, "input": "k", "effect": -0.2} for m in movers] + [
+        {"sender": [0, 0], "receiver": [1, 2], "input": "q", "effect": 0.2}
+    ]
+    return CircuitResult(
+        info=synth.info(n_layers=3, n_heads=4, n_prompts=2),
+        clean=torch.tensor([2.0, 4.0]),
+        donor=torch.tensor([-1.0, -2.0]),
+        direct=direct,
+        steer=steer,
+        read=read,
+        heads={"name mover": movers, "steering": [[1, 2]], "source": [[0, 0]]},
+        edges=edges,
+        settings={"threshold": 0.1, "cut_nats": 0.25, "edge_min": 0.05},
+    )
 
 
 def test_circuit_finding_numbers_by_hand():
     text, [claim] = load("circuit").finding(circuit_result([[2, 1], [2, 3]]))
-    assert ("mean over 2 prompts; clean logit difference 3.00 nats, donor -1.50; a head counts when its path moves the logit "
-            "difference by at least 0.25 nats. Heads writing the answer directly (to the logits): layer 2 head 1 (-1.50 nats) "
-            "and layer 2 head 3 (+0.60 nats). Heads steering them: layer 1 head 2 (-0.40 nats through their k inputs). Heads "
-            "those read from: layer 0 head 0 (+0.20 nats through their q inputs). 3 edges of at least 0.05 nats are drawn.") in text
+    assert (
+        "mean over 2 prompts; clean logit difference 3.00 nats, donor -1.50; a head counts when its path moves the "
+        "logit difference by at least 0.25 nats. Heads writing the answer directly (to the logits): layer 2 head 1 "
+        "(-1.50 nats) and layer 2 head 3 (+0.60 nats). Heads steering them: layer 1 head 2 (-0.40 nats through their k "
+        "inputs). Heads those read from: layer 0 head 0 (+0.20 nats through their q inputs). 3 edges of at least 0.05 "
+        "nats are drawn."
+    ) in text
     # |−1.5| + |0.6| = 2.10 together (a signed sum: −0.90).
-    assert claim.verdict == "agrees" and claim.because.startswith("2 heads write the answer directly, 2.10 nats together against 1.50 for the largest alone;")
+    assert claim.verdict == "agrees" and claim.because.startswith(
+        "2 heads write the answer directly, 2.10 nats together against 1.50 for the largest alone;"
+    )
     _, [claim] = load("circuit").finding(circuit_result([[2, 1]]))
-    assert claim.verdict == "partly" and claim.because.startswith("1 heads write the answer directly, 1.50 nats together")
+    assert claim.verdict == "partly" and claim.because.startswith(
+        "1 heads write the answer directly, 1.50 nats together"
+    )
 
 
 def test_data_description_token_count_and_start_token():
     e1 = synth.e1()  # token ids [0, 5, 6, 7, 8, 9]: 6 tokens, the first the prepended start token
-    assert report_page.data_description(load("e1"), e1) == ("Text: “Sam and Sally went to the park.” (6 tokens, start token <|endoftext|> "
-                                                 "prepended (as its tokenizer does)).")
+    assert report_page.data_description(load("e1"), e1) == (
+        "Text: “Sam and Sally went to the park.” (6 tokens, start token <|endoftext|> "
+        "prepended (as its tokenizer does))."
+    )
     e1.info.token_ids, e1.info.prepend_bos = [[5, 6, 7, 8, 9]], False
-    assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, no start token (its tokenizer would add one; set by the caller)).")
+    assert report_page.data_description(load("e1"), e1).endswith(
+        "(5 tokens, no start token (its tokenizer would add one; set by the caller))."
+    )
     e1.info.start_token_convention = False
     assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, no start token (as its tokenizer does)).")
     e1.info.prepend_bos, e1.info.start_token = True, "<bos>"
-    assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, start token <bos> prepended (its tokenizer adds none; "
-                                                      "set by the caller)).")
+    assert report_page.data_description(load("e1"), e1).endswith(
+        "(5 tokens, start token <bos> prepended (its tokenizer adds none; set by the caller))."
+    )
     e1.info.start_token_convention = None  # a result saved before the convention was recorded
     assert report_page.data_description(load("e1"), e1).endswith("(5 tokens, start token prepended).")
     assert report_page.data_description(load("e2"), synth.e2()).endswith("Edits at layer 2 (head 2 for the key).")
     assert report_page.data_description(load("e3"), synth.e3()).endswith("Silenced: head 0 of layer 0.")
     e4 = synth.e4()
     assert report_page.data_description(load("e4"), e4).startswith("24 IOI prompts, each with a donor")
-    assert report_page.data_description(load("e4"), e4).endswith("Start token <|endoftext|> prepended (as its tokenizer does).")
+    assert report_page.data_description(load("e4"), e4).endswith(
+        "Start token <|endoftext|> prepended (as its tokenizer does)."
+    )
     one = synth.e4(n=1)
     one.info.settings["n_prompts"] = 1
-    assert report_page.data_description(load("e4"), one) == ("The seed's single prompt pair: “Sam and Sally went to the park. Sam gave a gift to” "
-                                                  "(donor: the other name repeated).")
+    assert report_page.data_description(load("e4"), one) == (
+        "The seed's single prompt pair: “Sam and Sally went to the park. Sam gave a gift to” "
+        "(donor: the other name repeated)."
+    )
 
 
 def conclusion(results: dict) -> str:
@@ -408,8 +531,10 @@ def test_conclusion_names_the_heads_and_layers_by_hand():
     assert "Of 5 claims from the seed reports, 3 agree, 0 partly agree and 2 differ here." in text
     assert "from layer 2 on: patching it there gives the donor's answer (E4)." in text
     # The three lowest effects: −2.5 (layer 2 head 1), −0.6 (layer 3 head 0), −0.2 (layer 0 head 1).
-    assert ("The heads that matter most at the final position are layer 2 head 1 (-2.50 nats), layer 3 head 0 (-0.60 nats) "
-            "and layer 0 head 1 (-0.20 nats) (E5).") in text
+    assert (
+        "The heads that matter most at the final position are layer 2 head 1 (-2.50 nats), layer 3 head 0 (-0.60 nats) "
+        "and layer 0 head 1 (-0.20 nats) (E5)."
+    ) in text
 
 
 def test_conclusion_says_from_layer_on_only_when_every_later_layer_flips():
@@ -419,28 +544,76 @@ def test_conclusion_says_from_layer_on_only_when_every_later_layer_flips():
 
 
 def gemma3_270m() -> dict:
-    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640, "num_attention_heads": 4,
-            "num_key_value_heads": 1, "head_dim": 256, "num_hidden_layers": 18, "intermediate_size": 2048,
-            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "vocab_size": 262144,
-            "max_position_embeddings": 32768}
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": 640,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "num_hidden_layers": 18,
+        "intermediate_size": 2048,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "vocab_size": 262144,
+        "max_position_embeddings": 32768,
+    }
 
 
-@pytest.mark.parametrize("config, architecture, heads", [
-    # Qwen3-0.6B: head_dim 128, not 1024 / 16 = 64.
-    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16,
-      "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 28, "intermediate_size": 3072, "hidden_act": "silu",
-      "vocab_size": 151936, "max_position_embeddings": 40960},
-     "Qwen3ForCausalLM (qwen3, activation silu)", "28 × 16 (d_head 128)"),
-    # Gemma-3-270m: head_dim 256, not 640 / 4 = 160; its activation field is hidden_activation (the card said "?").
-    (gemma3_270m(), "Gemma3ForCausalLM (gemma3_text, activation gelu_pytorch_tanh)", "18 × 4 (d_head 256)"),
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12,
-      "activation_function": "gelu_new", "vocab_size": 50257, "n_positions": 1024},
-     "GPT2LMHeadModel (gpt2, activation gelu_new)", "12 × 12 (d_head 64)"),
-    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
-      "num_hidden_layers": 30, "intermediate_size": 1536, "hidden_act": "silu", "vocab_size": 49152,
-      "max_position_embeddings": 8192},
-     "LlamaForCausalLM (llama, activation silu)", "30 × 9 (d_head 64)"),
-])
+@pytest.mark.parametrize(
+    "config, architecture, heads",
+    [
+        # Qwen3-0.6B: head_dim 128, not 1024 / 16 = 64.
+        (
+            {
+                "architectures": ["Qwen3ForCausalLM"],
+                "model_type": "qwen3",
+                "hidden_size": 1024,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "num_hidden_layers": 28,
+                "intermediate_size": 3072,
+                "hidden_act": "silu",
+                "vocab_size": 151936,
+                "max_position_embeddings": 40960,
+            },
+            "Qwen3ForCausalLM (qwen3, activation silu)",
+            "28 × 16 (d_head 128)",
+        ),
+        # Gemma-3-270m: head_dim 256, not 640 / 4 = 160; its activation field is hidden_activation (the card said "?").
+        (gemma3_270m(), "Gemma3ForCausalLM (gemma3_text, activation gelu_pytorch_tanh)", "18 × 4 (d_head 256)"),
+        (
+            {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": 768,
+                "n_head": 12,
+                "n_layer": 12,
+                "activation_function": "gelu_new",
+                "vocab_size": 50257,
+                "n_positions": 1024,
+            },
+            "GPT2LMHeadModel (gpt2, activation gelu_new)",
+            "12 × 12 (d_head 64)",
+        ),
+        (
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 576,
+                "num_attention_heads": 9,
+                "num_hidden_layers": 30,
+                "intermediate_size": 1536,
+                "hidden_act": "silu",
+                "vocab_size": 49152,
+                "max_position_embeddings": 8192,
+            },
+            "LlamaForCausalLM (llama, activation silu)",
+            "30 × 9 (d_head 64)",
+        ),
+    ],
+)
 def test_model_card_reads_each_familys_config(tmp_path, config, architecture, heads):
     (tmp_path / "config.json").write_text(json.dumps(config))
     rows = dict(cards.model_card(str(tmp_path)))
@@ -454,7 +627,10 @@ def test_model_card_of_a_loaded_model_with_head_dim_apart_from_d_model():
 
     hf, tl = random_pair("gemma3", n_layers=2, hidden_size=48)  # 4 heads of head_dim 8 on d_model 48 (48 / 4 = 12)
     rows = dict(cards.model_card("tiny-gemma3", model=tl))
-    assert rows["architecture"] == "Gemma3ForCausalLM (activation gelu_pytorch_tanh)" and rows["layers × heads"] == "2 × 4 (d_head 8)"
+    assert (
+        rows["architecture"] == "Gemma3ForCausalLM (activation gelu_pytorch_tanh)"
+        and rows["layers × heads"] == "2 × 4 (d_head 8)"
+    )
     assert rows["d_model / d_mlp"] == "48 / 96"
     from_config = dict(cards.hf_config_rows(hf.config.to_dict(), None))  # "architectures": null in an unsaved config
     assert all(from_config[k] == rows[k] for k in ("layers × heads", "d_model / d_mlp"))

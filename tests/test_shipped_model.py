@@ -5,16 +5,18 @@ import json
 import pytest
 import torch
 
+from tl_patching.checkpoints import SHIPPED_MODEL_DIR
 from tl_patching.cli import main
 from tl_patching.experiments import run_experiment
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff, summarize
-from tl_patching.checkpoints import SHIPPED_MODEL_DIR
 from tl_patching.models import load_pair
 from tl_patching.prompts import ioi_batches
 from tl_patching.recipe.training import eval_prompts
 
-pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="shipped model not trained yet")
+pytestmark = pytest.mark.skipif(
+    not (SHIPPED_MODEL_DIR / "config.json").exists(), reason="shipped model not trained yet"
+)
 
 
 @pytest.fixture(scope="module")

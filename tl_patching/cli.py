@@ -1,4 +1,5 @@
-"""``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and one command per experiment.
+"""``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and one command per
+experiment.
 
     tl-patching reproduce                           # every experiment on the shipped model, offline
     tl-patching reproduce --model gpt2-large --experiments KEY,KEY --device cuda
@@ -56,8 +57,15 @@ def save_result(key: str, result, out_dir: Path, png=True) -> list[Path]:
     return [f for name, fig in load(key).figures(result).items() for f in plotting.save(fig, out_dir, name, png=png)]
 
 
-def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n_prompts: int,
-              donor_cache: Path | None = None, png=True) -> Path:
+def reproduce(
+    forward,
+    model_name: str,
+    experiments: list[str],
+    out_dir: Path,
+    n_prompts: int,
+    donor_cache: Path | None = None,
+    png=True,
+) -> Path:
     """Every experiment with its defaults; figures, results JSON and index.html under ``out_dir``."""
     from tqdm.auto import tqdm
 
@@ -77,35 +85,71 @@ def reproduce(forward, model_name: str, experiments: list[str], out_dir: Path, n
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="tl-patching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="tl-patching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = top.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=SHIPPED_MODEL_NAME,
-                        help="'shipped' (the bundled model, offline), a hub name (gpt2, gpt2-medium, …) or a local HF directory")
-    common.add_argument("--backend", default="tl", choices=["tl", "hf"],
-                        help="run the edits as TransformerLens hooks (tl) or as raw HF hooks on the same weights (hf)")
-    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (auto: cuda if available)")
-    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the weights and activations (tolerances against float32: docs/scaling.md)")
-    common.add_argument("--n-devices", type=positive_int, default=1,
-                        help="split the model's blocks over this many CUDA devices (model parallel; per torchrun process)")
+    common.add_argument(
+        "--model",
+        default=SHIPPED_MODEL_NAME,
+        help="'shipped' (the bundled model, offline), a hub name (gpt2, gpt2-medium, …) or a local HF directory",
+    )
+    common.add_argument(
+        "--backend",
+        default="tl",
+        choices=["tl", "hf"],
+        help="run the edits as TransformerLens hooks (tl) or as raw HF hooks on the same weights (hf)",
+    )
+    common.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (auto: cuda if available)",
+    )
+    common.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the weights and activations (tolerances against float32: docs/scaling.md)",
+    )
+    common.add_argument(
+        "--n-devices",
+        type=positive_int,
+        default=1,
+        help="split the model's blocks over this many CUDA devices (model parallel; per torchrun process)",
+    )
     common.add_argument("--out", type=Path, default=Path("figures"), help="figures and results go to OUT/<model>/")
     common.add_argument("--no-png", action="store_true", help="write interactive HTML only (no static PNG)")
     common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     ioi = argparse.ArgumentParser(add_help=False)
-    ioi.add_argument("--n-prompts", type=positive_int, default=100, help="IOI prompts, at least 1 (1: the seed's single pair)")
-    ioi.add_argument("--donor-cache", type=Path,
-                     help="safetensors file of the donor run: loaded if it exists (checked against model and tokens), else computed and saved")
+    ioi.add_argument(
+        "--n-prompts", type=positive_int, default=100, help="IOI prompts, at least 1 (1: the seed's single pair)"
+    )
+    ioi.add_argument(
+        "--donor-cache",
+        type=Path,
+        help="safetensors file of the donor run: loaded if it exists (checked against model and tokens), "
+        "else computed and saved",
+    )
     text = argparse.ArgumentParser(add_help=False)
     text.add_argument("--text", help="the sentence to run (default: the experiment's own)")
     experiments = spec.catalog()
-    rep = sub.add_parser("reproduce", parents=[common, ioi], help="run every experiment and write figures, results JSON "
-                                                                  "and an index page")
-    rep.add_argument("--experiments", default=",".join(experiments),
-                     help=f"comma-separated subset of {','.join(experiments)}, (default: all; on --backend hf, "
-                          "those that run there)")
+    rep = sub.add_parser(
+        "reproduce",
+        parents=[common, ioi],
+        help="run every experiment and write figures, results JSON and an index page",
+    )
+    rep.add_argument(
+        "--experiments",
+        default=",".join(experiments),
+        help=f"comma-separated subset of {','.join(experiments)}, (default: all; on --backend hf, "
+        "those that run there)",
+    )
     for key, (_, experiment) in experiments.items():
-        command = sub.add_parser(key, parents=[common, text if experiment.inputs == "text" else ioi], help=experiment.title)
+        command = sub.add_parser(
+            key, parents=[common, text if experiment.inputs == "text" else ioi], help=experiment.title
+        )
         for option in experiment.options:
             command.add_argument(option.flag, **option.argparse_kwargs())
     return top
@@ -137,8 +181,11 @@ def run(args: dict) -> None:
             skipped = [k for k in experiments if backend not in known[k][1].backends]
             experiments = [k for k in experiments if k not in skipped]
             for k in skipped:
-                print(f"note: {k} runs on the {' or '.join(known[k][1].backends)} backend only; skipped with --backend {backend}",
-                      file=sys.stderr)
+                print(
+                    f"note: {k} runs on the {' or '.join(known[k][1].backends)} backend only; "
+                    f"skipped with --backend {backend}",
+                    file=sys.stderr,
+                )
     forward = load_forward(model_name, backend, device, dtype, n_devices)
     out_dir = out_root / model_slug(model_name)
     if command == "reproduce":

@@ -11,9 +11,10 @@ as in one process. Without torchrun (``WORLD_SIZE`` unset or 1) it is a plain lo
 The process group is started by `setup` (the command line calls it): gloo on the CPU, nccl on CUDA.
 Only rank 0 should write files or show progress bars (`is_main`).
 
-Dtype and placement (used by `tl_patching.forward.load_forward`'s ``dtype`` and ``n_devices``): with more than one device the `HookedTransformer`'s blocks are
-spread over consecutive CUDA devices the way TransformerLens's forward expects (``n_devices`` in its
-config), and the HF mirror is dispatched with an accelerate ``device_map`` that mirrors the same split.
+Dtype and placement (used by `tl_patching.forward.load_forward`'s ``dtype`` and ``n_devices``): with more than one
+device the `HookedTransformer`'s blocks are spread over consecutive CUDA devices the way TransformerLens's forward
+expects (``n_devices`` in its config), and the HF mirror is dispatched with an accelerate ``device_map`` that mirrors
+the same split.
 """
 
 from __future__ import annotations
@@ -130,8 +131,10 @@ def running() -> bool:
     if not launched():
         return False
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("launched by torchrun, but no process group: call tl_patching.distributed.setup(device) first "
-                           "(the tl-patching command does)")
+        raise RuntimeError(
+            "launched by torchrun, but no process group: call tl_patching.distributed.setup(device) first "
+            "(the tl-patching command does)"
+        )
     return True
 
 
@@ -151,8 +154,15 @@ def select(batch, rows: Sequence[int]):
 
     idx = torch.as_tensor(list(rows), dtype=torch.long)
     pick = lambda texts: [texts[i] for i in rows] if texts else []  # noqa: E731
-    return IOIBatch(batch.tokens[idx], batch.donor_tokens[idx], batch.correct[idx], batch.wrong[idx],
-                    pick(batch.texts), pick(batch.donor_texts), batch.prepend_bos)
+    return IOIBatch(
+        batch.tokens[idx],
+        batch.donor_tokens[idx],
+        batch.correct[idx],
+        batch.wrong[idx],
+        pick(batch.texts),
+        pick(batch.donor_texts),
+        batch.prepend_bos,
+    )
 
 
 def _select_cache(cache: dict[str, Tensor] | None, rows: Sequence[int], batch_size: int) -> dict[str, Tensor] | None:
@@ -169,7 +179,10 @@ def _as_tuple(out) -> tuple[Tensor, ...]:
 
 def _on_cpu(out) -> tuple[Tensor, ...]:
     """Per-prompt values on the CPU, half precision widened to float32 (what JSON, plots and bootstraps read)."""
-    return tuple(t.detach().cpu().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu() for t in _as_tuple(out))
+    return tuple(
+        t.detach().cpu().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu()
+        for t in _as_tuple(out)
+    )
 
 
 def _cat(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
@@ -185,7 +198,9 @@ def _dataset_digest(batches) -> str:
 
 
 def map_batches(
-    fn: Callable[..., Tensor | tuple[Tensor, ...]], batches: Sequence, donor_cache: dict[str, Tensor] | None = None,
+    fn: Callable[..., Tensor | tuple[Tensor, ...]],
+    batches: Sequence,
+    donor_cache: dict[str, Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """``fn(batch, donor_cache)`` over every batch, per-prompt outputs (prompt axis last) concatenated in batch order.
 
@@ -211,8 +226,10 @@ def map_batches(
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, (_dataset_digest(batches), local_order, local))
     if len({digest for digest, _, _ in gathered}) != 1:
-        raise RuntimeError("the ranks built different datasets (different --n-prompts, seed or model?): every rank "
-                           "must be started with the same arguments")
+        raise RuntimeError(
+            "the ranks built different datasets (different --n-prompts, seed or model?): every rank "
+            "must be started with the same arguments"
+        )
     template = next(part for _, _, part in gathered if part is not None)
     out = tuple(torch.empty(*t.shape[:-1], sum(sizes), dtype=t.dtype) for t in template)
     for _, order, part in gathered:
@@ -247,8 +264,10 @@ def check_devices(device: str | torch.device, n_devices: int) -> list[torch.devi
     first = device.index or 0
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if first + n_devices > available:
-        raise ValueError(f"n_devices={n_devices} from cuda:{first} needs cuda:{first}…cuda:{first + n_devices - 1}, "
-                         f"but this machine has {available} CUDA device(s)")
+        raise ValueError(
+            f"n_devices={n_devices} from cuda:{first} needs cuda:{first}…cuda:{first + n_devices - 1}, "
+            f"but this machine has {available} CUDA device(s)"
+        )
     if n_devices == 1:
         return [device]
     return [torch.device("cuda", first + i) for i in range(n_devices)]
@@ -272,7 +291,12 @@ def place(model, devices: Sequence[torch.device]):
     if len(devices) == 1:
         return model.to(devices[0], print_details=False)
     per_block = block_devices(model.cfg.n_layers, devices)
-    for module in (model.embed, model.hook_embed, getattr(model, "pos_embed", None), getattr(model, "hook_pos_embed", None)):
+    for module in (
+        model.embed,
+        model.hook_embed,
+        getattr(model, "pos_embed", None),
+        getattr(model, "hook_pos_embed", None),
+    ):
         if module is not None:
             module.to(per_block[0])
     for block, device in zip(model.blocks, per_block):
@@ -290,7 +314,10 @@ def hf_device_map(n_layers: int, devices: Sequence[torch.device]) -> dict[str, s
     """
     per_block = [str(d) for d in block_devices(n_layers, devices)]
     return {
-        "transformer.wte": per_block[0], "transformer.wpe": per_block[0], "transformer.drop": per_block[0],
+        "transformer.wte": per_block[0],
+        "transformer.wpe": per_block[0],
+        "transformer.drop": per_block[0],
         **{f"transformer.h.{l}": d for l, d in enumerate(per_block)},
-        "transformer.ln_f": per_block[-1], "lm_head": per_block[0],
+        "transformer.ln_f": per_block[-1],
+        "lm_head": per_block[0],
     }

@@ -22,14 +22,14 @@ import contextlib
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace as dataclass_replace
-from typing import Union
+from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-Index = Union[int, slice, Sequence[int], Tensor, None]
+Index = int | slice | Sequence[int] | Tensor | None
 # (whole activation in TL layout, index tuple) -> new values for activation[index] (broadcastable to it)
 Rewrite = Callable[[Tensor, tuple], Tensor]
 
@@ -42,8 +42,16 @@ KV_HOOKS = ("hook_k", "hook_v", "hook_rot_k")
 # act_name's vocabulary, spelled as TransformerLens's utils.get_act_name spells it.
 _ATTN_KINDS = ("q", "k", "v", "z", "rot_q", "rot_k", "result", "pattern", "attn_scores")
 _MLP_KINDS = ("pre", "post", "mid", "pre_linear")
-_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
-            "mlp_pre": "pre", "mlp_post": "post", "mlp_mid": "mid"}
+_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_post": "post",
+    "mlp_mid": "mid",
+}
 
 
 class HookNameError(KeyError):
@@ -131,8 +139,11 @@ def _outer(values: list[Index], sizes: list[int]) -> tuple:
             value = slice(None)
         if isinstance(value, slice):
             value = range(size)[value]
-        as_tensors.append(torch.as_tensor(value if isinstance(value, int) else list(value), dtype=torch.long)
-                          if not isinstance(value, Tensor) else value.long())
+        as_tensors.append(
+            torch.as_tensor(value if isinstance(value, int) else list(value), dtype=torch.long)
+            if not isinstance(value, Tensor)
+            else value.long()
+        )
     kept = [i for i, t in enumerate(as_tensors) if t.ndim > 0]
     out = list(as_tensors)
     for rank, i in enumerate(kept):
@@ -169,8 +180,10 @@ class Edit:
         if self.head is not None and suffix not in HEAD_HOOKS + PATTERN_HOOKS:
             raise ValueError(f"{self.name} has no head axis; `head` applies to {HEAD_HOOKS + PATTERN_HOOKS}")
         if activation.ndim == 2 and self.pos is not None:
-            raise ValueError(f"{self.name} is {_FLAT}: it has no position axis; only `neurons` can index it "
-                             "(edit attn.hook_q / hook_k or hook_rot_q / hook_rot_k to address positions and heads)")
+            raise ValueError(
+                f"{self.name} is {_FLAT}: it has no position axis; only `neurons` can index it "
+                "(edit attn.hook_q / hook_k or hook_rot_q / hook_rot_k to address positions and heads)"
+            )
         if suffix in PATTERN_HOOKS:  # [batch, head, query_pos, key_pos]
             dims = {"head": 1, "pos": 2, "neurons": 3}
         elif suffix in HEAD_HOOKS:  # [batch, pos, head, d_head]
@@ -191,7 +204,9 @@ class Edit:
         """Hook function: returns the edited copy of ``activation`` (TL layout)."""
         if self.rows is not None:
             if activation.ndim == 2:
-                raise ValueError(f"{self.name} is {_FLAT}: its rows are not prompts, so it cannot be edited per variant")
+                raise ValueError(
+                    f"{self.name} is {_FLAT}: its rows are not prompts, so it cannot be edited per variant"
+                )
             if len(range(activation.shape[0])[self.rows]) == 0:
                 raise IndexError(f"{self.name}: rows {self.rows} select nothing of a batch of {activation.shape[0]}")
             edited = activation.clone()
@@ -280,7 +295,8 @@ def patch(name: str, donor, **where) -> Edit:
 
 
 def patch_where(name: str, donor, mask: Bool[Tensor, "batch pos"]) -> Edit:
-    """Copy the donor's activation at the positions where ``mask`` is true, row by row (e.g. ``tokens != donor_tokens``)."""
+    """Copy the donor's activation at the positions where ``mask`` is true, row by row
+    (e.g. ``tokens != donor_tokens``)."""
     source = donor_activation(name, donor)
 
     def rewrite(act: Tensor, i: tuple) -> Tensor:
@@ -301,8 +317,10 @@ def check_finite(logits: Tensor, edits: Sequence[Edit]) -> Tensor:
 
 
 def run_collecting(
-    hooks_for: Callable[[dict[str, Tensor]], contextlib.AbstractContextManager], call: Callable[[], Tensor],
-    edits: Sequence[Edit], cache_device: str | torch.device | None,
+    hooks_for: Callable[[dict[str, Tensor]], contextlib.AbstractContextManager],
+    call: Callable[[], Tensor],
+    edits: Sequence[Edit],
+    cache_device: str | torch.device | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The common body of both backends' ``run``: ``call()`` inside ``hooks_for(acts)`` without gradients,
     NaN/inf checked, the recorded activations moved to ``cache_device``."""

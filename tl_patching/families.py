@@ -19,8 +19,9 @@ holds one row per field and value; docs/models.md ("Config fields") the summary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from transformer_lens.pretrained import weight_conversions as wc
 from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
@@ -58,8 +59,9 @@ _ACT_ALIASES = {"swish": "silu", "gelu_python": "gelu", "gelu_accurate": "gelu_n
 def _act_fn(c: Any, field: str) -> str:
     name = getattr(c, field)
     if name == "xielu":
-        raise NotImplementedError(f"{field}='xielu': HF's xIELU learns alpha_p/alpha_n per model, "
-                                  "TransformerLens's is fixed")
+        raise NotImplementedError(
+            f"{field}='xielu': HF's xIELU learns alpha_p/alpha_n per model, TransformerLens's is fixed"
+        )
     tl_name = _ACT_ALIASES.get(name, name)
     if tl_name not in SUPPORTED_ACTIVATIONS:
         raise NotImplementedError(f"{field}={name!r}: TransformerLens 3.9 supports {sorted(SUPPORTED_ACTIVATIONS)}")
@@ -116,23 +118,37 @@ def _rope_scaling(c: Any, p: dict) -> dict[str, Any]:
         return dict(rotary_scaling_factor=float(p["factor"]))
     original = p.get("original_max_position_embeddings", c.max_position_embeddings)
     if kind == "llama3":
-        return dict(use_NTK_by_parts_rope=True, NTK_by_parts_factor=p["factor"],
-                    NTK_by_parts_low_freq_factor=p["low_freq_factor"],
-                    NTK_by_parts_high_freq_factor=p["high_freq_factor"], NTK_original_ctx_len=original)
+        return dict(
+            use_NTK_by_parts_rope=True,
+            NTK_by_parts_factor=p["factor"],
+            NTK_by_parts_low_freq_factor=p["low_freq_factor"],
+            NTK_by_parts_high_freq_factor=p["high_freq_factor"],
+            NTK_original_ctx_len=original,
+        )
     if kind == "yarn":
         factor = p.get("factor") or c.max_position_embeddings / original
         attention_factor = p.get("attention_factor")
         if attention_factor is None:
             mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
-            attention_factor = (_mscale(factor, mscale) / _mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
-                                else _mscale(factor))
-        return dict(use_yarn_rope=True, yarn_factor=float(factor), yarn_attention_factor=float(attention_factor),
-                    yarn_beta_fast=float(p.get("beta_fast") or 32), yarn_beta_slow=float(p.get("beta_slow") or 1),
-                    yarn_original_max_position_embeddings=int(original),
-                    # HF reads `truncate` from the top-level dict, even when the parameters are per layer type.
-                    yarn_truncate=bool(_get(c, "rope_parameters", {}).get("truncate", True)))
-    raise NotImplementedError(f"rope_parameters rope_type {kind!r}: TransformerLens 3.9 has default, dynamic "
-                              "(within n_ctx), linear, llama3 and yarn")
+            attention_factor = (
+                _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
+                if mscale and mscale_all_dim
+                else _mscale(factor)
+            )
+        return dict(
+            use_yarn_rope=True,
+            yarn_factor=float(factor),
+            yarn_attention_factor=float(attention_factor),
+            yarn_beta_fast=float(p.get("beta_fast") or 32),
+            yarn_beta_slow=float(p.get("beta_slow") or 1),
+            yarn_original_max_position_embeddings=int(original),
+            # HF reads `truncate` from the top-level dict, even when the parameters are per layer type.
+            yarn_truncate=bool(_get(c, "rope_parameters", {}).get("truncate", True)),
+        )
+    raise NotImplementedError(
+        f"rope_parameters rope_type {kind!r}: TransformerLens 3.9 has default, dynamic "
+        "(within n_ctx), linear, llama3 and yarn"
+    )
 
 
 def _rope(c: Any, kinds: list[str], rotates_whole_head: bool = True) -> dict[str, Any]:
@@ -152,8 +168,10 @@ def _rope(c: Any, kinds: list[str], rotates_whole_head: bool = True) -> dict[str
     for p in hf.values():
         factor = p.get("partial_rotary_factor", 1.0)
         if rotates_whole_head and factor != 1.0 and p.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"partial_rotary_factor {factor} with rope_type {p.get('rope_type')!r} on "
-                                      f"{c.model_type}: HF's own rotary embedding cannot run it")
+            raise NotImplementedError(
+                f"partial_rotary_factor {factor} with rope_type {p.get('rope_type')!r} on "
+                f"{c.model_type}: HF's own rotary embedding cannot run it"
+            )
     scaling = {k: _rope_scaling(c, p) for k, p in hf.items()}
     lead = present[0]
     out: dict[str, Any] = {"rotary_base": hf[lead].get("rope_theta", 10000.0), **scaling[lead]}
@@ -167,8 +185,11 @@ def _rope(c: Any, kinds: list[str], rotates_whole_head: bool = True) -> dict[str
         tl_local = {} if "rotary_scaling_factor" in out or out.get("yarn_global_attn_only") else scaling[lead]
         if scaling["sliding_attention"] != tl_local:
             kind = hf["sliding_attention"].get("rope_type", "default")
-            also = "" if lead == "sliding_attention" else (
-                f" (and {hf[lead].get('rope_type', 'default')!r} on full-attention ones)")
+            also = (
+                ""
+                if lead == "sliding_attention"
+                else (f" (and {hf[lead].get('rope_type', 'default')!r} on full-attention ones)")
+            )
             raise NotImplementedError(
                 f"rope_parameters rope_type {kind!r} on sliding-window layers{also}: TransformerLens applies linear "
                 "scaling to global layers only, llama3 to every layer, yarn to every layer or to global ones only"
@@ -179,7 +200,9 @@ def _rope(c: Any, kinds: list[str], rotates_whole_head: bool = True) -> dict[str
 def _no_biases(c: Any, *names: str) -> None:
     for name in names:
         if _get(c, name, False):
-            raise NotImplementedError(f"{c.model_type} with {name}=True: TransformerLens's weight conversion drops those biases")
+            raise NotImplementedError(
+                f"{c.model_type} with {name}=True: TransformerLens's weight conversion drops those biases"
+            )
 
 
 def _rms_rotary(c: Any, always_kv_heads: bool, windows: str, act_name: str = "hidden_act") -> dict[str, Any]:
@@ -214,18 +237,29 @@ def _rms_rotary(c: Any, always_kv_heads: bool, windows: str, act_name: str = "hi
 
 # ---- HF config -> HookedTransformerConfig fields, one function per family -------------------------------
 
+
 def gpt2_config(c: Any) -> dict[str, Any]:
     _causal(c)
     if _get(c, "add_cross_attention", False):
-        raise NotImplementedError("GPT-2 with add_cross_attention=True: its cross-attention layers (and their "
-                                  "weights) have no TransformerLens counterpart")
+        raise NotImplementedError(
+            "GPT-2 with add_cross_attention=True: its cross-attention layers (and their "
+            "weights) have no TransformerLens counterpart"
+        )
     # reorder_and_upcast_attn only upcasts q·k to float32 (and folds the scale into it): the same function
     # for the float32 models tl_patching converts (measured: 2e-6).
     return dict(
-        d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd,
-        n_layers=c.n_layer, n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
-        act_fn=_act_fn(c, "activation_function"), use_attn_scale=_get(c, "scale_attn_weights", True),
-        scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx, normalization_type="LN",
+        d_model=c.n_embd,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        n_layers=c.n_layer,
+        n_ctx=c.n_positions,
+        eps=c.layer_norm_epsilon,
+        d_vocab=c.vocab_size,
+        act_fn=_act_fn(c, "activation_function"),
+        use_attn_scale=_get(c, "scale_attn_weights", True),
+        scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+        normalization_type="LN",
         default_prepend_bos=True,
     )
 
@@ -245,11 +279,21 @@ def neox_config(c: Any) -> dict[str, Any]:
             f"rotary dimensions, TransformerLens needs an even number ≤ d_head {d_head}"
         )
     return dict(
-        d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
-        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps, d_vocab=c.vocab_size,
-        act_fn=_act_fn(c, "hidden_act"), parallel_attn_mlp=_get(c, "use_parallel_residual", True),
-        positional_embedding_type="rotary", rotary_dim=rotary_dim, rotary_adjacent_pairs=False,
-        normalization_type="LN", default_prepend_bos=False,
+        d_model=c.hidden_size,
+        d_head=d_head,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings,
+        eps=c.layer_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=_act_fn(c, "hidden_act"),
+        parallel_attn_mlp=_get(c, "use_parallel_residual", True),
+        positional_embedding_type="rotary",
+        rotary_dim=rotary_dim,
+        rotary_adjacent_pairs=False,
+        normalization_type="LN",
+        default_prepend_bos=False,
         **_rope(c, ["full_attention"], rotates_whole_head=False),
     )
 
@@ -273,8 +317,9 @@ def qwen2_config(c: Any) -> dict[str, Any]:
 
 def qwen3_config(c: Any) -> dict[str, Any]:
     _no_biases(c, "attention_bias")
-    return dict(_rms_rotary(c, always_kv_heads=False, windows="layer_types"), use_qk_norm=True,
-                default_prepend_bos=False)
+    return dict(
+        _rms_rotary(c, always_kv_heads=False, windows="layer_types"), use_qk_norm=True, default_prepend_bos=False
+    )
 
 
 def _gemma(c: Any, attn_softcap: bool) -> dict[str, Any]:
@@ -282,12 +327,16 @@ def _gemma(c: Any, attn_softcap: bool) -> dict[str, Any]:
     if _get(c, "use_bidirectional_attention", False):
         # Gemma 3 unmasks every full layer and the whole window; Gemma 2's eager attention ignores the flag
         # while its flash attention honours it. TL attends causally only.
-        raise NotImplementedError(f"{c.model_type} with use_bidirectional_attention=True: TransformerLens attends "
-                                  "causally only")
+        raise NotImplementedError(
+            f"{c.model_type} with use_bidirectional_attention=True: TransformerLens attends causally only"
+        )
     out = _rms_rotary(c, always_kv_heads=True, windows="layer_types", act_name="hidden_activation")
     # HF scales scores by query_pre_attn_scalar**-0.5 (not d_head**-0.5); TL divides by attn_scale.
-    out.update(attn_scale=float(c.query_pre_attn_scalar) ** 0.5, use_normalization_before_and_after=True,
-               default_prepend_bos=True)
+    out.update(
+        attn_scale=float(c.query_pre_attn_scalar) ** 0.5,
+        use_normalization_before_and_after=True,
+        default_prepend_bos=True,
+    )
     # The √d_model embedding scale and the (1 + w) RMSNorm weights live in TL's convert_gemma_weights.
     if attn_softcap and _get(c, "attn_logit_softcapping"):
         out["attn_scores_soft_cap"] = float(c.attn_logit_softcapping)
@@ -305,18 +354,28 @@ def gemma3_config(c: Any) -> dict[str, Any]:
     return dict(_gemma(c, attn_softcap=False), use_qk_norm=True)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("gpt2", "GPT2LMHeadModel", "gpt2", gpt2_config, wc.convert_gpt2_weights),
-    Family("neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, wc.convert_neox_weights),
-    Family("llama", "LlamaForCausalLM", "llama", llama_config, wc.convert_llama_weights),
-    Family("mistral", "MistralForCausalLM", "mistral", mistral_config, wc.convert_mistral_weights),
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_config, wc.convert_qwen2_weights),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_config, wc.convert_qwen3_weights),
-    Family("gemma2", "Gemma2ForCausalLM", "gemma2", gemma2_config, wc.convert_gemma_weights,
-           norm_weight_is_offset=True),
-    Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", gemma3_config, wc.convert_gemma_weights,
-           norm_weight_is_offset=True),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("gpt2", "GPT2LMHeadModel", "gpt2", gpt2_config, wc.convert_gpt2_weights),
+        Family("neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, wc.convert_neox_weights),
+        Family("llama", "LlamaForCausalLM", "llama", llama_config, wc.convert_llama_weights),
+        Family("mistral", "MistralForCausalLM", "mistral", mistral_config, wc.convert_mistral_weights),
+        Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_config, wc.convert_qwen2_weights),
+        Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_config, wc.convert_qwen3_weights),
+        Family(
+            "gemma2", "Gemma2ForCausalLM", "gemma2", gemma2_config, wc.convert_gemma_weights, norm_weight_is_offset=True
+        ),
+        Family(
+            "gemma3",
+            "Gemma3ForCausalLM",
+            "gemma3_text",
+            gemma3_config,
+            wc.convert_gemma_weights,
+            norm_weight_is_offset=True,
+        ),
+    )
+}
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(f.architecture for f in FAMILIES.values())
 

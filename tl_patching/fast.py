@@ -24,10 +24,9 @@ soft-cap as ``HookedTransformer.forward`` applies them. Tested equal to the swee
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -52,8 +51,13 @@ WHAT = "the fast sweeps"
 
 def check_causal(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` where the fast paths' premise (a patch at p leaves positions < p alone) fails."""
-    lens.refuse(WHAT, {f"{model.cfg.attention_dir} attention (a patch changes earlier positions too, so there is no "
-                       "clean prefix to reuse; use patching.sweep)": model.cfg.attention_dir != "causal"})
+    lens.refuse(
+        WHAT,
+        {
+            f"{model.cfg.attention_dir} attention (a patch changes earlier positions too, so there is no "
+            "clean prefix to reuse; use patching.sweep)": model.cfg.attention_dir != "causal"
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,9 @@ def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun:
             empty = torch.empty(len(tokens), 0, kv_heads, cfg.d_head, dtype=cfg.dtype, device=residual.device)
             entry = TransformerLensKeyValueCacheEntry(empty, empty.clone())
             resid.append(residual)
-            residual = block(residual, shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask)
+            residual = block(
+                residual, shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask
+            )
             keys.append(entry.past_keys)
             values.append(entry.past_values)
         resid.append(residual)
@@ -115,9 +121,13 @@ def _block(model: HookedTransformer, clean: CleanRun, layer: int, x: Tensor, sta
     )
     device = _device(model.blocks[layer])
     mask = None if clean.attention_mask is None else _rows(clean.attention_mask[:, :end], n).to(device)
-    shortformer = None if clean.shortformer_pos_embed is None else _rows(clean.shortformer_pos_embed[:, start:end], n).to(device)
+    shortformer = (
+        None if clean.shortformer_pos_embed is None else _rows(clean.shortformer_pos_embed[:, start:end], n).to(device)
+    )
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        return model.blocks[layer](x.to(device), shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask)
+        return model.blocks[layer](
+            x.to(device), shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask
+        )
 
 
 def _patched_block(
@@ -128,8 +138,10 @@ def _patched_block(
     B, P = clean.tokens.shape
     name = act_name(kind, layer)
     if name not in model.hook_dict:
-        raise NotImplementedError(f"this model has no {name}" + (" (parallel attention and MLP: no resid_mid)"
-                                                                 if model.cfg.parallel_attn_mlp else ""))
+        raise NotImplementedError(
+            f"this model has no {name}"
+            + (" (parallel attention and MLP: no resid_mid)" if model.cfg.parallel_attn_mlp else "")
+        )
     V = len(heads) if kind == "z" else 1
     length = P - pos if kind == "resid_pre" else 1
     variants = torch.arange(V)
@@ -195,8 +207,18 @@ def _positions(tokens: Tensor, positions: Sequence[int] | None) -> list[int]:
 
 
 def _sweep(
-    forward: Forward, tokens: Tensor, donor_cache, kind: str, metric: Metric, layers, positions, heads,
-    max_rows: int, progress: bool, clean: CleanRun | None, desc: str,
+    forward: Forward,
+    tokens: Tensor,
+    donor_cache,
+    kind: str,
+    metric: Metric,
+    layers,
+    positions,
+    heads,
+    max_rows: int,
+    progress: bool,
+    clean: CleanRun | None,
+    desc: str,
 ) -> Float[Tensor, "layer pos variant batch"]:
     model = lens.tl_model(forward, WHAT)
     check_causal(model)
@@ -215,7 +237,12 @@ def _sweep(
     per_pass = max(1, max_rows // (V * B))
     ordered = sorted(set(layers))  # rows are appended layer by layer, ascending
     out: dict[tuple[int, int], Tensor] = {}
-    with torch.no_grad(), tqdm(total=len(ordered) * len(set(p % P for p in positions)), desc=desc, disable=not progress, leave=False) as bar:
+    with (
+        torch.no_grad(),
+        tqdm(
+            total=len(ordered) * len(set(p % P for p in positions)), desc=desc, disable=not progress, leave=False
+        ) as bar,
+    ):
         for pos in sorted(set(p % P for p in positions)):
             for i in range(0, len(ordered), per_pass):
                 swept = ordered[i : i + per_pass]
@@ -234,9 +261,16 @@ def _sweep(
 
 
 def position_head_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], metric: Metric,
-    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-    max_rows: int = 256, progress: bool = False, recipient_run: CleanRun | None = None,
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor_cache: dict[str, Tensor],
+    metric: Metric,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_rows: int = 256,
+    progress: bool = False,
+    recipient_run: CleanRun | None = None,
 ) -> Float[Tensor, "layer pos head batch"]:
     """Exact patching of each head's ``hook_z`` at each position, alone, from the donor: TransformerLens's
     ``get_act_patch_attn_head_out_by_pos`` per prompt, ``[layer, pos, head, batch]`` (CPU, float32).
@@ -248,27 +282,63 @@ def position_head_sweep(
     heads = list(range(model.cfg.n_heads)) if heads is None else list(heads)
     if not heads or not all(0 <= h < model.cfg.n_heads for h in heads):
         raise IndexError(f"heads {heads} out of range: the model has {model.cfg.n_heads} heads")
-    return _sweep(forward, tokens, donor_cache, "z", metric, layers, positions, heads, max_rows, progress,
-                  recipient_run, "head × position sweep")
+    return _sweep(
+        forward,
+        tokens,
+        donor_cache,
+        "z",
+        metric,
+        layers,
+        positions,
+        heads,
+        max_rows,
+        progress,
+        recipient_run,
+        "head × position sweep",
+    )
 
 
 def position_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], kind: str, metric: Metric,
-    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    max_rows: int = 256, progress: bool = False, recipient_run: CleanRun | None = None,
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor_cache: dict[str, Tensor],
+    kind: str,
+    metric: Metric,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    max_rows: int = 256,
+    progress: bool = False,
+    recipient_run: CleanRun | None = None,
 ) -> Float[Tensor, "layer pos batch"]:
     """Exact patching of the whole ``hook_{kind}`` vector (``kind`` in `POSITION_KINDS`) at one layer and one
     position, from the donor: TransformerLens's ``get_act_patch_{kind}`` per prompt, ``[layer, pos, batch]``."""
     if kind not in POSITION_KINDS:
         raise ValueError(f"kind must be one of {POSITION_KINDS} (heads: position_head_sweep), got {kind!r}")
-    out = _sweep(forward, tokens, donor_cache, kind, metric, layers, positions, [None], max_rows, progress,
-                 recipient_run, f"{kind} × position sweep")
+    out = _sweep(
+        forward,
+        tokens,
+        donor_cache,
+        kind,
+        metric,
+        layers,
+        positions,
+        [None],
+        max_rows,
+        progress,
+        recipient_run,
+        f"{kind} × position sweep",
+    )
     return out[:, :, 0]
 
 
 def final_position_head_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor_cache: dict[str, Tensor], metric: Metric,
-    layers: Sequence[int] | None = None, progress: bool = True, recipient_run: CleanRun | None = None,
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor_cache: dict[str, Tensor],
+    metric: Metric,
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+    recipient_run: CleanRun | None = None,
     max_rows: int = 8192,
 ) -> Float[Tensor, "layer head batch"]:
     """Exact patching of each head's z at the final position: ``patching.head_sweep(..., pos=-1)``, recomputing only
@@ -279,6 +349,18 @@ def final_position_head_sweep(
     """
     model = lens.tl_model(forward, WHAT)
     heads = list(range(model.cfg.n_heads))
-    out = _sweep(forward, tokens, donor_cache, "z", metric, layers, [-1], heads, max_rows, progress,
-                 recipient_run, "final-position head sweep")
+    out = _sweep(
+        forward,
+        tokens,
+        donor_cache,
+        "z",
+        metric,
+        layers,
+        [-1],
+        heads,
+        max_rows,
+        progress,
+        recipient_run,
+        "final-position head sweep",
+    )
     return out[:, 0]

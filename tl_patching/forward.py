@@ -41,7 +41,7 @@ class Forward:
 
     @property
     def weight_mode(self) -> str:
-        """"raw" or "processed", read from the weights that actually run (an HF model is always raw)."""
+        """ "raw" or "processed", read from the weights that actually run (an HF model is always raw)."""
         from tl_patching.provenance import weight_mode
 
         return "raw" if self.hf_model is not None else weight_mode(self.model)
@@ -61,7 +61,10 @@ class Forward:
         return tl.hook_names(self.model) if self.hf_model is None else hf.hook_names(self.hf_model)
 
     def run(
-        self, tokens: Int[Tensor, "batch pos"], edits: Sequence[Edit] = (), cache: Sequence[str] = (),
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        edits: Sequence[Edit] = (),
+        cache: Sequence[str] = (),
         cache_device: str | torch.device | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
         """Logits with ``edits`` applied, and the activations named in ``cache`` (TL layout, after the edits)."""
@@ -70,18 +73,31 @@ class Forward:
         return hf.run(self.hf_model, tokens, edits, cache, cache_device)
 
     @contextlib.contextmanager
-    def hooks(self, edits: Sequence[Edit] = (), cache: dict[str, Tensor] | None = None, names: Sequence[str] = ()) -> Iterator[None]:
+    def hooks(
+        self, edits: Sequence[Edit] = (), cache: dict[str, Tensor] | None = None, names: Sequence[str] = ()
+    ) -> Iterator[None]:
         """Context manager: edits applied and ``names`` recorded into ``cache`` for every forward inside."""
-        backend_hooks = tl.hooks(self.model, edits, cache, names) if self.hf_model is None else hf.hooks(self.hf_model, edits, cache, names)
+        backend_hooks = (
+            tl.hooks(self.model, edits, cache, names)
+            if self.hf_model is None
+            else hf.hooks(self.hf_model, edits, cache, names)
+        )
         with backend_hooks:
             yield
 
-    def __call__(self, tokens: Int[Tensor, "batch pos"], edits: Sequence[Edit] = ()) -> Float[Tensor, "batch pos d_vocab"]:
+    def __call__(
+        self, tokens: Int[Tensor, "batch pos"], edits: Sequence[Edit] = ()
+    ) -> Float[Tensor, "batch pos d_vocab"]:
         return self.run(tokens, edits)[0]
 
 
-def load_forward(name_or_path: str, backend: str = "tl", device: str = "cpu", dtype: str | torch.dtype = "float32",
-                 n_devices: int = 1):
+def load_forward(
+    name_or_path: str,
+    backend: str = "tl",
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    n_devices: int = 1,
+):
     """Load a model with raw weights in ``dtype``, on ``n_devices`` consecutive devices from ``device``, and bind it
     to ``backend`` ("tl" or "hf").
 

@@ -27,8 +27,10 @@ def tl_model(forward, what: str) -> HookedTransformer:
     """The TransformerLens model of ``forward``; `NotImplementedError` on the HF backend, where ``what`` (e.g.
     "the fast sweeps") cannot run because it goes through TransformerLens's own modules."""
     if forward.backend != "tl":
-        raise NotImplementedError(f"{what} run TransformerLens's own modules: use the tl backend (Forward(model) without "
-                                  "hf_model), or the sweep driver (tl_patching.patching), which runs on both")
+        raise NotImplementedError(
+            f"{what} run TransformerLens's own modules: use the tl backend (Forward(model) without "
+            "hf_model), or the sweep driver (tl_patching.patching), which runs on both"
+        )
     return forward.model
 
 

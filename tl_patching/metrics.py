@@ -11,7 +11,6 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-
 # The one metric convention: a metric reads the final position's logits ``[batch, d_vocab]`` and returns one number
 # per prompt. Every sweep, fast path, attribution and path patch takes such a metric.
 Metric = Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, " batch"]]
@@ -23,8 +22,10 @@ def logit_diff(
     """Logit of the correct answer minus the wrong one at the last position (nats, per prompt), from the logits of
     every position (what a forward returns). As a sweep's metric, use `LogitDiff`."""
     if logits.ndim != 3:
-        raise ValueError(f"logit_diff takes the logits of every position [batch, pos, d_vocab], got {tuple(logits.shape)}; "
-                         "on the final position's logits use LogitDiff(correct, wrong)")
+        raise ValueError(
+            f"logit_diff takes the logits of every position [batch, pos, d_vocab], got {tuple(logits.shape)}; "
+            "on the final position's logits use LogitDiff(correct, wrong)"
+        )
     return LogitDiff(correct, wrong)(logits[:, -1])
 
 
@@ -38,13 +39,17 @@ class LogitDiff:
 
     def __post_init__(self):
         if self.correct.ndim != 1 or self.correct.shape != self.wrong.shape:
-            raise ValueError(f"one correct and one wrong answer id per prompt, got {tuple(self.correct.shape)} and "
-                             f"{tuple(self.wrong.shape)}")
+            raise ValueError(
+                f"one correct and one wrong answer id per prompt, got {tuple(self.correct.shape)} and "
+                f"{tuple(self.wrong.shape)}"
+            )
 
     def __call__(self, final_logits: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
         if final_logits.ndim != 2 or len(final_logits) != len(self.correct):
-            raise ValueError(f"a metric takes the final position's logits [batch={len(self.correct)}, d_vocab], got "
-                             f"{tuple(final_logits.shape)}")
+            raise ValueError(
+                f"a metric takes the final position's logits [batch={len(self.correct)}, d_vocab], got "
+                f"{tuple(final_logits.shape)}"
+            )
         ids = self.columns.to(final_logits.device)
         pair = final_logits.gather(-1, ids)
         return pair[:, 0] - pair[:, 1]
@@ -83,7 +88,9 @@ def summarize(values: Float[Tensor, " n"] | np.ndarray, seed: int = 0, n_resampl
     x = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=float)
     if len(x) < 2:
         return Summary(float(x.mean()), float(x.mean()), float(x.mean()), float((x > 0).mean()), len(x))
-    ci = stats.bootstrap((x,), np.mean, n_resamples=n_resamples, method="percentile", random_state=seed).confidence_interval
+    ci = stats.bootstrap(
+        (x,), np.mean, n_resamples=n_resamples, method="percentile", random_state=seed
+    ).confidence_interval
     return Summary(float(x.mean()), float(ci.low), float(ci.high), float((x > 0).mean()), len(x))
 
 
@@ -92,11 +99,12 @@ def normalized_patch_effect(patched: Tensor, clean: Tensor, corrupted: Tensor) -
     return (patched - clean) / (corrupted - clean)
 
 
-def loss_per_token(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None) -> float:
+def loss_per_token(
+    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None
+) -> float:
     """Mean next-token cross-entropy (nats/token) over positions where ``mask`` (of the targets) is true."""
     log_probs = logits[:, :-1].log_softmax(-1)
     nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     if mask is not None:
         nll = nll[mask[:, 1:]]
     return float(nll.mean())
-

@@ -50,8 +50,15 @@ PROBE_TOLERANCE = 1e-4
 PROBE_LENGTH = 16
 
 __all__ = [
-    "IncompleteCheckpointError", "ModelMismatchError", "hooked_config", "hooked_from_hf", "verify_against_hf",
-    "load_model", "load_pair", "probe_tokens", "PROBE_TOLERANCE",
+    "IncompleteCheckpointError",
+    "ModelMismatchError",
+    "hooked_config",
+    "hooked_from_hf",
+    "verify_against_hf",
+    "load_model",
+    "load_pair",
+    "probe_tokens",
+    "PROBE_TOLERANCE",
 ]
 
 
@@ -64,6 +71,7 @@ class ModelMismatchError(RuntimeError):
 
 
 # ---- config and weights ------------------------------------------------------------------------------------
+
 
 def hooked_config(hf_config, device: str | torch.device = "cpu") -> HookedTransformerConfig:
     """The `HookedTransformerConfig` equivalent of an HF config of a supported family (raw, unfolded)."""
@@ -98,7 +106,9 @@ def _tokenizer_for_tl(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTo
     if tokenizer is None:
         return None
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.init_kwargs.update(name_or_path=tokenizer.init_kwargs.get("name_or_path") or "in-memory", add_bos_token=True)
+    tokenizer.init_kwargs.update(
+        name_or_path=tokenizer.init_kwargs.get("name_or_path") or "in-memory", add_bos_token=True
+    )
     return tokenizer
 
 
@@ -159,13 +169,16 @@ def hooked_from_hf(
     family = family_of(hf_model.config)
     if type(hf_model).__name__ != family.architecture:
         raise UnsupportedArchitectureError(
-            f"{type(hf_model).__name__} is not {family.architecture}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{type(hf_model).__name__} is not {family.architecture}: supported are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     cfg = hooked_config(hf_model.config, device="cpu")
     dtypes = {p.dtype for p in hf_model.parameters()}
     if dtypes != {torch.float32}:  # TL's model is float32: a half-precision HF model computes something else
-        raise NotImplementedError(f"dtype {', '.join(sorted(map(str, dtypes)))}: tl_patching converts float32 models "
-                                  "(load with dtype=torch.float32, cast the HookedTransformer afterwards)")
+        raise NotImplementedError(
+            f"dtype {', '.join(sorted(map(str, dtypes)))}: tl_patching converts float32 models "
+            "(load with dtype=torch.float32, cast the HookedTransformer afterwards)"
+        )
     if name:
         cfg.model_name = name
     if tokenizer is not None:  # the model's own start-token convention: what its tokenizer does
@@ -212,6 +225,7 @@ def verify_against_hf(hf_model: PreTrainedModel, model: HookedTransformer, token
 
 # ---- by name or path ---------------------------------------------------------------------------------------
 
+
 def load_model(
     name_or_path: str | os.PathLike = SHIPPED_MODEL_NAME,
     weights: WeightMode = "raw",
@@ -223,8 +237,12 @@ def load_model(
 
 
 def load_pair(
-    name_or_path: str | os.PathLike = SHIPPED_MODEL_NAME, weights: WeightMode = "raw", device: str | torch.device = "cpu"
+    name_or_path: str | os.PathLike = SHIPPED_MODEL_NAME,
+    weights: WeightMode = "raw",
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, HookedTransformer]:
     """The HF model and the `HookedTransformer` with the same weights, for cross-checks."""
     hf_model, tokenizer = load_hf(name_or_path, device=device)
-    return hf_model, hooked_from_hf(hf_model, tokenizer, weights=weights, device=device, name=display_name(name_or_path))
+    return hf_model, hooked_from_hf(
+        hf_model, tokenizer, weights=weights, device=device, name=display_name(name_or_path)
+    )

@@ -33,8 +33,13 @@ from tl_patching.metrics import Metric
 
 
 def sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[Edit]], metric: Metric,
-    max_rows: int = 64, progress: bool = False, desc: str = "sweep",
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    variants: Sequence[Sequence[Edit]],
+    metric: Metric,
+    max_rows: int = 64,
+    progress: bool = False,
+    desc: str = "sweep",
 ) -> Float[Tensor, "variant batch"]:
     """``metric`` of the final position's logits of the recipient ``tokens`` under each variant's edits, per prompt,
     on the CPU in float32.
@@ -72,7 +77,9 @@ def head_variants(
     return [[patch(act_name(kind, l), donor, head=h, pos=pos)] for l in layers for h in heads]
 
 
-def layer_variants(donor: dict[str, Tensor], layers: Sequence[int], kind: str, pos: int | None = None) -> list[list[Edit]]:
+def layer_variants(
+    donor: dict[str, Tensor], layers: Sequence[int], kind: str, pos: int | None = None
+) -> list[list[Edit]]:
     """One variant per layer: the whole ``hook_{kind}`` of that layer (all heads, for ``z``) from the donor."""
     return [[patch(act_name(kind, l), donor, pos=pos)] for l in layers]
 
@@ -88,9 +95,15 @@ def check_layers(forward: Forward, layers: Sequence[int] | None) -> list[int]:
 
 
 def head_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: dict[str, Tensor], metric: Metric,
-    pos: int | None = -1, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-    max_rows: int = 64, progress: bool = False,
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor: dict[str, Tensor],
+    metric: Metric,
+    pos: int | None = -1,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_rows: int = 64,
+    progress: bool = False,
 ) -> Float[Tensor, "layer head batch"]:
     """The reference head sweep: every (layer, head) patched alone from the donor at ``pos``, on either backend."""
     layers = check_layers(forward, layers)
@@ -101,12 +114,18 @@ def head_sweep(
 
 
 def head_pos_sweep(
-    forward: Forward, tokens: Int[Tensor, "batch pos"], donor: dict[str, Tensor], metric: Metric,
-    max_rows: int = 256, progress: bool = False,
+    forward: Forward,
+    tokens: Int[Tensor, "batch pos"],
+    donor: dict[str, Tensor],
+    metric: Metric,
+    max_rows: int = 256,
+    progress: bool = False,
 ) -> Float[Tensor, "layer pos head batch"]:
     """The reference head × position sweep: each head's ``hook_z`` at each position patched alone from the donor,
     the change in ``metric`` (patched − clean) ``[layer, pos, head, batch]``; one variant per (layer, pos, head)."""
     L, H, P = forward.cfg.n_layers, forward.cfg.n_heads, tokens.shape[1]
-    variants = [[]] + [[patch(act_name("z", l), donor, head=h, pos=p)] for l in range(L) for p in range(P) for h in range(H)]
+    variants = [[]] + [
+        [patch(act_name("z", l), donor, head=h, pos=p)] for l in range(L) for p in range(P) for h in range(H)
+    ]
     out = sweep(forward, tokens, variants, metric, max_rows=max_rows, progress=progress, desc="head × position sweep")
     return (out[1:] - out[0]).reshape(L, P, H, -1)

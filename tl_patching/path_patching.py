@@ -17,9 +17,9 @@ Definition used here (the common one, Wang et al. / ARENA):
    inputs are replaced by the frozen run's, everything downstream recomputed.
 
 The metric is any metric of the final position's logits (`tl_patching.metrics.Metric`); a `LogitDiff` goes through
-two columns of the unembedding, like `tl_patching.fast`. The reference is that recipe with hand-written TL hooks, two passes per sender
-(tests/test_path_patching.py); `path_patch` computes the same numbers with much less work, many
-sender variants at once on the batch axis:
+two columns of the unembedding, like `tl_patching.fast`. The reference is that recipe with hand-written TL hooks, two
+passes per sender (tests/test_path_patching.py); `path_patch` computes the same numbers with much less work, many sender
+variants at once on the batch axis:
 
 - in the frozen run no attention is recomputed: a layer's output is the clean one plus the senders'
   ``(z_donor − z_clean) · W_O``; only the normalisations and (``"recompute"``) the MLPs run again, and
@@ -36,7 +36,6 @@ No HF counterpart: this runs TL's blocks (the HF backend is refused).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import einops
 import torch
@@ -52,7 +51,7 @@ from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, Metric
 
 Head = tuple[int, int]  # (layer, head)
-Sender = Union[Head, Sequence[Head]]  # one head, or a group patched together (one variant)
+Sender = Head | Sequence[Head]  # one head, or a group patched together (one variant)
 Receiver = tuple[int, int, str]  # (layer, head, "q" | "k" | "v"); for k/v on a grouped-query model: the key/value head
 MLP_MODES = ("recompute", "frozen")
 
@@ -63,12 +62,15 @@ WHAT = "path patching"
 def check_family(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` naming each feature of ``model`` that path patching does not compute exactly."""
     cfg = model.cfg
-    lens.refuse(WHAT, {
-        "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
-        "4-bit weights": cfg.load_in_4bit,
-        f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
-        "an encoder or bidirectional attention": cfg.attention_dir != "causal",
-    })
+    lens.refuse(
+        WHAT,
+        {
+            "shortformer position embeddings": cfg.positional_embedding_type == "shortformer",
+            "4-bit weights": cfg.load_in_4bit,
+            f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
+            "an encoder or bidirectional attention": cfg.attention_dir != "causal",
+        },
+    )
 
 
 def all_heads(model: HookedTransformer, below: int | None = None) -> list[Head]:
@@ -112,8 +114,12 @@ def _check_receivers(model: HookedTransformer, receivers) -> list[Receiver] | No
 
 def clean_names(model: HookedTransformer) -> list[str]:
     """The recipient activations path patching reads (pass them as ``recipient_run`` to reuse a run)."""
-    return [act_name(k, l) for l in range(model.cfg.n_layers) for k in ("resid_pre", "z", "mlp_out")
-            if not (k == "mlp_out" and model.cfg.attn_only)]
+    return [
+        act_name(k, l)
+        for l in range(model.cfg.n_layers)
+        for k in ("resid_pre", "z", "mlp_out")
+        if not (k == "mlp_out" and model.cfg.attn_only)
+    ]
 
 
 def _readout(model: HookedTransformer, metric: Metric, resid: Float[Tensor, "variant batch d_model"]) -> Tensor:
@@ -129,7 +135,8 @@ def _readout(model: HookedTransformer, metric: Metric, resid: Float[Tensor, "var
 
 
 def _attn_out(model: HookedTransformer, layer: int, raw: Tensor) -> Tensor:
-    """The block's attention output from the pre-norm sum of head outputs (post-attention norm where the family has one)."""
+    """The block's attention output from the pre-norm sum of head outputs (post-attention norm where the family has
+    one)."""
     block = model.blocks[layer]
     return block.ln1_post(raw) if model.cfg.use_normalization_before_and_after else raw
 
@@ -148,7 +155,8 @@ def _rest_of_block(model: HookedTransformer, layer: int, x: Tensor, attn_out: Te
 
 
 def _project(model: HookedTransformer, layer: int, x: Tensor, kind: str, head: int) -> Tensor:
-    """``hook_{kind}`` of one head computed from residual ``x`` [rows, pos, d_model] (what TL computes from ``ln1(x)``)."""
+    """``hook_{kind}`` of one head computed from residual ``x`` [rows, pos, d_model] (what TL computes from
+    ``ln1(x)``)."""
     attn = model.blocks[layer].attn
     normed = model.blocks[layer].ln1(x)
     if kind == "q":
@@ -217,7 +225,13 @@ def path_patch(
 
 
 def _frozen_run(
-    model: HookedTransformer, groups: list[list[Head]], clean: dict, donor: dict, mlps: str, pos: slice, record: Sequence[int],
+    model: HookedTransformer,
+    groups: list[list[Head]],
+    clean: dict,
+    donor: dict,
+    mlps: str,
+    pos: slice,
+    record: Sequence[int],
 ) -> dict[int, Tensor]:
     """The frozen run of each variant (its senders' z from the donor, every other head's z clean) at positions
     ``pos``: resid_pre of each layer in ``record`` (``n_layers``: the final residual stream), [variant, batch,
@@ -279,6 +293,7 @@ def _to_heads(model, tokens, groups, receivers, clean, donor, metric, mlps) -> T
                 if rl == l and rk == kind:
                     act[:, :, rh] = value
             return act
+
         return hook
 
     names = sorted({(l, kind) for l, _, kind in receivers})

@@ -31,7 +31,6 @@ WIDTH, HEIGHT = 1000, 600  # PNG size (pixels) unless a figure sets its own heig
 COLOURS = {"clean": "#1f77b4", "silenced": "#d62728", "edited": "#d62728", "rise": "#d62728", "fall": "#1f77b4"}
 
 
-
 def titled(head: str, sub: str) -> str:
     """A headline and a smaller subtitle (which may hold ``<br>`` for a second line)."""
     return f"{head}<br><sup>{sub}</sup>"
@@ -61,11 +60,22 @@ def rgba(colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def reference_line(fig: go.Figure, y: float, text: str, colour: str, dash: str | None = "dash", log: bool = False) -> None:
+def reference_line(
+    fig: go.Figure, y: float, text: str, colour: str, dash: str | None = "dash", log: bool = False
+) -> None:
     """A horizontal line across the plot, labelled in the right margin (never on top of the data)."""
     fig.add_hline(y=y, line_dash=dash, line_color=colour)
-    fig.add_annotation(x=1, xref="paper", xanchor="left", xshift=6, y=math.log10(y) if log else y, yref="y", text=text,
-                       showarrow=False, font=dict(size=11, color=colour))
+    fig.add_annotation(
+        x=1,
+        xref="paper",
+        xanchor="left",
+        xshift=6,
+        y=math.log10(y) if log else y,
+        yref="y",
+        text=text,
+        showarrow=False,
+        font=dict(size=11, color=colour),
+    )
     fig.update_layout(margin=dict(r=170))
 
 
@@ -127,27 +137,51 @@ def save(fig: go.Figure, out_dir: Path, name: str, png: bool | PngExport = True)
             written.append(image)
         except Exception as e:  # kaleido raises several types when no browser is found
             png.failed = True
-            tqdm.write(f"note: static PNG export skipped ({_export_failure(e)}).\n"
-                       "      Interactive HTML is written and old PNGs are removed; install Chromium "
-                       "(apt-get install -y chromium) for PNGs.", file=sys.stderr)
+            tqdm.write(
+                f"note: static PNG export skipped ({_export_failure(e)}).\n"
+                "      Interactive HTML is written and old PNGs are removed; install Chromium "
+                "(apt-get install -y chromium) for PNGs.",
+                file=sys.stderr,
+            )
     if image not in written:
         image.unlink(missing_ok=True)
     return written
 
 
-def heatmap(z, head: str, sub: str, colorbar: str, x_title="head", y_title="layer", centre: float | None = 0.0,
-             zrange: tuple[float, float] | None = None, colorscale: str = DIVERGING, fmt: str = ".2f") -> go.Figure:
+def heatmap(
+    z,
+    head: str,
+    sub: str,
+    colorbar: str,
+    x_title="head",
+    y_title="layer",
+    centre: float | None = 0.0,
+    zrange: tuple[float, float] | None = None,
+    colorscale: str = DIVERGING,
+    fmt: str = ".2f",
+) -> go.Figure:
     """Layer × head heatmap: integer ticks, values in the cells (small maps), colour scale centred at ``centre``."""
     z = np.asarray(z, dtype=float)
     if zrange is None:
         half = float(np.abs(z - centre).max()) or 1.0
         zrange = (centre - half, centre + half)
     cells = z.size <= MAX_CELLS_WITH_VALUES
-    fig = go.Figure(go.Heatmap(
-        z=z, colorscale=colorscale, zmin=zrange[0], zmax=zrange[1], zmid=centre, colorbar=dict(title=colorbar),
-        texttemplate=f"%{{z:{fmt}}}" if cells else None, textfont=dict(size=14 if z.size <= 64 else 10),
-        hovertemplate=f"{y_title} %{{y}}, {x_title} %{{x}}: %{{z:.3f}}<extra></extra>",
-    ))
-    fig.update_layout(title=titled(head, sub), xaxis=index_axis(z.shape[1], x_title),
-                      yaxis={**index_axis(z.shape[0], y_title), "range": [z.shape[0] - 0.5, -0.5]})  # layer 0 on top
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            colorscale=colorscale,
+            zmin=zrange[0],
+            zmax=zrange[1],
+            zmid=centre,
+            colorbar=dict(title=colorbar),
+            texttemplate=f"%{{z:{fmt}}}" if cells else None,
+            textfont=dict(size=14 if z.size <= 64 else 10),
+            hovertemplate=f"{y_title} %{{y}}, {x_title} %{{x}}: %{{z:.3f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=titled(head, sub),
+        xaxis=index_axis(z.shape[1], x_title),
+        yaxis={**index_axis(z.shape[0], y_title), "range": [z.shape[0] - 0.5, -0.5]},
+    )  # layer 0 on top
     return fig

@@ -24,12 +24,67 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 NAMES = (
-    "Sam", "Sally", "Mary", "John", "Tom", "James", "Dan", "Amy", "Anna", "Kate", "Mike", "Paul", "Lisa", "Mark",
-    "Adam", "Alex", "Alice", "Andrew", "Arthur", "Brian", "Charles", "Daniel", "David", "Edward", "Emily", "Eric",
-    "Frank", "George", "Henry", "Jack", "Jane", "Jason", "Kevin", "Laura", "Lewis", "Luke", "Martin", "Max",
-    "Peter", "Rachel", "Robert", "Rose", "Ryan", "Sarah", "Simon", "Thomas",
+    "Sam",
+    "Sally",
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Dan",
+    "Amy",
+    "Anna",
+    "Kate",
+    "Mike",
+    "Paul",
+    "Lisa",
+    "Mark",
+    "Adam",
+    "Alex",
+    "Alice",
+    "Andrew",
+    "Arthur",
+    "Brian",
+    "Charles",
+    "Daniel",
+    "David",
+    "Edward",
+    "Emily",
+    "Eric",
+    "Frank",
+    "George",
+    "Henry",
+    "Jack",
+    "Jane",
+    "Jason",
+    "Kevin",
+    "Laura",
+    "Lewis",
+    "Luke",
+    "Martin",
+    "Max",
+    "Peter",
+    "Rachel",
+    "Robert",
+    "Rose",
+    "Ryan",
+    "Sarah",
+    "Simon",
+    "Thomas",
 )
-PLACES = ("park", "store", "school", "station", "garden", "office", "restaurant", "hospital", "beach", "library", "market", "museum")
+PLACES = (
+    "park",
+    "store",
+    "school",
+    "station",
+    "garden",
+    "office",
+    "restaurant",
+    "hospital",
+    "beach",
+    "library",
+    "market",
+    "museum",
+)
 OBJECTS = ("gift", "book", "ring", "drink", "apple", "ball", "letter", "key", "bag", "flower")
 
 # {A} and {B} are the two names in first-clause order; {S} is the repeated name.
@@ -110,10 +165,16 @@ def ioi_prompts(
         io, s = rng.choice(pairs) if pairs else rng.sample(list(names), 2)
         if pairs and rng.random() < 0.5:
             io, s = s, io
-        prompts.append(IOIPrompt(
-            templates[(i // 2) % len(templates)], io=io, s=s, place=rng.choice(places), obj=rng.choice(objects),
-            order="ABBA" if i % 2 == 0 else "BABA",  # each template in both orders
-        ))
+        prompts.append(
+            IOIPrompt(
+                templates[(i // 2) % len(templates)],
+                io=io,
+                s=s,
+                place=rng.choice(places),
+                obj=rng.choice(objects),
+                order="ABBA" if i % 2 == 0 else "BABA",  # each template in both orders
+            )
+        )
     return prompts
 
 
@@ -145,7 +206,9 @@ def _unknown_words(tokenizer, text: str, ids: list[int], offsets: list[tuple[int
     unk = tokenizer.unk_token_id
     if unk is None:
         return []
-    return [text[a:b].strip() for i, (a, b) in zip(ids, offsets) if i == unk and text[a:b].strip() != tokenizer.unk_token]
+    return [
+        text[a:b].strip() for i, (a, b) in zip(ids, offsets) if i == unk and text[a:b].strip() != tokenizer.unk_token
+    ]
 
 
 def _normalised(text: str) -> str:
@@ -174,12 +237,16 @@ def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool | None = No
     ids = list(encoded["input_ids"])
     unknown = _unknown_words(tokenizer, text, ids, encoded["offset_mapping"])
     if unknown:
-        raise PromptError(f"the tokenizer of {model.cfg.model_name} does not know {', '.join(repr(w) for w in unknown)}: "
-                          "they would all become its unknown token")
+        raise PromptError(
+            f"the tokenizer of {model.cfg.model_name} does not know {', '.join(repr(w) for w in unknown)}: "
+            "they would all become its unknown token"
+        )
     decoded = tokenizer.decode(ids)
     if _normalised(decoded) != _normalised(text):
-        raise PromptError(f"the tokenizer of {model.cfg.model_name} cannot give this text back: {_first_word_lost(text, decoded)!r} "
-                          f"is lost (the ids decode to {decoded!r}), so the model would see other words")
+        raise PromptError(
+            f"the tokenizer of {model.cfg.model_name} cannot give this text back: {_first_word_lost(text, decoded)!r} "
+            f"is lost (the ids decode to {decoded!r}), so the model would see other words"
+        )
     if start_token_setting(model, prepend_bos):
         if tokenizer.bos_token_id is None:
             raise PromptError(f"the tokenizer of {model.cfg.model_name} has no start token: use prepend_bos=False")
@@ -201,23 +268,29 @@ def answer_token(model: HookedTransformer, prompt: str, word: str) -> int:
         except PromptError:
             spaced = None
         if spaced is not None:
-            raise PromptError(f"{word!r} has no leading space: after {prompt[-20:]!r} the tokenizer reads {' ' + word!r}, "
-                              f"token {spaced} {token_strings(model, [spaced])}; pass {' ' + word!r}")
+            raise PromptError(
+                f"{word!r} has no leading space: after {prompt[-20:]!r} the tokenizer reads {' ' + word!r}, "
+                f"token {spaced} {token_strings(model, [spaced])}; pass {' ' + word!r}"
+            )
     before = to_tokens(model, prompt, prepend_bos=False)[0].tolist()
     after = to_tokens(model, prompt + word, prepend_bos=False)[0].tolist()
     if after[: len(before)] == before and len(after) == len(before) + 1:
         return after[-1]
-    extra = after[len(before):] if after[: len(before)] == before else after
-    raise PromptError(f"{word!r} after the prompt is {len(extra)} tokens {token_strings(model, extra)}, not one; "
-                      "logit differences need single-token answers (with their leading space)")
+    extra = after[len(before) :] if after[: len(before)] == before else after
+    raise PromptError(
+        f"{word!r} after the prompt is {len(extra)} tokens {token_strings(model, extra)}, not one; "
+        "logit differences need single-token answers (with their leading space)"
+    )
 
 
 def single_token(model: HookedTransformer, word: str) -> int:
     """Token id of ``word`` (e.g. ``" Sally"``) on its own, or `PromptError` if it is not exactly one known token."""
     ids = to_tokens(model, word, prepend_bos=False)[0]
     if len(ids) != 1:
-        raise PromptError(f"{word!r} is {len(ids)} tokens {token_strings(model, ids)}, not one; "
-                          "logit differences need single-token names (with their leading space)")
+        raise PromptError(
+            f"{word!r} is {len(ids)} tokens {token_strings(model, ids)}, not one; "
+            "logit differences need single-token names (with their leading space)"
+        )
     return int(ids[0])
 
 
@@ -241,6 +314,21 @@ class IOIBatch:
         return len(self.correct)
 
 
+def run_info(forward, batches: Sequence[IOIBatch], **settings):
+    """The `tl_patching.results.RunInfo` of a run over IOI ``batches``: every prompt's token ids, the start-token
+    choice, the number of prompts and the first ten texts."""
+    from tl_patching.results import RunInfo
+
+    return RunInfo.of(
+        forward,
+        token_rows(batches),
+        batches[0].prepend_bos,
+        n_prompts=sum(len(b) for b in batches),
+        **settings,
+        texts=[t for b in batches for t in b.texts][:10],
+    )
+
+
 def token_rows(batches: Sequence[IOIBatch]) -> list[list[int]]:
     """Every recipient prompt's token ids, batch after batch (rows may differ in length)."""
     return [row for b in batches for row in b.tokens.tolist()]
@@ -249,8 +337,8 @@ def token_rows(batches: Sequence[IOIBatch]) -> list[list[int]]:
 def ioi_pair(
     model: HookedTransformer, recipient: str, donor: str, correct: str, wrong: str, prepend_bos: bool | None = None
 ) -> IOIBatch:
-    """A checked one-prompt batch from explicit text, e.g. the seed's
-    ``ioi_pair(model, "Sam and Sally went to the park. Sam gave a gift to", "… Sally gave a gift to", " Sally", " Sam")``."""
+    """A checked one-prompt batch from explicit text, e.g. the seed's ``ioi_pair(model,
+    "Sam and Sally went to the park. Sam gave a gift to", "… Sally gave a gift to", " Sally", " Sam")``."""
     if not recipient.strip() or not donor.strip():
         raise PromptError("empty prompt")
     correct_id, wrong_id = answer_token(model, recipient, correct), answer_token(model, recipient, wrong)
@@ -262,12 +350,17 @@ def ioi_pair(
     if tokens.shape != donor_tokens.shape:
         raise PromptError(
             f"recipient is {tokens.shape[1]} tokens and donor {donor_tokens.shape[1]}: patching position by "
-            f"position needs equal lengths ({token_strings(model, tokens[0])} vs {token_strings(model, donor_tokens[0])})"
+            f"position needs equal lengths ({token_strings(model, tokens[0])} vs "
+            f"{token_strings(model, donor_tokens[0])})"
         )
-    return IOIBatch(tokens, donor_tokens, torch.tensor([correct_id]), torch.tensor([wrong_id]), [recipient], [donor], prepend_bos)
+    return IOIBatch(
+        tokens, donor_tokens, torch.tensor([correct_id]), torch.tensor([wrong_id]), [recipient], [donor], prepend_bos
+    )
 
 
-def ioi_batches(model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_bos: bool | None = None) -> list[IOIBatch]:
+def ioi_batches(
+    model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_bos: bool | None = None
+) -> list[IOIBatch]:
     """Tokenise prompts and their donors, every pair checked, grouped into one batch per token length."""
     prepend_bos = start_token_setting(model, prepend_bos)
     groups: dict[int, list[IOIBatch]] = defaultdict(list)
@@ -277,16 +370,21 @@ def ioi_batches(model: HookedTransformer, prompts: Iterable[IOIPrompt], prepend_
         groups[pair.tokens.shape[1]].append(pair)
     return [
         IOIBatch(
-            torch.cat([b.tokens for b in group]), torch.cat([b.donor_tokens for b in group]),
-            torch.cat([b.correct for b in group]), torch.cat([b.wrong for b in group]),
-            [t for b in group for t in b.texts], [t for b in group for t in b.donor_texts], prepend_bos,
+            torch.cat([b.tokens for b in group]),
+            torch.cat([b.donor_tokens for b in group]),
+            torch.cat([b.correct for b in group]),
+            torch.cat([b.wrong for b in group]),
+            [t for b in group for t in b.texts],
+            [t for b in group for t in b.donor_texts],
+            prepend_bos,
         )
         for _, group in sorted(groups.items())
     ]
 
 
 def ioi_dataset(model: HookedTransformer, n_prompts: int, seed: int = 0) -> list[IOIBatch]:
-    """The IOI experiments' dataset: ``n_prompts`` seeded prompts over every template (the held-out one included), one batch per length."""
+    """The IOI experiments' dataset: ``n_prompts`` seeded prompts over every template (the held-out one included), one
+    batch per length."""
     return ioi_batches(model, ioi_prompts(n_prompts, seed=seed, templates=TEMPLATES + HELD_OUT_TEMPLATES))
 
 

@@ -14,7 +14,6 @@ Two weight modes, named for what they hold:
 from __future__ import annotations
 
 import hashlib
-
 from typing import Literal
 
 import torch

@@ -36,10 +36,18 @@ class RunInfo:
         """In words: which start token led the prompts, and whether that is the model's own convention."""
         if self.start_token_convention is None:
             return f"start token {'prepended' if self.prepend_bos else 'not prepended'}"
-        as_own = "as its tokenizer does" if self.prepend_bos == self.start_token_convention else (
-            "its tokenizer would add one; set by the caller" if self.start_token_convention
-            else "its tokenizer adds none; set by the caller")
-        return (f"start token {self.start_token or '?'} prepended" if self.prepend_bos else "no start token") + f" ({as_own})"
+        as_own = (
+            "as its tokenizer does"
+            if self.prepend_bos == self.start_token_convention
+            else (
+                "its tokenizer would add one; set by the caller"
+                if self.start_token_convention
+                else "its tokenizer adds none; set by the caller"
+            )
+        )
+        return (
+            f"start token {self.start_token or '?'} prepended" if self.prepend_bos else "no start token"
+        ) + f" ({as_own})"
 
     @classmethod
     def of(cls, forward, tokens: Tensor | list[list[int]], prepend_bos: bool, seed: int = 0, **settings) -> RunInfo:
@@ -47,10 +55,15 @@ class RunInfo:
         rows of any lengths (a dataset of several batches)."""
         tokenizer = forward.model.tokenizer
         return cls(
-            model_name=forward.cfg.model_name, weight_mode=forward.weight_mode,
-            n_layers=forward.cfg.n_layers, n_heads=forward.cfg.n_heads,
-            token_ids=tokens.tolist() if isinstance(tokens, Tensor) else tokens, prepend_bos=prepend_bos,
-            backend=forward.backend, seed=seed, settings=settings,
+            model_name=forward.cfg.model_name,
+            weight_mode=forward.weight_mode,
+            n_layers=forward.cfg.n_layers,
+            n_heads=forward.cfg.n_heads,
+            token_ids=tokens.tolist() if isinstance(tokens, Tensor) else tokens,
+            prepend_bos=prepend_bos,
+            backend=forward.backend,
+            seed=seed,
+            settings=settings,
             start_token=tokenizer.bos_token if prepend_bos and tokenizer is not None else None,
             start_token_convention=bool(forward.cfg.default_prepend_bos) if tokenizer is not None else None,
         )
@@ -128,14 +141,21 @@ class Result:
         import html
 
         info = self.info
-        rows = [("model", info.model_name), ("weights", info.weight_mode), ("backend", info.backend),
-                ("prompts", len(info.token_ids)), ("BOS prepended", info.prepend_bos)]
+        rows = [
+            ("model", info.model_name),
+            ("weights", info.weight_mode),
+            ("backend", info.backend),
+            ("prompts", len(info.token_ids)),
+            ("BOS prepended", info.prepend_bos),
+        ]
         cells = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
         return f"<b>{type(self).__name__}</b><p>{html.escape(self.reading())}</p><table>{cells}</table>"
 
     @classmethod
     def from_json(cls: type[T], source: str | Path) -> T:
-        text = Path(source).read_text() if isinstance(source, Path) or not str(source).lstrip().startswith("{") else source
+        text = (
+            Path(source).read_text() if isinstance(source, Path) or not str(source).lstrip().startswith("{") else source
+        )
         data = json.loads(text)
         if data.get("type") != cls.__name__:
             raise ValueError(f"this JSON holds a {data.get('type')}, not a {cls.__name__}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,30 +65,87 @@ class Checkpoint:
 
 
 _EOT = "<|endoftext|>"
-CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (
-    Checkpoint("gpt2", "openai-community/gpt2", "GPT2Tokenizer", "byte-level",
-               dict(bos=_EOT, eos=_EOT, unk=_EOT, pad=None)),
-    Checkpoint("pythia-160m", "EleutherAI/pythia-160m", "GPTNeoXTokenizer", "byte-level",
-               dict(bos=_EOT, eos=_EOT, unk=_EOT, pad=None), extra_special=("<|padding|>",), specials_first=True,
-               padded_vocab=True),
-    Checkpoint("llama-3.2-1b", "meta-llama/Llama-3.2-1B", "PreTrainedTokenizerFast", "byte-level",
-               dict(bos="<|begin_of_text|>", eos="<|end_of_text|>", unk=None, pad=None),
-               extra_special=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), adds_bos=True, n_kv_heads=1),
-    Checkpoint("mistral-7b-v0.1", "mistralai/Mistral-7B-v0.1", "LlamaTokenizer", "sentencepiece",
-               dict(bos="<s>", eos="</s>", unk="<unk>", pad=None), specials_first=True, adds_bos=True, n_kv_heads=1),
-    Checkpoint("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "Qwen2Tokenizer", "byte-level",
-               dict(bos=None, eos=_EOT, unk=None, pad=_EOT), extra_special=("<|im_start|>", "<|im_end|>"),
-               n_heads=7, n_kv_heads=1, padded_vocab=True),
-    Checkpoint("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen2Tokenizer", "byte-level",
-               dict(bos=None, eos="<|im_end|>", unk=None, pad=_EOT), extra_special=("<|im_start|>",),
-               n_kv_heads=2, padded_vocab=True),
-    Checkpoint("gemma-2-2b", "google/gemma-2-2b", "GemmaTokenizer", "sentencepiece",
-               dict(bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>"), extra_special=("<mask>",),
-               specials_first=True, adds_bos=True, n_kv_heads=2),
-    Checkpoint("gemma-3-270m", "google/gemma-3-270m", "GemmaTokenizer", "sentencepiece",
-               dict(bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>"), extra_special=("<mask>",),
-               specials_first=True, adds_bos=True, n_kv_heads=1),
-)}
+CHECKPOINTS: dict[str, Checkpoint] = {
+    c.name: c
+    for c in (
+        Checkpoint(
+            "gpt2", "openai-community/gpt2", "GPT2Tokenizer", "byte-level", dict(bos=_EOT, eos=_EOT, unk=_EOT, pad=None)
+        ),
+        Checkpoint(
+            "pythia-160m",
+            "EleutherAI/pythia-160m",
+            "GPTNeoXTokenizer",
+            "byte-level",
+            dict(bos=_EOT, eos=_EOT, unk=_EOT, pad=None),
+            extra_special=("<|padding|>",),
+            specials_first=True,
+            padded_vocab=True,
+        ),
+        Checkpoint(
+            "llama-3.2-1b",
+            "meta-llama/Llama-3.2-1B",
+            "PreTrainedTokenizerFast",
+            "byte-level",
+            dict(bos="<|begin_of_text|>", eos="<|end_of_text|>", unk=None, pad=None),
+            extra_special=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            adds_bos=True,
+            n_kv_heads=1,
+        ),
+        Checkpoint(
+            "mistral-7b-v0.1",
+            "mistralai/Mistral-7B-v0.1",
+            "LlamaTokenizer",
+            "sentencepiece",
+            dict(bos="<s>", eos="</s>", unk="<unk>", pad=None),
+            specials_first=True,
+            adds_bos=True,
+            n_kv_heads=1,
+        ),
+        Checkpoint(
+            "qwen2.5-0.5b",
+            "Qwen/Qwen2.5-0.5B",
+            "Qwen2Tokenizer",
+            "byte-level",
+            dict(bos=None, eos=_EOT, unk=None, pad=_EOT),
+            extra_special=("<|im_start|>", "<|im_end|>"),
+            n_heads=7,
+            n_kv_heads=1,
+            padded_vocab=True,
+        ),
+        Checkpoint(
+            "qwen3-0.6b",
+            "Qwen/Qwen3-0.6B",
+            "Qwen2Tokenizer",
+            "byte-level",
+            dict(bos=None, eos="<|im_end|>", unk=None, pad=_EOT),
+            extra_special=("<|im_start|>",),
+            n_kv_heads=2,
+            padded_vocab=True,
+        ),
+        Checkpoint(
+            "gemma-2-2b",
+            "google/gemma-2-2b",
+            "GemmaTokenizer",
+            "sentencepiece",
+            dict(bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>"),
+            extra_special=("<mask>",),
+            specials_first=True,
+            adds_bos=True,
+            n_kv_heads=2,
+        ),
+        Checkpoint(
+            "gemma-3-270m",
+            "google/gemma-3-270m",
+            "GemmaTokenizer",
+            "sentencepiece",
+            dict(bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>"),
+            extra_special=("<mask>",),
+            specials_first=True,
+            adds_bos=True,
+            n_kv_heads=1,
+        ),
+    )
+}
 
 TINY = dict(n_layers=2, d_head=8, vocab_size=1000)
 
@@ -124,8 +181,11 @@ def tiny_config(name: str, vocab_size: int, n_layers: int = TINY["n_layers"], d_
     out[layers_key] = n_layers
     if c.get("layer_types"):  # keep both kinds of layer: the last sliding one and the first full one
         kinds = c["layer_types"]
-        out["layer_types"] = [kinds[kinds.index("full_attention") - 1], "full_attention"][-n_layers:] if n_layers == 2 \
+        out["layer_types"] = (
+            [kinds[kinds.index("full_attention") - 1], "full_attention"][-n_layers:]
+            if n_layers == 2
             else (kinds * n_layers)[:n_layers]
+        )
     if "max_window_layers" in c:
         out["max_window_layers"] = min(c["max_window_layers"], n_layers)
     out["vocab_size"] = vocab_size
@@ -134,6 +194,7 @@ def tiny_config(name: str, vocab_size: int, n_layers: int = TINY["n_layers"], d_
 
 # ---- the tokenizer ------------------------------------------------------------------------------------------
 
+
 def training_corpus() -> list[str]:
     """Every sentence the toolkit's experiments use, and each IOI name many times with and without a leading
     space, so the trained vocabulary makes each of them one token."""
@@ -141,7 +202,15 @@ def training_corpus() -> list[str]:
 
     from tl_patching.experiments import keys, load
     from tl_patching.prompts import (
-        HELD_OUT_TEMPLATES, NAMES, OBJECTS, PIZZA_SENTENCES, PLACES, SEED_DONOR, SEED_RECIPIENT, TEMPLATES, ioi_prompts,
+        HELD_OUT_TEMPLATES,
+        NAMES,
+        OBJECTS,
+        PIZZA_SENTENCES,
+        PLACES,
+        SEED_DONOR,
+        SEED_RECIPIENT,
+        TEMPLATES,
+        ioi_prompts,
     )
 
     names = [" ".join(NAMES), " ".join(f"{n}." for n in NAMES), " ".join(f"{n} and {n}" for n in NAMES)] * 40
@@ -152,7 +221,7 @@ def training_corpus() -> list[str]:
     return names + words + texts + ioi
 
 
-@lru_cache(maxsize=None)
+@cache
 def _trained(style: str, vocab_size: int, prefix_space: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(learned pieces in id order, merges) of a BPE trained on `training_corpus` in the pipeline of ``style``;
     ``prefix_space``: sentencepiece-style tokenizers that write a space before the first word (Llama, Mistral; not
@@ -165,11 +234,13 @@ def _trained(style: str, vocab_size: int, prefix_space: bool) -> tuple[tuple[str
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:  # words split at spaces, a space written ▁ and kept with the word after it (sentencepiece's pieces)
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix_space else "never",
-                                                     split=True)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix_space else "never", split=True
+        )
         alphabet = []
-    tok.train_from_iterator(training_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
-                                                                    show_progress=False))
+    tok.train_from_iterator(
+        training_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+    )
     model = json.loads(tok.to_str())["model"]
     pieces = tuple(sorted(model["vocab"], key=model["vocab"].get))
     merges = tuple(" ".join(m) if isinstance(m, list) else m for m in model["merges"])
@@ -203,8 +274,9 @@ def tiny_tokenizer(name: str, vocab_size: int = TINY["vocab_size"]):
         core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         core.decoder = decoders.ByteLevel()
         bos = ck.special["bos"]
-        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                            special_tokens=[(bos, vocab[bos])])
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, **special)
     else:
         cls = getattr(transformers, ck.tokenizer_class)
@@ -220,10 +292,11 @@ def tiny_tokenizer(name: str, vocab_size: int = TINY["vocab_size"]):
 
 # ---- the model ----------------------------------------------------------------------------------------------
 
+
 def tiny_checkpoint(name: str, seed: int = 0, weight_std: float = 0.2, n_layers: int = TINY["n_layers"]):
     """(HF model in eval mode with eager attention, tokenizer) of a tiny random copy of checkpoint ``name``, and
     the config dict its ``config.json`` holds."""
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from tl_patching.families import family_of
 
@@ -278,8 +351,9 @@ def tiny_pair(name: str, seed: int = 0, weights: str = "raw"):
 
 def checkpoint_of_family(family: str) -> str:
     """The real checkpoint that stands for ``family`` (a key of `tl_patching.families.FAMILIES`) in the tests."""
-    from tl_patching.families import family_of
     from types import SimpleNamespace
+
+    from tl_patching.families import family_of
 
     for name in CHECKPOINTS:
         if family_of(SimpleNamespace(**real_config(name))).name == family:
@@ -292,24 +366,54 @@ def checkpoint_of_family(family: str) -> str:
 # kwargs: the family's shape at test size, plus what a test model should exercise (NeoX's partial rotary, windows,
 # Gemma's soft caps and attention scale).
 
+
 def _tiny_gpt2(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window):
-    return dict(vocab_size=d_vocab, n_positions=n_ctx, n_embd=n_heads * d_head, n_layer=n_layers, n_head=n_heads,
-                n_inner=d_mlp, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                bos_token_id=0, eos_token_id=0)
+    return dict(
+        vocab_size=d_vocab,
+        n_positions=n_ctx,
+        n_embd=n_heads * d_head,
+        n_layer=n_layers,
+        n_head=n_heads,
+        n_inner=d_mlp,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def _tiny_neox(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window):
-    return dict(vocab_size=d_vocab, max_position_embeddings=n_ctx, hidden_size=n_heads * d_head,
-                num_hidden_layers=n_layers, num_attention_heads=n_heads, intermediate_size=d_mlp or 4 * n_heads * d_head,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
-                use_parallel_residual=True, bos_token_id=0, eos_token_id=0)
+    return dict(
+        vocab_size=d_vocab,
+        max_position_embeddings=n_ctx,
+        hidden_size=n_heads * d_head,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=d_mlp or 4 * n_heads * d_head,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        use_parallel_residual=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def _tiny_rms(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, window, **extra):
-    return dict(vocab_size=d_vocab, max_position_embeddings=n_ctx, hidden_size=n_heads * d_head, head_dim=d_head,
-                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                intermediate_size=d_mlp or 3 * n_heads * d_head, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                **extra)
+    return dict(
+        vocab_size=d_vocab,
+        max_position_embeddings=n_ctx,
+        hidden_size=n_heads * d_head,
+        head_dim=d_head,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        intermediate_size=d_mlp or 3 * n_heads * d_head,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **extra,
+    )
 
 
 def _tiny_llama(*args):
@@ -328,22 +432,43 @@ def _tiny_qwen(*args):
 def _tiny_gemma2(*args):
     n_layers, d_head, window = args[0], args[3], args[-1]
     # Soft caps low enough to bind on a random model, query_pre_attn_scalar ≠ d_head so the scale is tested.
-    return _tiny_rms(*args, sliding_window=window, query_pre_attn_scalar=d_head + 4, attn_logit_softcapping=3.0,
-                     final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
-                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
-                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    return _tiny_rms(
+        *args,
+        sliding_window=window,
+        query_pre_attn_scalar=d_head + 4,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0,
+        hidden_activation="gelu_pytorch_tanh",
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    )
 
 
 def _tiny_gemma3(*args):
     n_layers, d_head, window = args[0], args[3], args[-1]
-    return _tiny_rms(*args, sliding_window=window, query_pre_attn_scalar=d_head + 4, hidden_activation="gelu_pytorch_tanh",
-                     layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(n_layers)],
-                     rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
-                                      "full_attention": dict(rope_type="default", rope_theta=1000000.0)})
+    return _tiny_rms(
+        *args,
+        sliding_window=window,
+        query_pre_attn_scalar=d_head + 4,
+        hidden_activation="gelu_pytorch_tanh",
+        layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(n_layers)],
+        rope_parameters={
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+            "full_attention": dict(rope_type="default", rope_theta=1000000.0),
+        },
+    )
 
 
-RANDOM_CONFIGS = {"gpt2": _tiny_gpt2, "neox": _tiny_neox, "llama": _tiny_llama, "mistral": _tiny_mistral,
-                "qwen2": _tiny_qwen, "qwen3": _tiny_qwen, "gemma2": _tiny_gemma2, "gemma3": _tiny_gemma3}
+RANDOM_CONFIGS = {
+    "gpt2": _tiny_gpt2,
+    "neox": _tiny_neox,
+    "llama": _tiny_llama,
+    "mistral": _tiny_mistral,
+    "qwen2": _tiny_qwen,
+    "qwen3": _tiny_qwen,
+    "gemma2": _tiny_gemma2,
+    "gemma3": _tiny_gemma3,
+}
 
 
 def random_config(
@@ -405,8 +530,18 @@ def random_pair(
     fam = FAMILIES[family]
     if tokenizer is not None:
         d_vocab = len(tokenizer)
-    config = random_config(family, n_layers=n_layers, n_heads=n_heads, d_head=d_head, n_kv_heads=n_kv_heads,
-                           d_vocab=d_vocab, n_ctx=n_ctx, d_mlp=d_mlp, sliding_window=sliding_window, **config_overrides)
+    config = random_config(
+        family,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_head=d_head,
+        n_kv_heads=n_kv_heads,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        d_mlp=d_mlp,
+        sliding_window=sliding_window,
+        **config_overrides,
+    )
     config._attn_implementation = "eager"
     generator = torch.Generator().manual_seed(seed)
     hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -432,5 +567,16 @@ def random_gpt2(
     weights: WeightMode = "raw",
 ) -> tuple[PreTrainedModel, HookedTransformer]:
     """A randomly initialised GPT-2 as (HF model, `HookedTransformer` with the very same weights)."""
-    return random_pair("gpt2", n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_vocab=d_vocab, n_ctx=n_ctx,
-                       d_mlp=d_mlp, seed=seed, weight_std=weight_std, tokenizer=tokenizer, weights=weights)
+    return random_pair(
+        "gpt2",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_head=d_head,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        d_mlp=d_mlp,
+        seed=seed,
+        weight_std=weight_std,
+        tokenizer=tokenizer,
+        weights=weights,
+    )

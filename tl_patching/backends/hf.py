@@ -42,10 +42,14 @@ def resolve(hf_model: nn.Module, name: str, write: bool = False) -> tuple[Site |
         raise NotImplementedError(f"{name} has no HF counterpart in {family.architecture}: {family.refused[suffix]}")
     site = family.sites[suffix]
     if write and isinstance(site, Site) and site.view.write is None:
-        raise NotImplementedError(f"{name} is read-only on the HF backend: {family.architecture} has no module boundary there")
+        raise NotImplementedError(
+            f"{name} is read-only on the HF backend: {family.architecture} has no module boundary there"
+        )
     if suffix == "attn.hook_pattern" and hf_model.config._attn_implementation != "eager":
-        raise ValueError(f"{name}: HF returns attention probabilities only with eager attention; load the model with "
-                         "attn_implementation='eager' (tl_patching.checkpoints.load_hf does)")
+        raise ValueError(
+            f"{name}: HF returns attention probabilities only with eager attention; load the model with "
+            "attn_implementation='eager' (tl_patching.checkpoints.load_hf does)"
+        )
     return site, layer
 
 
@@ -81,11 +85,14 @@ def _torch_hook(site: Site, hf_model: nn.Module, layer: int | None, fn: Callable
 
 
 def _sum_site(hf_model: nn.Module, total: Sum, layer: int, captured: dict[int, Tensor]) -> Site:
-    """``total``'s site: the module of ``total.added``, seen as ``base + added`` with ``base`` taken from ``captured``."""
+    """``total``'s site: the module of ``total.added``, seen as ``base + added`` with ``base`` taken from
+    ``captured``."""
     family = hook_map_of(hf_model)
     added = family.sites[total.added]
-    view = View(lambda raw, hf, l: captured[l] + added.view.read(raw, hf, l),
-                lambda raw, new, hf, l: added.view.write(raw, new - captured[l], hf, l))
+    view = View(
+        lambda raw, hf, l: captured[l] + added.view.read(raw, hf, l),
+        lambda raw, new, hf, l: added.view.write(raw, new - captured[l], hf, l),
+    )
     return Site(added.module, added.kind, view, added.element)
 
 
@@ -189,5 +196,9 @@ def run(
     cache_device: str | torch.device | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """Forward ``tokens`` with ``edits`` applied; return the logits and the (edited) activations named in ``cache``."""
-    return run_collecting(lambda acts: hooks(hf_model, edits, acts, cache), lambda: hf_model(tokens.to(hf_model.device)).logits,
-                          edits, cache_device)  # HF does not move its inputs (TL does)
+    return run_collecting(
+        lambda acts: hooks(hf_model, edits, acts, cache),
+        lambda: hf_model(tokens.to(hf_model.device)).logits,
+        edits,
+        cache_device,
+    )  # HF does not move its inputs (TL does)

@@ -65,13 +65,39 @@ class HookMap:
 # (``hook_attn_out`` and ``hook_resid_mid``; ``ln1_post.hook_normalized`` and ``hook_attn_out`` on Gemma): the HF
 # backend runs their hooks in this order, as TL does.
 NETWORK_ORDER = (
-    "hook_embed", "hook_pos_embed", "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized",
-    "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "ln1_post.hook_scale",
-    "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized",
-    "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale", "ln_final.hook_normalized",
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_resid_pre",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.q_norm.hook_scale",
+    "attn.q_norm.hook_normalized",
+    "attn.k_norm.hook_scale",
+    "attn.k_norm.hook_normalized",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "attn.hook_result",
+    "ln1_post.hook_scale",
+    "ln1_post.hook_normalized",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "ln2_post.hook_scale",
+    "ln2_post.hook_normalized",
+    "hook_mlp_out",
+    "hook_resid_post",
+    "ln_final.hook_scale",
+    "ln_final.hook_normalized",
 )
 RESID_MID = Sum("hook_resid_pre", "hook_attn_out")
 
@@ -91,7 +117,9 @@ def _merge(x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch po
 
 def heads(n_heads: Callable[[object], int]) -> View:
     """A ``[batch, pos, n_heads·d_head]`` tensor split into heads."""
-    return View(lambda raw, hf, l: _split(raw, n_heads(hf.config)), lambda raw, new, hf, l: _merge(new), "split into heads")
+    return View(
+        lambda raw, hf, l: _split(raw, n_heads(hf.config)), lambda raw, new, hf, l: _merge(new), "split into heads"
+    )
 
 
 def fused_qkv(layout: str, which: int, n_heads: Callable[[object], int]) -> View:
@@ -123,7 +151,9 @@ def causal_scores(
 def _gpt2_scores(qkv: Tensor, hf, l: int) -> Float[Tensor, "batch head query_pos key_pos"]:
     config = hf.config
     q, k = (_split(t, config.n_head) for t in qkv.chunk(3, dim=-1)[:2])
-    scale = (q.shape[-1] ** -0.5 if config.scale_attn_weights else 1.0) / (l + 1 if config.scale_attn_by_inverse_layer_idx else 1)
+    scale = (q.shape[-1] ** -0.5 if config.scale_attn_weights else 1.0) / (
+        l + 1 if config.scale_attn_by_inverse_layer_idx else 1
+    )
     return causal_scores(q, k, scale)
 
 
@@ -132,7 +162,8 @@ GPT2_SCORES = View(_gpt2_scores, None, "Q·Kᵀ·scale computed from it, future 
 
 
 def ln_affine(path: str) -> View:
-    """TL's ``hook_normalized`` is before the LayerNorm's affine part, HF's LayerNorm output after it: undo/redo w, b."""
+    """TL's ``hook_normalized`` is before the LayerNorm's affine part, HF's LayerNorm output after it:
+    undo/redo w, b."""
 
     def module(hf, l):
         return hf.get_submodule(path.format(l=l))
@@ -146,6 +177,7 @@ def ln_affine(path: str) -> View:
 
 _LN_SCALE = "TL's LayerNorm scale (√(var+eps)) is computed inside HF's LayerNorm forward: no module boundary holds it"
 
+
 def _refused(out_proj: str, scale_reason: str, norms: tuple[str, ...] = ("ln_final", "ln1", "ln2")) -> dict[str, str]:
     """The TL hook points no family's HF model has a boundary for (they fire only under TL config flags, or
     are computed inside a module), with the reason."""
@@ -157,10 +189,10 @@ def _refused(out_proj: str, scale_reason: str, norms: tuple[str, ...] = ("ln_fin
         "hook_k_input": "TL computes it only with cfg.use_split_qkv_input",
         "hook_v_input": "TL computes it only with cfg.use_split_qkv_input",
         "hook_mlp_in": "TL computes it only with cfg.use_hook_mlp_in; read blocks.l.hook_resid_mid",
-        "unembed.hook_in": "the input of the unembedding is ln_final's output after its weight; read ln_final.hook_normalized",
+        "unembed.hook_in": "the input of the unembedding is ln_final's output after its weight; "
+        "read ln_final.hook_normalized",
         "unembed.hook_out": "the logits: run() returns them",
     }
-
 
 
 GPT2 = HookMap(
@@ -175,8 +207,9 @@ GPT2 = HookMap(
         "attn.hook_k": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 1, lambda c: c.n_head)),
         "attn.hook_v": Site("transformer.h.{l}.attn.c_attn", OUTPUT, fused_qkv("(three h dh)", 2, lambda c: c.n_head)),
         "attn.hook_attn_scores": Site("transformer.h.{l}.attn.c_attn", OUTPUT, GPT2_SCORES),
-        "attn.hook_pattern": Site("transformer.h.{l}.attn", OUTPUT, View(lambda raw, hf, l: raw, None, "attention probabilities"),
-                                  element=1),
+        "attn.hook_pattern": Site(
+            "transformer.h.{l}.attn", OUTPUT, View(lambda raw, hf, l: raw, None, "attention probabilities"), element=1
+        ),
         "attn.hook_z": Site("transformer.h.{l}.attn.c_proj", INPUT, heads(lambda c: c.n_head)),
         "hook_attn_out": Site("transformer.h.{l}.attn.c_proj", OUTPUT, WHOLE),
         "hook_resid_mid": RESID_MID,
@@ -188,10 +221,11 @@ GPT2 = HookMap(
     },
     refused={
         "hook_pos_embed": "HF's wpe output has one row shared by the batch, TL's is [batch, pos, d_model]; "
-                          "edit blocks.0.hook_resid_pre instead",
+        "edit blocks.0.hook_resid_pre instead",
         **_refused("c_proj", _LN_SCALE),
     },
 )
+
 
 def rms_affine(path: str, offset: float = 0.0, head_layout: str | None = None) -> View:
     """TL's RMSNorm ``hook_normalized`` is before the weight, HF's RMSNorm output after it: undo/redo
@@ -224,12 +258,16 @@ def _kv_heads(config) -> int:
 
 
 READ_ONLY = View(lambda raw, hf, l: raw, None, "attention probabilities")
-_ROTARY = ("rotary embeddings are applied inside the attention's forward: no module boundary holds rotated "
-           "queries/keys or the scores; read hook_q/hook_k (before rotation) or hook_pattern")
+_ROTARY = (
+    "rotary embeddings are applied inside the attention's forward: no module boundary holds rotated "
+    "queries/keys or the scores; read hook_q/hook_k (before rotation) or hook_pattern"
+)
 _RMS_SCALE = "TL's RMSNorm scale is computed inside HF's RMSNorm forward: no module boundary holds it"
 
 
-def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: str | None = None, norm_offset: float = 0.0) -> HookMap:
+def llama_like(
+    architecture: str, sandwich_norms: bool = False, qk_norm: str | None = None, norm_offset: float = 0.0
+) -> HookMap:
     """Llama, Mistral, Qwen2/3 and Gemma 2/3: separate q/k/v projections (k and v with the KV heads of
     grouped-query attention), gated MLP whose ``hook_post`` = act(gate)·up is the input of ``down_proj``.
 
@@ -245,31 +283,46 @@ def llama_like(architecture: str, sandwich_norms: bool = False, qk_norm: str | N
         "hook_embed": Site("model.embed_tokens", OUTPUT, WHOLE),
         "ln_final.hook_normalized": Site("model.norm", OUTPUT, rms_affine("model.norm", norm_offset)),
         "hook_resid_pre": Site(layer, INPUT, WHOLE),
-        "ln1.hook_normalized": Site(f"{layer}.input_layernorm", OUTPUT, rms_affine(f"{layer}.input_layernorm", norm_offset)),
+        "ln1.hook_normalized": Site(
+            f"{layer}.input_layernorm", OUTPUT, rms_affine(f"{layer}.input_layernorm", norm_offset)
+        ),
         "attn.hook_q": Site(f"{attn}.q_proj", OUTPUT, heads(_q_heads)),
         "attn.hook_k": Site(f"{attn}.k_proj", OUTPUT, heads(_kv_heads)),
         "attn.hook_v": Site(f"{attn}.v_proj", OUTPUT, heads(_kv_heads)),
         "attn.hook_pattern": Site(attn, OUTPUT, READ_ONLY, element=1),
         "attn.hook_z": Site(f"{attn}.o_proj", INPUT, heads(_q_heads)),
-        "hook_attn_out": Site(f"{layer}.post_attention_layernorm" if sandwich_norms else f"{attn}.o_proj", OUTPUT, WHOLE),
+        "hook_attn_out": Site(
+            f"{layer}.post_attention_layernorm" if sandwich_norms else f"{attn}.o_proj", OUTPUT, WHOLE
+        ),
         "hook_resid_mid": RESID_MID,
         "ln2.hook_normalized": Site(ln2, OUTPUT, rms_affine(ln2, norm_offset)),
         "mlp.hook_pre": Site(f"{layer}.mlp.gate_proj", OUTPUT, WHOLE),
         "mlp.hook_pre_linear": Site(f"{layer}.mlp.up_proj", OUTPUT, WHOLE),
         "mlp.hook_post": Site(f"{layer}.mlp.down_proj", INPUT, WHOLE),
-        "hook_mlp_out": Site(f"{layer}.post_feedforward_layernorm" if sandwich_norms else f"{layer}.mlp", OUTPUT, WHOLE),
+        "hook_mlp_out": Site(
+            f"{layer}.post_feedforward_layernorm" if sandwich_norms else f"{layer}.mlp", OUTPUT, WHOLE
+        ),
         "hook_resid_post": Site(layer, OUTPUT, WHOLE),
     }
     if qk_norm:
         for which in ("q", "k"):
             path = f"{attn}.{which}_norm"
-            sites[f"attn.{which}_norm.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset, head_layout=qk_norm))
-    refused = {"attn.hook_rot_q": _ROTARY, "attn.hook_rot_k": _ROTARY, "attn.hook_attn_scores": _ROTARY,
-               **_refused("o_proj", _RMS_SCALE)}
+            sites[f"attn.{which}_norm.hook_normalized"] = Site(
+                path, OUTPUT, rms_affine(path, norm_offset, head_layout=qk_norm)
+            )
+    refused = {
+        "attn.hook_rot_q": _ROTARY,
+        "attn.hook_rot_k": _ROTARY,
+        "attn.hook_attn_scores": _ROTARY,
+        **_refused("o_proj", _RMS_SCALE),
+    }
     if qk_norm:
         refused |= {"attn.q_norm.hook_scale": _RMS_SCALE, "attn.k_norm.hook_scale": _RMS_SCALE}
     if sandwich_norms:  # TL names the post-attention / post-MLP norms ln1_post / ln2_post
-        for norm, path in (("ln1_post", f"{layer}.post_attention_layernorm"), ("ln2_post", f"{layer}.post_feedforward_layernorm")):
+        for norm, path in (
+            ("ln1_post", f"{layer}.post_attention_layernorm"),
+            ("ln2_post", f"{layer}.post_feedforward_layernorm"),
+        ):
             sites[f"{norm}.hook_normalized"] = Site(path, OUTPUT, rms_affine(path, norm_offset))
             refused[f"{norm}.hook_scale"] = _RMS_SCALE
     return HookMap(architecture, n_layers=lambda c: c.num_hidden_layers, sites=sites, refused=refused)
@@ -284,45 +337,59 @@ GPT_NEOX = HookMap(
         "hook_embed": Site("gpt_neox.embed_in", OUTPUT, WHOLE),
         "ln_final.hook_normalized": Site("gpt_neox.final_layer_norm", OUTPUT, ln_affine("gpt_neox.final_layer_norm")),
         "hook_resid_pre": Site("gpt_neox.layers.{l}", INPUT, WHOLE),
-        "ln1.hook_normalized": Site("gpt_neox.layers.{l}.input_layernorm", OUTPUT, ln_affine("gpt_neox.layers.{l}.input_layernorm")),
-        "attn.hook_q": Site("gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 0, _q_heads)),
-        "attn.hook_k": Site("gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 1, _q_heads)),
-        "attn.hook_v": Site("gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 2, _q_heads)),
+        "ln1.hook_normalized": Site(
+            "gpt_neox.layers.{l}.input_layernorm", OUTPUT, ln_affine("gpt_neox.layers.{l}.input_layernorm")
+        ),
+        "attn.hook_q": Site(
+            "gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 0, _q_heads)
+        ),
+        "attn.hook_k": Site(
+            "gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 1, _q_heads)
+        ),
+        "attn.hook_v": Site(
+            "gpt_neox.layers.{l}.attention.query_key_value", OUTPUT, fused_qkv("(h three dh)", 2, _q_heads)
+        ),
         "attn.hook_pattern": Site("gpt_neox.layers.{l}.attention", OUTPUT, READ_ONLY, element=1),
         "attn.hook_z": Site("gpt_neox.layers.{l}.attention.dense", INPUT, heads(_q_heads)),
         "hook_attn_out": Site("gpt_neox.layers.{l}.attention.dense", OUTPUT, WHOLE),
-        "ln2.hook_normalized": Site("gpt_neox.layers.{l}.post_attention_layernorm", OUTPUT,
-                                    ln_affine("gpt_neox.layers.{l}.post_attention_layernorm")),
+        "ln2.hook_normalized": Site(
+            "gpt_neox.layers.{l}.post_attention_layernorm",
+            OUTPUT,
+            ln_affine("gpt_neox.layers.{l}.post_attention_layernorm"),
+        ),
         "mlp.hook_pre": Site("gpt_neox.layers.{l}.mlp.dense_h_to_4h", OUTPUT, WHOLE),
         "mlp.hook_post": Site("gpt_neox.layers.{l}.mlp.act", OUTPUT, WHOLE),
         "hook_mlp_out": Site("gpt_neox.layers.{l}.mlp", OUTPUT, WHOLE),
         "hook_resid_post": Site("gpt_neox.layers.{l}", OUTPUT, WHOLE),
     },
     refused={
-        "attn.hook_rot_q": _ROTARY, "attn.hook_rot_k": _ROTARY, "attn.hook_attn_scores": _ROTARY,
+        "attn.hook_rot_q": _ROTARY,
+        "attn.hook_rot_k": _ROTARY,
+        "attn.hook_attn_scores": _ROTARY,
         **_refused("attention.dense", _LN_SCALE),
     },
 )
 
-FAMILIES: dict[str, HookMap] = {f.architecture: f for f in (
-    GPT2,
-    GPT_NEOX,
-    llama_like("LlamaForCausalLM"),
-    llama_like("MistralForCausalLM"),
-    llama_like("Qwen2ForCausalLM"),
-    llama_like("Qwen3ForCausalLM", qk_norm="b p h d"),
-    llama_like("Gemma2ForCausalLM", sandwich_norms=True, norm_offset=1.0),
-    llama_like("Gemma3ForCausalLM", sandwich_norms=True, qk_norm="b h p d", norm_offset=1.0),
-)}
+FAMILIES: dict[str, HookMap] = {
+    f.architecture: f
+    for f in (
+        GPT2,
+        GPT_NEOX,
+        llama_like("LlamaForCausalLM"),
+        llama_like("MistralForCausalLM"),
+        llama_like("Qwen2ForCausalLM"),
+        llama_like("Qwen3ForCausalLM", qk_norm="b p h d"),
+        llama_like("Gemma2ForCausalLM", sandwich_norms=True, norm_offset=1.0),
+        llama_like("Gemma3ForCausalLM", sandwich_norms=True, qk_norm="b h p d", norm_offset=1.0),
+    )
+}
 
 
 def hook_map_of(hf_model: nn.Module) -> HookMap:
     """The map for ``hf_model``'s architecture; `NotImplementedError` naming it if there is none."""
     architecture = type(hf_model).__name__
     if architecture not in FAMILIES:
-        raise NotImplementedError(
-            f"no HF hook map for {architecture}; supported: {', '.join(sorted(FAMILIES))}"
-        )
+        raise NotImplementedError(f"no HF hook map for {architecture}; supported: {', '.join(sorted(FAMILIES))}")
     hook_map = FAMILIES[architecture]
     reason = hook_map.unsupported(hf_model.config)
     if reason:
@@ -338,13 +405,28 @@ def describe(hook_map: HookMap) -> list[tuple[str, str, str]]:
         site = hook_map.sites[suffix]
         if isinstance(site, Sum):
             base, added = hook_map.sites[site.base], hook_map.sites[site.added]
-            rows.append((suffix, f"`{base.module}` input + `{added.module}` output",
-                         f"as a change of `{added.module}`'s output: edited − {site.base}"))
+            rows.append(
+                (
+                    suffix,
+                    f"`{base.module}` input + `{added.module}` output",
+                    f"as a change of `{added.module}`'s output: edited − {site.base}",
+                )
+            )
             continue
-        where = f"`{site.module}` {'output' if site.kind == OUTPUT else 'input'}" + (
-            f"[{site.element}]" if site.element else "") + f", {site.view.label}"
-        rows.append((suffix, where, "read only: no module boundary holds it" if site.view.write is None
-                     else "replaces the " + ("output" if site.kind == OUTPUT else "input")))
+        where = (
+            f"`{site.module}` {'output' if site.kind == OUTPUT else 'input'}"
+            + (f"[{site.element}]" if site.element else "")
+            + f", {site.view.label}"
+        )
+        rows.append(
+            (
+                suffix,
+                where,
+                "read only: no module boundary holds it"
+                if site.view.write is None
+                else "replaces the " + ("output" if site.kind == OUTPUT else "input"),
+            )
+        )
     return rows
 
 

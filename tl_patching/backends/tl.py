@@ -29,7 +29,10 @@ def _check(model: HookedTransformer, names: Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def hooks(
-    model: HookedTransformer, edits: Sequence[Edit] = (), cache: dict[str, Tensor] | None = None, names: Sequence[str] = ()
+    model: HookedTransformer,
+    edits: Sequence[Edit] = (),
+    cache: dict[str, Tensor] | None = None,
+    names: Sequence[str] = (),
 ) -> Iterator[None]:
     """Inside: ``edits`` applied, in order, and the (edited) activations at ``names`` recorded into ``cache``.
 
@@ -59,8 +62,10 @@ def hooks(
         yield
     never = [e.name for i, e in enumerate(edits) if i not in ran]
     if never:
-        raise RuntimeError(f"the edit at {never[0]} never ran: this model does not compute that hook point "
-                           "(TL fires hook_result / hook_*_input only when cfg.use_attn_result / use_split_qkv_input is set)")
+        raise RuntimeError(
+            f"the edit at {never[0]} never ran: this model does not compute that hook point "
+            "(TL fires hook_result / hook_*_input only when cfg.use_attn_result / use_split_qkv_input is set)"
+        )
 
 
 def run(

@@ -13,8 +13,9 @@ from tl_patching.experiments.spec import Experiment, Option, catalog, keys, load
 __all__ = ["Experiment", "Option", "catalog", "keys", "load", "register", "run_experiment"]
 
 
-def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | None = None, progress: bool = True,
-                   **options):
+def run_experiment(
+    key: str, forward, n_prompts: int = 100, donor_cache: Path | None = None, progress: bool = True, **options
+):
     """Experiment ``key`` with its defaults, overridden by ``options`` (None = default).
 
     A text experiment runs on its sentence (``text=``). An IOI experiment runs over ``n_prompts`` seeded prompts
@@ -33,7 +34,9 @@ def run_experiment(key: str, forward, n_prompts: int = 100, donor_cache: Path | 
         return distributed.on_main(lambda: experiment.run(forward, **options))
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be at least 1, got {n_prompts}")
-    data = ioi_data(forward.model, n_prompts if experiment.max_prompts is None else min(n_prompts, experiment.max_prompts))
+    data = ioi_data(
+        forward.model, n_prompts if experiment.max_prompts is None else min(n_prompts, experiment.max_prompts)
+    )
     cache = None
     if donor_cache is not None and experiment.donor_names is not None:
         cache = _donor_cache(donor_cache, forward, data, experiment.donor_names(forward.cfg.n_layers), n_prompts)
@@ -54,8 +57,10 @@ def _donor_cache(path: Path, forward, data, names: list[str], n_prompts: int):
     from tl_patching.cache_store import cached_run
 
     if len(data) > 1:
-        raise ValueError(f"a donor cache holds one batch of prompts of one token length; these {n_prompts} prompts "
-                         f"come in {len(data)} lengths. Use n_prompts=1, or no donor cache")
+        raise ValueError(
+            f"a donor cache holds one batch of prompts of one token length; these {n_prompts} prompts "
+            f"come in {len(data)} lengths. Use n_prompts=1, or no donor cache"
+        )
     batch = data[0]
     with distributed.main_first():  # rank 0 computes and saves it, the others load it
         return cached_run(path, forward, batch.donor_tokens, names, batch.prepend_bos)

@@ -18,21 +18,20 @@ from dataclasses import dataclass
 
 import einops
 import numpy as np
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from plotly.colors import sample_colorscale
 from scipy.stats import gaussian_kde
 from torch import Tensor
 
 from tl_patching.edits import act_name
-from tl_patching.forward import Forward
-from tl_patching.prompts import start_token_setting, to_tokens
-from tl_patching.results import Result, RunInfo
-import plotly.graph_objects as go
-from plotly.colors import sample_colorscale
-
 from tl_patching.experiments.spec import Experiment
+from tl_patching.forward import Forward
 from tl_patching.plotting import HEIGHT, NEGATIVE_COLOUR, POSITIVE_COLOUR, heatmap, titled
+from tl_patching.prompts import start_token_setting, to_tokens
 from tl_patching.report.words import SHIPPED_NAME, Claim
+from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to Sally"
 
@@ -45,16 +44,23 @@ class E1Result(Result):
     kde_grid: Float[Tensor, " grid"]
     kde_density: Float[Tensor, "layer grid"]  # density of all heads' visible raw scores per layer
     max_diff_split_vs_hook: float  # max |scores from Q·K − hook_attn_scores| / max |score|, visible positions
-    score_formula: str = "Q·Kᵀ/√d_head"  # the raw score as this family computes it (`score_formula`); results saved before it: GPT-2's
+    score_formula: str = (
+        "Q·Kᵀ/√d_head"  # the raw score as this family computes it (`score_formula`); results saved before it: GPT-2's
+    )
 
     def reading(self) -> str:
         layers = self.mean_score.mean(-1)
-        self_attention = "is 1 in every head" if torch.allclose(self.first_token_self_attention, torch.tensor(1.0)) else (
-            f"ranges {self.first_token_self_attention.min():.4f}–{self.first_token_self_attention.max():.4f}")
-        return (f"mean raw score {self.mean_score.mean():.2f} over all heads ({self.frac_negative.mean():.0%} of visible scores below 0; "
-                f"layer means from {layers.min():.2f} to {layers.max():.2f}); scores from the split Q and K equal hook_attn_scores "
-                f"to {self.max_diff_split_vs_hook:.1e}; the first token's self-attention {self_attention}, as the causal mask "
-                f"requires (a check, not a finding)")
+        self_attention = (
+            "is 1 in every head"
+            if torch.allclose(self.first_token_self_attention, torch.tensor(1.0))
+            else (f"ranges {self.first_token_self_attention.min():.4f}–{self.first_token_self_attention.max():.4f}")
+        )
+        return (
+            f"mean raw score {self.mean_score.mean():.2f} over all heads ({self.frac_negative.mean():.0%} of visible "
+            f"scores below 0; layer means from {layers.min():.2f} to {layers.max():.2f}); scores from the split Q and "
+            f"K equal hook_attn_scores to {self.max_diff_split_vs_hook:.1e}; the first token's self-attention "
+            f"{self_attention}, as the causal mask requires (a check, not a finding)"
+        )
 
 
 SPLIT_CHECK_TOLERANCE = 1e-4  # scores from Q·K vs hook_attn_scores, relative to the largest |score|
@@ -101,13 +107,17 @@ def score_formula(cfg) -> str:
 def qk_names(cfg, layer: int) -> tuple[str, str]:
     """The hooks holding Q and K as the attention uses them: after rotation (and QK-norm) on rotary models."""
     rotary = cfg.positional_embedding_type == "rotary"
-    return (act_name("rot_q", layer), act_name("rot_k", layer)) if rotary else (act_name("q", layer), act_name("k", layer))
+    return (
+        (act_name("rot_q", layer), act_name("rot_k", layer)) if rotary else (act_name("q", layer), act_name("k", layer))
+    )
 
 
 def raw_scores(forward: Forward, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(scores from Q·K, hook_attn_scores, hook_pattern), each ``[layer, batch, head, q, k]``."""
     L = forward.cfg.n_layers
-    names = [n for l in range(L) for n in (*qk_names(forward.cfg, l), act_name("attn_scores", l), act_name("pattern", l))]
+    names = [
+        n for l in range(L) for n in (*qk_names(forward.cfg, l), act_name("attn_scores", l), act_name("pattern", l))
+    ]
     _, cache = forward.run(tokens, cache=names, cache_device="cpu")  # statistics on the CPU, in float32
     cache = {n: a.float() for n, a in cache.items()}
     split = torch.stack([qk_scores(forward.cfg, *(cache[n] for n in qk_names(forward.cfg, l)), l) for l in range(L)])
@@ -115,7 +125,9 @@ def raw_scores(forward: Forward, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor
     return split, by("attn_scores"), by("pattern")
 
 
-def run(forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool | None = None, grid_points: int = 200) -> E1Result:
+def run(
+    forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool | None = None, grid_points: int = 200
+) -> E1Result:
     """Raw-score statistics per layer × head, from Q and K at the hook points (the seed's method)."""
     prepend_bos = start_token_setting(forward.model, prepend_bos)  # None: the model's own convention
     tokens = to_tokens(forward.model, text, prepend_bos=prepend_bos)
@@ -124,10 +136,14 @@ def run(forward: Forward, text: str = DEFAULT_TEXT, prepend_bos: bool | None = N
     if not torch.equal(torch.isfinite(split), visible):
         raise ArithmeticError("E1: the attention mask computed here differs from the one the model applied")
     difference = float((split[visible] - hooked[visible]).abs().max() / hooked[visible].abs().max())
-    tolerance = max(SPLIT_CHECK_TOLERANCE, 4 * torch.finfo(forward.cfg.dtype).eps)  # the model rounds its scores in bf16/fp16
+    tolerance = max(
+        SPLIT_CHECK_TOLERANCE, 4 * torch.finfo(forward.cfg.dtype).eps
+    )  # the model rounds its scores in bf16/fp16
     if difference > tolerance:
-        raise ArithmeticError(f"E1: scores from Q·K differ from hook_attn_scores by {difference:.1e} (relative): "
-                              "this model's attention is not Q·Kᵀ/scale as computed here")
+        raise ArithmeticError(
+            f"E1: scores from Q·K differ from hook_attn_scores by {difference:.1e} (relative): "
+            "this model's attention is not Q·Kᵀ/scale as computed here"
+        )
     n_visible = visible.sum((1, 3, 4))  # [layer, head]
     scores = split.masked_fill(~visible, 0.0)
     per_layer = [split[l][visible[l]].numpy() for l in range(len(split))]
@@ -156,28 +172,45 @@ def finding(r) -> tuple[str, list[Claim]]:
     hmin, hmax = int(flat.argmin()), int(flat.argmax())
     mean, frac = float(r.mean_score.mean()), float(r.frac_negative.mean())
     self_attention = float(r.first_token_self_attention.min())
-    text = (f"Over the visible (query, key) pairs of the sentence, the mean raw score {r.score_formula} of all {L * H} heads is "
-            f"{mean:.2f}, and {frac:.0%} of the scores are below zero. Layer means run from {float(layer_means[lo]):.2f} "
-            f"(layer {lo}) to {float(layer_means[hi]):.2f} (layer {hi}); single heads from {float(flat[hmin]):.2f} (layer {hmin // H}, "
-            f"head {hmin % H}) to {float(flat[hmax]):.2f} (layer {hmax // H}, head {hmax % H}). The density plot shows each "
-            f"layer's distribution on one scale. The first token attends to itself with probability {self_attention:.4f} in every "
-            f"head: the causal mask leaves it nothing else to attend to, so this is true by construction (a check of the hooks, "
-            f"not a finding). Scores computed from the split Q and K equal TransformerLens's hook_attn_scores to "
-            f"{r.max_diff_split_vs_hook:.1e}.")
+    text = (
+        f"Over the visible (query, key) pairs of the sentence, the mean raw score {r.score_formula} of all {L * H} "
+        f"heads is {mean:.2f}, and {frac:.0%} of the scores are below zero. Layer means run from "
+        f"{float(layer_means[lo]):.2f} (layer {lo}) to {float(layer_means[hi]):.2f} (layer {hi}); single heads from "
+        f"{float(flat[hmin]):.2f} (layer {hmin // H}, head {hmin % H}) to {float(flat[hmax]):.2f} (layer {hmax // H}, "
+        f"head {hmax % H}). The density plot shows each layer's distribution on one scale. The first token attends to "
+        f"itself with probability {self_attention:.4f} in every head: the causal mask leaves it nothing else to attend "
+        "to, so this is true by construction (a check of the hooks, not a finding). Scores computed from the split Q "
+        f"and K equal TransformerLens's hook_attn_scores to {r.max_diff_split_vs_hook:.1e}."
+    )
     if mean < 0 and frac >= 0.6:
         verdict, because = "agrees", f"the scores are shifted below zero ({frac:.0%} negative)."
     elif mean < 0:
-        verdict, because = "partly", (f"the mean is below zero but only slightly: {frac:.0%} of the scores are negative, close to "
-                                      "the 50% of a distribution centred on zero.")
+        verdict, because = (
+            "partly",
+            (
+                f"the mean is below zero but only slightly: {frac:.0%} of the scores are negative, close to "
+                "the 50% of a distribution centred on zero."
+            ),
+        )
     else:
         verdict, because = "differs", f"the scores are not shifted negative (mean {mean:.2f}, {frac:.0%} negative)."
     if verdict != "agrees":
-        because += (" Softmax is unchanged when a constant is added to all of one query's scores, so training does not fix "
-                    "their overall level; whether it drifts negative depends on the weights and their training"
-                    + (", and this model's training is far shorter and on far less varied text than GPT-2's."
-                       if r.info.model_name == SHIPPED_NAME else "."))
-    return text, [Claim("raw scores over visible positions are shifted strongly negative rather than centred on zero", verdict, because)]
-
+        because += (
+            " Softmax is unchanged when a constant is added to all of one query's scores, so training does not fix "
+            "their overall level; whether it drifts negative depends on the weights and their training"
+            + (
+                ", and this model's training is far shorter and on far less varied text than GPT-2's."
+                if r.info.model_name == SHIPPED_NAME
+                else "."
+            )
+        )
+    return text, [
+        Claim(
+            "raw scores over visible positions are shifted strongly negative rather than centred on zero",
+            verdict,
+            because,
+        )
+    ]
 
 
 # --- figures ---
@@ -187,15 +220,22 @@ def figures(r: E1Result) -> dict[str, go.Figure]:
     model = r.info.model_name
     n_tokens = len(r.info.token_ids[0])
     mean = heatmap(
-        r.mean_score, f"E1 ({model}): mean raw attention score {r.score_formula} per head (pre-softmax)",
-        f"averaged over the visible (query, key) pairs of {n_tokens} tokens; overall mean {float(r.mean_score.mean()):.2f}; "
-        f"{NEGATIVE_COLOUR} = below 0, {POSITIVE_COLOUR} = above 0", "mean raw score")
+        r.mean_score,
+        f"E1 ({model}): mean raw attention score {r.score_formula} per head (pre-softmax)",
+        f"averaged over the visible (query, key) pairs of {n_tokens} tokens; overall mean "
+        f"{float(r.mean_score.mean()):.2f}; {NEGATIVE_COLOUR} = below 0, {POSITIVE_COLOUR} = above 0",
+        "mean raw score",
+    )
     frac = heatmap(
-        r.frac_negative, f"E1 ({model}): fraction of visible raw attention scores below 0, per head",
+        r.frac_negative,
+        f"E1 ({model}): fraction of visible raw attention scores below 0, per head",
         f"0.5 = centred on zero; {NEGATIVE_COLOUR} = mostly negative (above 0.5), {POSITIVE_COLOUR} = mostly positive",
-        "fraction < 0", centre=0.5, zrange=(0.0, 1.0), colorscale="RdBu")
+        "fraction < 0",
+        centre=0.5,
+        zrange=(0.0, 1.0),
+        colorscale="RdBu",
+    )
     return {"e1_mean_raw_score": mean, "e1_fraction_negative": frac, "e1_kde_by_layer": _ridge(r)}
-
 
 
 def _ridge(r: E1Result) -> go.Figure:
@@ -208,34 +248,90 @@ def _ridge(r: E1Result) -> go.Figure:
     fig = go.Figure()
     for l in range(L):
         base = (L - 1 - l) * row
-        fig.add_trace(go.Scatter(x=grid, y=np.full_like(grid, base), mode="lines", line=dict(width=0.5, color="lightgrey"),
-                                 showlegend=False, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=grid, y=density[l] + base, mode="lines", fill="tonexty", name=f"layer {l}",
-                                 line=dict(width=1.5, color=colours[l]), fillcolor=colours[l].replace("rgb", "rgba").replace(")", ", 0.45)"),
-                                 customdata=density[l], hovertemplate=f"layer {l}: score %{{x:.2f}}, density %{{customdata:.3f}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=grid,
+                y=np.full_like(grid, base),
+                mode="lines",
+                line=dict(width=0.5, color="lightgrey"),
+                showlegend=False,
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=grid,
+                y=density[l] + base,
+                mode="lines",
+                fill="tonexty",
+                name=f"layer {l}",
+                line=dict(width=1.5, color=colours[l]),
+                fillcolor=colours[l].replace("rgb", "rgba").replace(")", ", 0.45)"),
+                customdata=density[l],
+                hovertemplate=f"layer {l}: score %{{x:.2f}}, density %{{customdata:.3f}}<extra></extra>",
+            )
+        )
         top = float(np.interp(mean_by_layer[l], grid, density[l]))
-        fig.add_trace(go.Scatter(x=[mean_by_layer[l]] * 2, y=[base, base + top], mode="lines", line=dict(color="black", width=2),
-                                 showlegend=False, hovertemplate=f"layer {l} mean: {mean_by_layer[l]:.2f}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[mean_by_layer[l]] * 2,
+                y=[base, base + top],
+                mode="lines",
+                line=dict(color="black", width=2),
+                showlegend=False,
+                hovertemplate=f"layer {l} mean: {mean_by_layer[l]:.2f}<extra></extra>",
+            )
+        )
     fig.add_vline(x=0, line_dash="dash", line_color="grey")
     # Density scale bar: a round density value drawn at the right edge, in the same units as every row.
-    bar = next(v for v in (1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001) if v <= 0.9 * row) if row > 0.001 else row
+    bar = (
+        next(v for v in (1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001) if v <= 0.9 * row)
+        if row > 0.001
+        else row
+    )
     fig.add_shape(type="line", xref="paper", x0=1.02, x1=1.02, y0=0, y1=bar, line=dict(color="black", width=3))
-    fig.add_annotation(xref="paper", x=1.02, y=bar / 2, text=f"density<br>{bar:g} per<br>score unit", showarrow=False, xanchor="left",
-                       xshift=6, font=dict(size=11))
+    fig.add_annotation(
+        xref="paper",
+        x=1.02,
+        y=bar / 2,
+        text=f"density<br>{bar:g} per<br>score unit",
+        showarrow=False,
+        xanchor="left",
+        xshift=6,
+        font=dict(size=11),
+    )
     fig.update_layout(
-        title=titled(f"E1 ({r.info.model_name}): distribution of raw attention scores per layer (KDE over all heads)",
-                     "each layer's density rises from its own baseline, all on one scale (bar on the right); "
-                     "dashed line = 0, black tick = the layer's mean"),
-        xaxis=dict(title=f"raw attention score {r.score_formula} (pre-softmax, visible positions)"), margin=dict(r=110),
-        yaxis=dict(title="layer (baseline of each density)", tickmode="array", tickvals=[(L - 1 - l) * row for l in range(L)],
-                   ticktext=[str(l) for l in range(L)], range=[-0.05 * row, L * row], showgrid=False, zeroline=False),
-        showlegend=False, height=max(HEIGHT, 150 + 45 * L),
+        title=titled(
+            f"E1 ({r.info.model_name}): distribution of raw attention scores per layer (KDE over all heads)",
+            "each layer's density rises from its own baseline, all on one scale (bar on the right); "
+            "dashed line = 0, black tick = the layer's mean",
+        ),
+        xaxis=dict(title=f"raw attention score {r.score_formula} (pre-softmax, visible positions)"),
+        margin=dict(r=110),
+        yaxis=dict(
+            title="layer (baseline of each density)",
+            tickmode="array",
+            tickvals=[(L - 1 - l) * row for l in range(L)],
+            ticktext=[str(l) for l in range(L)],
+            range=[-0.05 * row, L * row],
+            showgrid=False,
+            zeroline=False,
+        ),
+        showlegend=False,
+        height=max(HEIGHT, 150 + 45 * L),
     )
     return fig
 
 
 EXPERIMENT = Experiment(
-    key="e1", title="E1 — raw attention scores per head and their distribution per layer", seed="seed 003",
-    seed_model="GPT-2 small", inputs="text", order=1,
-    run=run, result=E1Result, figures=figures, finding=finding,
+    key="e1",
+    title="E1 — raw attention scores per head and their distribution per layer",
+    seed="seed 003",
+    seed_model="GPT-2 small",
+    inputs="text",
+    order=1,
+    run=run,
+    result=E1Result,
+    figures=figures,
+    finding=finding,
 )

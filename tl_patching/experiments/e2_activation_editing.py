@@ -19,28 +19,25 @@ explodes and the last layer compresses it. The last layer here is ``blocks.{L-1}
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
-from jaxtyping import Float
-from torch import Tensor
-from torch import nn
-
-from tl_patching.backends import hf
-from tl_patching.backends.hf_maps import hook_map_of
-from tl_patching import lens
-from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
-from tl_patching.forward import Forward
-from tl_patching.prompts import start_token_setting, token_strings, to_tokens
-from tl_patching.results import Result, RunInfo
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
 
+from tl_patching import lens
+from tl_patching.backends import hf
+from tl_patching.backends.hf_maps import hook_map_of
+from tl_patching.edits import Edit, act_name, gaussian_noise, scale, zero
 from tl_patching.experiments.spec import Experiment, Option
+from tl_patching.forward import Forward
 from tl_patching.plotting import COLOURS, index_axis, log_axis, rgba, titled
+from tl_patching.prompts import start_token_setting, to_tokens, token_strings
 from tl_patching.report.words import Claim, listing
+from tl_patching.results import Result, RunInfo
 
 DEFAULT_TEXT = "Sam and Sally went to the park. Sam gave a gift to"
 
@@ -67,9 +64,13 @@ class E2Result(Result):
 
     def reading(self) -> str:
         last = len(self.clean_resid_std) - 1
-        parts = [f"{iv.label}: std at layer {self.layer} {self.clean_resid_std[self.layer]:.2f}→{iv.resid_std[self.layer]:.2f}, "
-                 f"last layer {self.clean_resid_std[last]:.2f}→{iv.resid_std[last]:.2f}, top-1 {self.clean_top_tokens[0]!r}→{iv.top_tokens[0]!r}"
-                 for iv in self.interventions]
+        parts = [
+            f"{iv.label}: std at layer {self.layer} "
+            f"{self.clean_resid_std[self.layer]:.2f}→{iv.resid_std[self.layer]:.2f}, last layer "
+            f"{self.clean_resid_std[last]:.2f}→{iv.resid_std[last]:.2f}, top-1 "
+            f"{self.clean_top_tokens[0]!r}→{iv.top_tokens[0]!r}"
+            for iv in self.interventions
+        ]
         return "; ".join(parts)
 
 
@@ -101,8 +102,10 @@ def key_label(cfg, layer: int, head: int) -> str:
     if group == 1:
         return f"zero key of head {head}, layer {layer}"
     kv = lens.kv_head_of(cfg, head)
-    return (f"zero key of head {head} (key/value head {kv}, shared by query heads {kv * group}–{kv * group + group - 1}), "
-            f"layer {layer}")
+    return (
+        f"zero key of head {head} (key/value head {kv}, shared by query heads {kv * group}–{kv * group + group - 1}), "
+        f"layer {layer}"
+    )
 
 
 def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str]:
@@ -121,14 +124,22 @@ def block_output_structure(hf_model: nn.Module, tokens: Tensor) -> dict[str, str
 
     for flag in (False, True):
         with hf.same_hooks(hf_model), torch.no_grad():  # transformers keeps the recorders output_attentions installs
-            block.register_forward_hook(lambda m, a, out, flag=flag: seen.__setitem__(f"output_attentions={flag}", describe(out)))
+            block.register_forward_hook(
+                lambda m, a, out, flag=flag: seen.__setitem__(f"output_attentions={flag}", describe(out))
+            )
             hf_model(tokens, output_attentions=flag)
     return seen
 
 
 def run(
-    forward: Forward, text: str = DEFAULT_TEXT, layer: int | None = None, head: int = 2,
-    noise_mean: float = 10.0, seed: int = 0, top_k: int = 5, prepend_bos: bool | None = None,
+    forward: Forward,
+    text: str = DEFAULT_TEXT,
+    layer: int | None = None,
+    head: int = 2,
+    noise_mean: float = 10.0,
+    seed: int = 0,
+    top_k: int = 5,
+    prepend_bos: bool | None = None,
 ) -> E2Result:
     """Run the four interventions through the forward's backend; the residual spread per layer and top-k tokens."""
     cfg = forward.cfg
@@ -146,18 +157,26 @@ def run(
     clean_top = clean_logp.topk(top_k)
     result = E2Result(
         info=RunInfo.of(forward, tokens, prepend_bos, seed=seed, text=text, noise_mean=noise_mean),
-        layer=layer, head=head, clean_resid_std=clean_std,
-        clean_top_tokens=token_strings(forward.model, clean_top.indices), clean_top_probs=clean_top.values.exp().tolist(),
+        layer=layer,
+        head=head,
+        clean_resid_std=clean_std,
+        clean_top_tokens=token_strings(forward.model, clean_top.indices),
+        clean_top_probs=clean_top.values.exp().tolist(),
         block_output_structure=block_output_structure(forward.hf_model, tokens) if forward.hf_model is not None else {},
     )
     for label, e in edits.items():
         std, logp = spread_and_probs(e)
         top = logp.topk(top_k)
-        result.interventions.append(Intervention(
-            label, std, token_strings(forward.model, top.indices), top.values.exp().tolist(),
-            clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
-            kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
-        ))
+        result.interventions.append(
+            Intervention(
+                label,
+                std,
+                token_strings(forward.model, top.indices),
+                top.values.exp().tolist(),
+                clean_top1_prob=float(logp[clean_top.indices[0]].exp()),
+                kl_from_clean=float((clean_logp.exp() * (clean_logp - logp)).sum()),
+            )
+        )
     return result
 
 
@@ -168,14 +187,29 @@ def data_note(r: E2Result) -> str:
 def conclusion(r: E2Result) -> str | None:
     """How much of a scaled block output the later blocks restore, at the last layer."""
     last = len(r.clean_resid_std) - 1
-    scaled = [(iv.label.rsplit(" ", 1)[-1], float(iv.resid_std[last] / r.clean_resid_std[last]))
-              for iv in r.interventions if "output ×" in iv.label]
+    scaled = [
+        (iv.label.rsplit(" ", 1)[-1], float(iv.resid_std[last] / r.clean_resid_std[last]))
+        for iv in r.interventions
+        if "output ×" in iv.label
+    ]
     if not scaled or r.layer >= last:
         return None
-    return (f"After block {r.layer}'s output is scaled, the spread of the residual stream at the last layer is "
-            + listing([f"×{end:.2f} of clean after ×{factor} ("
-                       + ("partly restored by the later blocks" if abs(math.log(end)) < 0.5 * abs(math.log(float(factor)))
-                          else "not restored") + ")" for factor, end in scaled]) + " (E2).")
+    return (
+        f"After block {r.layer}'s output is scaled, the spread of the residual stream at the last layer is "
+        + listing(
+            [
+                f"×{end:.2f} of clean after ×{factor} ("
+                + (
+                    "partly restored by the later blocks"
+                    if abs(math.log(end)) < 0.5 * abs(math.log(float(factor)))
+                    else "not restored"
+                )
+                + ")"
+                for factor, end in scaled
+            ]
+        )
+        + " (E2)."
+    )
 
 
 # --- the finding in words (the report's paragraph and its claims against the seed) ---
@@ -188,41 +222,65 @@ def finding(r) -> tuple[str, list[Claim]]:
     sentences, by_factor = [], {}
     for iv in r.interventions:
         at, end = float(iv.resid_std[l] / clean[l]), float(iv.resid_std[last] / clean[last])
-        top = (f"the next-token prediction stays {r.clean_top_tokens[0]!r}" if iv.top_tokens[0] == r.clean_top_tokens[0]
-               else f"the next-token prediction changes from {r.clean_top_tokens[0]!r} to {iv.top_tokens[0]!r}")
-        sentences.append(f"{iv.label[0].upper() + iv.label[1:]}: the spread at layer {l} goes from {float(clean[l]):.2f} to "
-                         f"{float(iv.resid_std[l]):.2f} (×{at:.2f}), at the last layer ({last}) from {float(clean[last]):.2f} to "
-                         f"{float(iv.resid_std[last]):.2f} (×{end:.2f}); {top} (KL(clean‖edited) = {iv.kl_from_clean:.3f} nats).")
+        top = (
+            f"the next-token prediction stays {r.clean_top_tokens[0]!r}"
+            if iv.top_tokens[0] == r.clean_top_tokens[0]
+            else f"the next-token prediction changes from {r.clean_top_tokens[0]!r} to {iv.top_tokens[0]!r}"
+        )
+        sentences.append(
+            f"{iv.label[0].upper() + iv.label[1:]}: the spread at layer {l} goes from {float(clean[l]):.2f} to "
+            f"{float(iv.resid_std[l]):.2f} (×{at:.2f}), at the last layer ({last}) from {float(clean[last]):.2f} to "
+            f"{float(iv.resid_std[last]):.2f} (×{end:.2f}); {top} (KL(clean‖edited) = {iv.kl_from_clean:.3f} nats)."
+        )
         for factor in (0.1, 10.0):
             if iv.label.endswith(f"× {factor:g}"):
                 by_factor[factor] = (at, end)
-    text = (f"The spread is the standard deviation of hook_resid_post (over positions and d_model, before the final layer norm) "
-            f"per layer; every edit is at layer {l} of {L}. " + " ".join(sentences))
+    text = (
+        "The spread is the standard deviation of hook_resid_post (over positions and d_model, before the final layer "
+        f"norm) per layer; every edit is at layer {l} of {L}. " + " ".join(sentences)
+    )
     after = last - l
-    where = (f"Here the spread is measured before ln_final; HF's hidden_states[-1], which the seed's hooks may have read, "
-             f"is after the final layer norm, which rescales every position to unit variance and so \"compresses\" any spread "
-             f"by itself. Only {after} block{'s' if after != 1 else ''} follow{'s' if after == 1 else ''} the edit in this model.")
+    where = (
+        f"Here the spread is measured before ln_final; HF's hidden_states[-1], which the seed's hooks may have read, "
+        f'is after the final layer norm, which rescales every position to unit variance and so "compresses" any spread '
+        f"by itself. Only {after} block{'s' if after != 1 else ''} follow{'s' if after == 1 else ''} "
+        "the edit in this model."
+    )
     claims = []
     if after == 0:
-        claims.append(Claim("at ×0.1 the spread collapses at the edited layer and recovers later; at ×10 it explodes and the "
-                            "last layer compresses it", "not tested", "the edit is at the last layer: nothing follows it."))
+        claims.append(
+            Claim(
+                "at ×0.1 the spread collapses at the edited layer and recovers later; at ×10 it explodes and the "
+                "last layer compresses it",
+                "not tested",
+                "the edit is at the last layer: nothing follows it.",
+            )
+        )
         return text, claims
     if 0.1 in by_factor:
         at, end = by_factor[0.1]
         recovers = abs(math.log(end)) < 0.5 * abs(math.log(at))
-        claims.append(Claim("at ×0.1 the spread collapses at the edited layer and recovers later",
-                            "agrees" if recovers else "differs",
-                            f"it falls to ×{at:.2f} of clean at layer {l} and is at ×{end:.2f} by the last layer"
-                            + (" — much closer to clean." if recovers else f" — no recovery. {where}")))
+        claims.append(
+            Claim(
+                "at ×0.1 the spread collapses at the edited layer and recovers later",
+                "agrees" if recovers else "differs",
+                f"it falls to ×{at:.2f} of clean at layer {l} and is at ×{end:.2f} by the last layer"
+                + (" — much closer to clean." if recovers else f" — no recovery. {where}"),
+            )
+        )
     if 10.0 in by_factor:
         at, end = by_factor[10.0]
         compresses = abs(math.log(end)) < 0.5 * abs(math.log(at))
-        claims.append(Claim("at ×10 the spread explodes and the last layer compresses it",
-                            "agrees" if compresses else "partly",
-                            f"it rises to ×{at:.1f} of clean at layer {l} and is still ×{end:.1f} at the last layer"
-                            + (". " if compresses else ": it explodes, but is not compressed. ") + where))
+        claims.append(
+            Claim(
+                "at ×10 the spread explodes and the last layer compresses it",
+                "agrees" if compresses else "partly",
+                f"it rises to ×{at:.1f} of clean at layer {l} and is still ×{end:.1f} at the last layer"
+                + (". " if compresses else ": it explodes, but is not compressed. ")
+                + where,
+            )
+        )
     return text, claims
-
 
 
 # --- figures ---
@@ -233,30 +291,60 @@ def figures(r: E2Result) -> dict[str, go.Figure]:
     layers = list(range(L))
     figs = {}
     for i, iv in enumerate(r.interventions):
-        fig = go.Figure([
-            go.Scatter(x=layers, y=r.clean_resid_std.numpy(), name="clean run (wide, under: visible where the runs agree)",
-                       mode="lines+markers", line=dict(color=rgba(COLOURS["clean"], 0.55), width=7), marker=dict(size=11)),
-            go.Scatter(x=layers, y=iv.resid_std.numpy(), name="edited run", mode="lines+markers", line=dict(color=COLOURS["edited"], width=2)),
-        ])
+        fig = go.Figure(
+            [
+                go.Scatter(
+                    x=layers,
+                    y=r.clean_resid_std.numpy(),
+                    name="clean run (wide, under: visible where the runs agree)",
+                    mode="lines+markers",
+                    line=dict(color=rgba(COLOURS["clean"], 0.55), width=7),
+                    marker=dict(size=11),
+                ),
+                go.Scatter(
+                    x=layers,
+                    y=iv.resid_std.numpy(),
+                    name="edited run",
+                    mode="lines+markers",
+                    line=dict(color=COLOURS["edited"], width=2),
+                ),
+            ]
+        )
         fig.add_vline(x=r.layer, line_dash="dot", line_color="grey", annotation_text=f"edited layer {r.layer}")
         fig.update_layout(
-            title=titled(f"E2 ({r.info.model_name}): {iv.label}: standard deviation of the residual stream per layer",
-                         f"std of hook_resid_post over positions and d_model (before ln_final); next token: clean top-1 "
-                         f"{r.clean_top_tokens[0]!r} → edited {iv.top_tokens[0]!r}; KL(clean‖edited) = {iv.kl_from_clean:.3f} nats"),
-            xaxis=index_axis(L, "layer (block output)"), yaxis=log_axis("standard deviation (activation units, log scale)", np.r_[r.clean_resid_std.numpy(), iv.resid_std.numpy()]),
+            title=titled(
+                f"E2 ({r.info.model_name}): {iv.label}: standard deviation of the residual stream per layer",
+                f"std of hook_resid_post over positions and d_model (before ln_final); next token: clean top-1 "
+                f"{r.clean_top_tokens[0]!r} → edited {iv.top_tokens[0]!r}; "
+                f"KL(clean‖edited) = {iv.kl_from_clean:.3f} nats",
+            ),
+            xaxis=index_axis(L, "layer (block output)"),
+            yaxis=log_axis(
+                "standard deviation (activation units, log scale)",
+                np.r_[r.clean_resid_std.numpy(), iv.resid_std.numpy()],
+            ),
         )
         figs[f"e2_{i + 1}_resid_std"] = fig
     return figs
 
 
 EXPERIMENT = Experiment(
-    key="e2", title="E2 — editing a key, MLP neurons and a block's output", seed="seed 004", seed_model="GPT-2 small",
-    inputs="text", order=2,
+    key="e2",
+    title="E2 — editing a key, MLP neurons and a block's output",
+    seed="seed 004",
+    seed_model="GPT-2 small",
+    inputs="text",
+    order=2,
     options=(
         Option("--layer", "int", "the edited layer (default: 9 on 12-layer models, the seed; else 3/4 of the depth)"),
         Option("--head", "int", "the head whose key is zeroed (default 2, the seed's)"),
         Option("--noise-mean", "float", "mean of the Gaussian noise put into the even MLP neurons (default 10)"),
         Option("--seed", "int", "seed of the noise draw (default 0)"),
     ),
-    run=run, result=E2Result, figures=figures, finding=finding, data_note=data_note, conclusion=conclusion,
+    run=run,
+    result=E2Result,
+    figures=figures,
+    finding=finding,
+    data_note=data_note,
+    conclusion=conclusion,
 )

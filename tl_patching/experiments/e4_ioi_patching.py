@@ -16,27 +16,26 @@ heads of a layer moves it only a little. Sanity check, asserted in code: the pat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name, patch, patch_where
+from tl_patching.experiments.spec import Experiment
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, Summary, logit_diff, summarize
 from tl_patching.patching import layer_variants, sweep
-from tl_patching.prompts import SEED_DONOR, SEED_RECIPIENT, IOIBatch, seed_pair, token_rows  # noqa: F401 (seed names re-exported)
-from tl_patching.results import Result, RunInfo
-import math
-
-import plotly.graph_objects as go
-
-from tl_patching.experiments.spec import Experiment
 from tl_patching.plotting import index_axis, reference_line, titled
-from tl_patching.report.words import CI, Claim, at_layers, ratio_text, with_ci
+from tl_patching.prompts import IOIBatch, run_info, seed_pair
+from tl_patching.report.words import Claim, at_layers, ratio_text, with_ci
+from tl_patching.results import Result
+
 
 def as_batches(model, data: IOIBatch | Sequence[IOIBatch] | None, donor_cache=None) -> list[IOIBatch]:
     """E4/E5 input as a list of batches (default: the seed's pair); a donor cache fits one batch only."""
@@ -66,7 +65,9 @@ class E4Result(Result):
         ``with_ci``: also the 95% bootstrap CI, exp of the CI of the mean logit difference (its ``*_summary``)."""
         summary = getattr(self, which.removesuffix("_patched") + "_summary")
         single = not isinstance(summary, list)
-        exp = lambda end: torch.tensor([getattr(s, end) for s in ([summary] if single else summary)], dtype=torch.float64).exp()  # noqa: E731
+        exp = lambda end: torch.tensor(
+            [getattr(s, end) for s in ([summary] if single else summary)], dtype=torch.float64
+        ).exp()  # noqa: E731
         ratio, low, high = (x[0] if single else x for x in (exp("mean"), exp("ci_low"), exp("ci_high")))
         return (ratio, low, high) if with_ci else ratio
 
@@ -77,10 +78,12 @@ class E4Result(Result):
 
         heads_move = max(abs(s.mean - self.clean_summary.mean) for s in self.heads_summary)
         c = self.clean_summary
-        return (f"clean logit diff {c.mean:.2f} nats (95% bootstrap CI [{c.ci_low:.2f}, {c.ci_high:.2f}]), donor "
-                f"{self.donor_summary.mean:.2f}; hook_resid_post patched at S2 flips the mean {flips(self.resid_s2_summary)}, "
-                f"at the final position {flips(self.resid_final_summary)}; patching all heads of one layer moves it "
-                f"by at most {heads_move:.2f} nats and flips it {flips(self.heads_summary)}")
+        return (
+            f"clean logit diff {c.mean:.2f} nats (95% bootstrap CI [{c.ci_low:.2f}, {c.ci_high:.2f}]), donor "
+            f"{self.donor_summary.mean:.2f}; hook_resid_post patched at S2 flips the mean "
+            f"{flips(self.resid_s2_summary)}, at the final position {flips(self.resid_final_summary)}; patching all "
+            f"heads of one layer moves it by at most {heads_move:.2f} nats and flips it {flips(self.heads_summary)}"
+        )
 
 
 def donor_names(n_layers: int) -> list[str]:
@@ -97,8 +100,11 @@ def check_patch_lands(forward: Forward, tokens: Tensor, donor: dict[str, Tensor]
             raise AssertionError(f"patched {n} is not the donor's")
 
 
-def patch_layer_sweep(forward: Forward, batch: IOIBatch, donor: dict[str, Tensor] | None = None, progress: bool = True) -> tuple[Tensor, ...]:
-    """Logit differences for one batch: clean [N], donor [N], then per layer [L, N]: heads, resid at S2, resid at final."""
+def patch_layer_sweep(
+    forward: Forward, batch: IOIBatch, donor: dict[str, Tensor] | None = None, progress: bool = True
+) -> tuple[Tensor, ...]:
+    """Logit differences for one batch: clean [N], donor [N], then per layer [L, N]: heads, resid at S2, resid at
+    final."""
     L = forward.cfg.n_layers
     donor_logits, fresh = forward.run(batch.donor_tokens, cache=[] if donor else donor_names(L))
     donor = donor or fresh
@@ -113,13 +119,22 @@ def patch_layer_sweep(forward: Forward, batch: IOIBatch, donor: dict[str, Tensor
         + [[patch_where(n, donor, differs)] for n in resid]  # the block output where donor ≠ recipient (S2)
         + [[patch_where(n, donor, final)] for n in resid]  # the block output at the final position
     )
-    ld = sweep(forward, batch.tokens, variants, LogitDiff(batch.correct, batch.wrong),
-               progress=progress, desc="E4 variants")
-    return ld[0], logit_diff(donor_logits, batch.correct, batch.wrong), ld[1 : L + 1], ld[L + 1 : 2 * L + 1], ld[2 * L + 1 :]
+    ld = sweep(
+        forward, batch.tokens, variants, LogitDiff(batch.correct, batch.wrong), progress=progress, desc="E4 variants"
+    )
+    return (
+        ld[0],
+        logit_diff(donor_logits, batch.correct, batch.wrong),
+        ld[1 : L + 1],
+        ld[L + 1 : 2 * L + 1],
+        ld[2 * L + 1 :],
+    )
 
 
 def run(
-    forward: Forward, data: IOIBatch | Sequence[IOIBatch] | None = None, donor_cache: dict[str, Tensor] | None = None,
+    forward: Forward,
+    data: IOIBatch | Sequence[IOIBatch] | None = None,
+    donor_cache: dict[str, Tensor] | None = None,
     progress: bool = True,
 ) -> E4Result:
     """Per-layer patching curves over one prompt pair (default: the seed's) or a dataset of batches.
@@ -128,13 +143,20 @@ def run(
     """
     batches = as_batches(forward.model, data, donor_cache)
     clean, donor, heads, resid_s2, resid_final = map_batches(  # under torchrun: this rank's prompts, then all gathered
-        lambda b, d: patch_layer_sweep(forward, b, d, progress), batches, donor_cache)
+        lambda b, d: patch_layer_sweep(forward, b, d, progress), batches, donor_cache
+    )
     return E4Result(
-        info=RunInfo.of(forward, token_rows(batches), batches[0].prepend_bos, n_prompts=len(clean),
-                        n_batches=len(batches), texts=[t for b in batches for t in b.texts][:10]),
-        clean=clean, donor=donor, heads_patched=heads, resid_s2_patched=resid_s2, resid_final_patched=resid_final,
-        clean_summary=summarize(clean), donor_summary=summarize(donor), heads_summary=[summarize(x) for x in heads],
-        resid_s2_summary=[summarize(x) for x in resid_s2], resid_final_summary=[summarize(x) for x in resid_final],
+        info=run_info(forward, batches, n_batches=len(batches)),
+        clean=clean,
+        donor=donor,
+        heads_patched=heads,
+        resid_s2_patched=resid_s2,
+        resid_final_patched=resid_final,
+        clean_summary=summarize(clean),
+        donor_summary=summarize(donor),
+        heads_summary=[summarize(x) for x in heads],
+        resid_s2_summary=[summarize(x) for x in resid_s2],
+        resid_final_summary=[summarize(x) for x in resid_final],
     )
 
 
@@ -143,28 +165,38 @@ def conclusion(r: E4Result) -> str:
     final = [l for l, s in enumerate(r.resid_final_summary) if s.mean < 0]
     if not final:
         return "No single layer's hidden state at the final position carries the donor's answer (E4)."
-    if final == list(range(final[0], len(r.resid_final_summary))):  # "from layer l on" only if every later layer flips too
-        return (f"The answer is carried by the final position's hidden state from layer {final[0]} on: patching it "
-                f"there gives the donor's answer (E4).")
-    return (f"The final position's hidden state carries the donor's answer {at_layers(final)}: patching it there "
-            f"gives the donor's answer (E4).")
+    if final == list(
+        range(final[0], len(r.resid_final_summary))
+    ):  # "from layer l on" only if every later layer flips too
+        return (
+            f"The answer is carried by the final position's hidden state from layer {final[0]} on: patching it "
+            f"there gives the donor's answer (E4)."
+        )
+    return (
+        f"The final position's hidden state carries the donor's answer {at_layers(final)}: patching it there "
+        f"gives the donor's answer (E4)."
+    )
 
 
 # --- the finding in words (the report's paragraph and its claims against the seed) ---
 
 
-E4_LABELS = {"heads": "patching all heads of the layer (hook_z, every position)",
-             "resid_s2": "patching hook_resid_post at the repeated name (S2)",
-             "resid_final": "patching hook_resid_post at the final position"}
-
+E4_LABELS = {
+    "heads": "patching all heads of the layer (hook_z, every position)",
+    "resid_s2": "patching hook_resid_post at the repeated name (S2)",
+    "resid_final": "patching hook_resid_post at the final position",
+}
 
 
 def finding(r) -> tuple[str, list[Claim]]:
     c, d = r.clean_summary, r.donor_summary
     n = c.n
-    parts = [f"Over {n} IOI prompt{'s' if n != 1 else ''}, the unpatched model prefers the correct name by {with_ci(c)} in "
-             f"logit difference, a probability ratio P(correct)/P(wrong) of {ratio_text(math.exp(c.mean))} (exp of the mean, i.e. "
-             f"the geometric mean over prompts); {c.accuracy:.0%} of prompts are right. The donor prompts give {with_ci(d)}."]
+    parts = [
+        f"Over {n} IOI prompt{'s' if n != 1 else ''}, the unpatched model prefers the correct name by {with_ci(c)} in "
+        f"logit difference, a probability ratio P(correct)/P(wrong) of {ratio_text(math.exp(c.mean))} (exp of the "
+        f"mean, i.e. the geometric mean over prompts); {c.accuracy:.0%} of prompts are right. The donor prompts give "
+        f"{with_ci(d)}."
+    ]
     flipped = {}
     for key, label in E4_LABELS.items():
         summaries = getattr(r, f"{key}_summary")
@@ -172,26 +204,44 @@ def finding(r) -> tuple[str, list[Claim]]:
         flipped[key] = flips
         if flips:
             worst = min(range(len(summaries)), key=lambda l: summaries[l].mean)
-            parts.append(f"{label[0].upper() + label[1:]} flips the mean {at_layers(flips)} (lowest at layer {worst}: "
-                         f"{with_ci(summaries[worst], brackets=False)}).")
+            parts.append(
+                f"{label[0].upper() + label[1:]} flips the mean {at_layers(flips)} (lowest at layer {worst}: "
+                f"{with_ci(summaries[worst], brackets=False)})."
+            )
         else:
             low = min(range(len(summaries)), key=lambda l: summaries[l].mean)
-            parts.append(f"{label[0].upper() + label[1:]} flips it at no layer (lowest at layer {low}: {with_ci(summaries[low], brackets=False)}).")
+            parts.append(
+                f"{label[0].upper() + label[1:]} flips it at no layer (lowest at layer {low}: "
+                f"{with_ci(summaries[low], brackets=False)})."
+            )
     heads_move = [abs(s.mean - c.mean) for s in r.heads_summary]
     span = abs(c.mean - d.mean) or 1.0
     hidden = sorted(set(flipped["resid_s2"]) | set(flipped["resid_final"]))
-    claims = [Claim("patching the hidden state flips the answer at some layers", "agrees" if hidden else "differs",
-                    f"hook_resid_post flips the mean {at_layers(hidden)}."
-                    + ("" if hidden else " The donor's answer never reaches a single position's hidden state whole."))]
+    claims = [
+        Claim(
+            "patching the hidden state flips the answer at some layers",
+            "agrees" if hidden else "differs",
+            f"hook_resid_post flips the mean {at_layers(hidden)}."
+            + ("" if hidden else " The donor's answer never reaches a single position's hidden state whole."),
+        )
+    ]
     small = max(heads_move) < 0.25 * span
     big = max(range(len(heads_move)), key=heads_move.__getitem__)
-    claims.append(Claim("patching all heads of one layer moves the logit difference only a little", "agrees" if small else "differs",
-                        f"the largest move is {heads_move[big]:.2f} nats at layer {big}, {heads_move[big] / span:.0%} of the way from "
-                        f"the recipient's to the donor's value."
-                        + ("" if small else f" In a {r.info.n_layers}-layer model each layer holds 1/{r.info.n_layers} of all heads "
-                                            "(GPT-2 small: 1/12), so one layer's heads can carry a whole step of the task.")))
+    claims.append(
+        Claim(
+            "patching all heads of one layer moves the logit difference only a little",
+            "agrees" if small else "differs",
+            f"the largest move is {heads_move[big]:.2f} nats at layer {big}, {heads_move[big] / span:.0%} of the way "
+            "from the recipient's to the donor's value."
+            + (
+                ""
+                if small
+                else f" In a {r.info.n_layers}-layer model each layer holds 1/{r.info.n_layers} of all heads "
+                "(GPT-2 small: 1/12), so one layer's heads can carry a whole step of the task."
+            ),
+        )
+    )
     return " ".join(parts), claims
-
 
 
 # --- figures ---
@@ -204,7 +254,6 @@ E4_CURVES = (  # (field of E4Result, legend label)
 )
 
 
-
 def figures(r: E4Result) -> dict[str, go.Figure]:
     L = r.heads_patched.shape[0]
     layers = list(range(L))
@@ -213,38 +262,73 @@ def figures(r: E4Result) -> dict[str, go.Figure]:
     fig = go.Figure()
     for which, label in E4_CURVES:
         summaries = getattr(r, which.removesuffix("_patched") + "_summary")
-        fig.add_trace(go.Scatter(
-            x=layers, y=[s.mean for s in summaries], name=label, mode="lines+markers",
-            error_y=dict(type="data", symmetric=False, array=[s.ci_high - s.mean for s in summaries],
-                         arrayminus=[s.mean - s.ci_low for s in summaries]),
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[s.mean for s in summaries],
+                name=label,
+                mode="lines+markers",
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[s.ci_high - s.mean for s in summaries],
+                    arrayminus=[s.mean - s.ci_low for s in summaries],
+                ),
+            )
+        )
     reference_line(fig, r.clean_summary.mean, f"recipient, unpatched<br>({r.clean_summary.mean:.2f})", "green")
     reference_line(fig, r.donor_summary.mean, f"donor ({r.donor_summary.mean:.2f})", "red")
     reference_line(fig, 0.0, "0: indifferent", "black", dash=None)
     fig.update_layout(
-        title=titled(f"E4 ({r.info.model_name}, {prompts}): logit difference correct − wrong (nats) after patching one layer from the donor",
-                     "mean over prompts; bars: 95% bootstrap CI; below 0 = the answer flipped to the donor's"),
-        xaxis=index_axis(L, "patched layer"), yaxis_title="logit difference (nats)")
+        title=titled(
+            f"E4 ({r.info.model_name}, {prompts}): logit difference correct − wrong (nats) after patching one layer "
+            "from the donor",
+            "mean over prompts; bars: 95% bootstrap CI; below 0 = the answer flipped to the donor's",
+        ),
+        xaxis=index_axis(L, "patched layer"),
+        yaxis_title="logit difference (nats)",
+    )
 
     ratio = go.Figure()
     for which, label in E4_CURVES:
         value, low, high = (x.numpy() for x in r.prob_ratio(which, with_ci=True))
-        ratio.add_trace(go.Scatter(x=layers, y=value, name=label, mode="lines+markers",
-                                   error_y=dict(type="data", symmetric=False, array=high - value, arrayminus=value - low)))
+        ratio.add_trace(
+            go.Scatter(
+                x=layers,
+                y=value,
+                name=label,
+                mode="lines+markers",
+                error_y=dict(type="data", symmetric=False, array=high - value, arrayminus=value - low),
+            )
+        )
     clean, donor = float(r.prob_ratio("clean")), float(r.prob_ratio("donor"))
     reference_line(ratio, clean, f"recipient, unpatched<br>({clean:.3g})", "green", log=True)
     reference_line(ratio, donor, f"donor ({donor:.3g})", "red", log=True)
     reference_line(ratio, 1.0, "1: P(correct) = P(wrong)", "black", dash=None, log=True)
     ratio.update_layout(
-        title=titled(f"E4 ({r.info.model_name}, {prompts}): probability ratio P(correct) / P(wrong) after patching one layer",
-                     "exp(mean logit difference) = geometric mean of the per-prompt ratios; bars: 95% bootstrap CI; "
-                     "log scale; below 1 = the answer flipped"),
-        xaxis=index_axis(L, "patched layer"), yaxis=dict(title="P(correct) / P(wrong) (log scale)", type="log", exponentformat="power"))
+        title=titled(
+            f"E4 ({r.info.model_name}, {prompts}): probability ratio P(correct) / P(wrong) after patching one layer",
+            "exp(mean logit difference) = geometric mean of the per-prompt ratios; bars: 95% bootstrap CI; "
+            "log scale; below 1 = the answer flipped",
+        ),
+        xaxis=index_axis(L, "patched layer"),
+        yaxis=dict(title="P(correct) / P(wrong) (log scale)", type="log", exponentformat="power"),
+    )
     return {"e4_logit_diff_by_layer": fig, "e4_prob_ratio_by_layer": ratio}
 
 
 EXPERIMENT = Experiment(
-    key="e4", title="E4 — IOI: patching all heads of a layer vs the hidden state", seed="seed 001",
-    seed_model="GPT-2 small and medium", inputs="ioi", order=4, split_prompts=True,
-    run=run, result=E4Result, figures=figures, finding=finding, conclusion=conclusion, donor_names=donor_names,
+    key="e4",
+    title="E4 — IOI: patching all heads of a layer vs the hidden state",
+    seed="seed 001",
+    seed_model="GPT-2 small and medium",
+    inputs="ioi",
+    order=4,
+    split_prompts=True,
+    run=run,
+    result=E4Result,
+    figures=figures,
+    finding=finding,
+    conclusion=conclusion,
+    donor_names=donor_names,
 )

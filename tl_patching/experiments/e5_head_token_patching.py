@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -26,17 +27,14 @@ from torch import Tensor
 from tl_patching import fast, patching
 from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name
-from tl_patching.experiments.e4_ioi_patching import as_batches
+from tl_patching.experiments.e4_ioi_patching import as_batches, donor_names
+from tl_patching.experiments.spec import Experiment, Option
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
-from tl_patching.prompts import IOIBatch, token_rows
-from tl_patching.results import Result, RunInfo
-import plotly.graph_objects as go
-
-from tl_patching.experiments.e4_ioi_patching import donor_names
-from tl_patching.experiments.spec import Experiment, Option
 from tl_patching.plotting import COLOURS, NEGATIVE_COLOUR, POSITIVE_COLOUR, heatmap, index_axis, titled
+from tl_patching.prompts import IOIBatch, run_info
 from tl_patching.report.words import Claim, listing
+from tl_patching.results import Result
 
 
 @dataclass
@@ -52,25 +50,35 @@ class E5Result(Result):
     def layer_summary(self) -> dict[str, Tensor]:
         """Per layer: mean |effect|, the largest rise and fall, and how many heads raise the score."""
         m = self.heatmap
-        return {"mean_abs": m.abs().mean(-1), "max": m.max(-1).values, "min": m.min(-1).values, "n_positive": (m > 0).sum(-1)}
+        return {
+            "mean_abs": m.abs().mean(-1),
+            "max": m.max(-1).values,
+            "min": m.min(-1).values,
+            "n_positive": (m > 0).sum(-1),
+        }
 
     def reading(self) -> str:
         m = self.heatmap
         H = m.shape[1]
         top, bottom = int(m.argmax()), int(m.argmin())
         mean_abs = self.layer_summary()["mean_abs"]
-        return (f"clean logit diff {self.clean.mean():.2f}; largest rise {m.max():+.3f} (layer {top // H}, head {top % H}), "
-                f"largest fall {m.min():+.3f} (layer {bottom // H}, head {bottom % H}); {int((m > 0).sum())} of {m.numel()} heads "
-                f"raise the score; mean |effect| {mean_abs[: len(mean_abs) // 2].mean():.3f} in the first half of the layers, "
-                f"{mean_abs[len(mean_abs) // 2:].mean():.3f} in the second")
+        return (
+            f"clean logit diff {self.clean.mean():.2f}; largest rise {m.max():+.3f} (layer {top // H}, head "
+            f"{top % H}), largest fall {m.min():+.3f} (layer {bottom // H}, head {bottom % H}); {int((m > 0).sum())} "
+            f"of {m.numel()} heads raise the score; mean |effect| {mean_abs[: len(mean_abs) // 2].mean():.3f} in the "
+            f"first half of the layers, {mean_abs[len(mean_abs) // 2 :].mean():.3f} in the second"
+        )
 
 
 METHODS = ("fast", "sweep")
 
 
 def run(
-    forward: Forward, data: IOIBatch | Sequence[IOIBatch] | None = None, method: str | None = None,
-    donor_cache: dict[str, Tensor] | None = None, progress: bool = True,
+    forward: Forward,
+    data: IOIBatch | Sequence[IOIBatch] | None = None,
+    method: str | None = None,
+    donor_cache: dict[str, Tensor] | None = None,
+    progress: bool = True,
 ) -> E5Result:
     """Single-head, final-position patching sweep over all layers × heads.
 
@@ -93,13 +101,16 @@ def run(
             patched = patching.head_sweep(forward, b.tokens, donor, metric, pos=-1, progress=progress)
         return clean, patched - clean  # both on the CPU in float32
 
-    clean, effect = map_batches(one_batch, batches, donor_cache)  # under torchrun: this rank's prompts, then all gathered
+    clean, effect = map_batches(
+        one_batch, batches, donor_cache
+    )  # under torchrun: this rank's prompts, then all gathered
     if not torch.isfinite(effect).all():
         raise FloatingPointError("the sweep produced NaN/inf logit differences")
     return E5Result(
-        info=RunInfo.of(forward, token_rows(batches), batches[0].prepend_bos, n_prompts=len(clean),
-                        texts=[t for b in batches for t in b.texts][:10]),
-        clean=clean, effect=effect, method=method,
+        info=run_info(forward, batches),
+        clean=clean,
+        effect=effect,
+        method=method,
     )
 
 
@@ -108,9 +119,18 @@ def conclusion(r: E5Result) -> str:
     m = r.heatmap
     H = m.shape[1]
     order = m.flatten().argsort()[:3].tolist()
-    return ("The heads that matter most at the final position are "
-            + listing([f"layer {i // H} head {i % H} ({float(m.flatten()[i]):+.2f} nats)" for i in order
-                       if float(m.flatten()[i]) < 0], "none") + " (E5).")
+    return (
+        "The heads that matter most at the final position are "
+        + listing(
+            [
+                f"layer {i // H} head {i % H} ({float(m.flatten()[i]):+.2f} nats)"
+                for i in order
+                if float(m.flatten()[i]) < 0
+            ],
+            "none",
+        )
+        + " (E5)."
+    )
 
 
 # --- the finding in words (the report's paragraph and its claims against the seed) ---
@@ -124,28 +144,43 @@ def finding(r) -> tuple[str, list[Claim]]:
     n_pos, n_neg = int((m > 0).sum()), int((m < 0).sum())
     quiet = int((m.abs() < 0.01).sum())
     mean_abs = m.abs().mean(-1)
-    early, late = float(mean_abs[: L // 2].mean()), float(mean_abs[L // 2:].mean())
+    early, late = float(mean_abs[: L // 2].mean()), float(mean_abs[L // 2 :].mean())
     n = len(r.clean)
-    text = (f"Patching one head's output at the final position only, mean over {n} prompt{'s' if n != 1 else ''} "
-            f"(clean logit difference {clean:.2f} nats): the largest fall is {float(m.min()):+.2f} nats at layer {bottom // H}, "
-            f"head {bottom % H} ({abs(float(m.min())) / abs(clean):.0%} of the clean value), the largest rise {float(m.max()):+.2f} "
-            f"at layer {top // H}, head {top % H}. {n_pos} of {m.numel()} heads raise the score and {n_neg} lower it"
-            + (f"; {quiet} change it by less than 0.01 nats" if quiet else "") + f". The mean |effect| per head is "
-            f"{early:.2f} nats in the first half of the layers and {late:.2f} in the second.")
-    share = (f"A block computes x_out = x_in + Σ_heads attn_h(x) + MLP(…): one head at one position is a 1/{H} share of one "
-             f"term here (GPT-2 large: 1/20), and this model has {L * H} heads in all (GPT-2 large: 720), so each carries far "
-             f"more of the task.")
+    text = (
+        f"Patching one head's output at the final position only, mean over {n} prompt{'s' if n != 1 else ''} "
+        f"(clean logit difference {clean:.2f} nats): the largest fall is {float(m.min()):+.2f} nats at layer "
+        f"{bottom // H}, head {bottom % H} ({abs(float(m.min())) / abs(clean):.0%} of the clean value), the largest "
+        f"rise {float(m.max()):+.2f} at layer {top // H}, head {top % H}. {n_pos} of {m.numel()} heads raise the score "
+        f"and {n_neg} lower it"
+        + (f"; {quiet} change it by less than 0.01 nats" if quiet else "")
+        + f". The mean |effect| per head is "
+        f"{early:.2f} nats in the first half of the layers and {late:.2f} in the second."
+    )
+    share = (
+        f"A block computes x_out = x_in + Σ_heads attn_h(x) + MLP(…): one head at one position is a 1/{H} share of one "
+        f"term here (GPT-2 large: 1/20), and this model has {L * H} heads in all (GPT-2 large: 720), so each carries "
+        "far more of the task."
+    )
     tiny = abs(float(m.min())) < 0.1 * abs(clean) and abs(float(m.max())) < 0.1 * abs(clean)
     claims = [
-        Claim("single-head effects are tiny", "agrees" if tiny else "differs",
-              f"the largest is {max(abs(float(m.min())), abs(float(m.max()))):.2f} nats against a clean {clean:.2f}." + ("" if tiny else " " + share)),
-        Claim("effects are larger in late layers", "agrees" if late > early else "differs",
-              f"mean |effect| {early:.2f} nats in the first half of the layers, {late:.2f} in the second."),
-        Claim("some heads raise the score and some lower it", "agrees" if n_pos and n_neg else "differs",
-              f"{n_pos} raise it and {n_neg} lower it."),
+        Claim(
+            "single-head effects are tiny",
+            "agrees" if tiny else "differs",
+            f"the largest is {max(abs(float(m.min())), abs(float(m.max()))):.2f} nats against a clean {clean:.2f}."
+            + ("" if tiny else " " + share),
+        ),
+        Claim(
+            "effects are larger in late layers",
+            "agrees" if late > early else "differs",
+            f"mean |effect| {early:.2f} nats in the first half of the layers, {late:.2f} in the second.",
+        ),
+        Claim(
+            "some heads raise the score and some lower it",
+            "agrees" if n_pos and n_neg else "differs",
+            f"{n_pos} raise it and {n_neg} lower it.",
+        ),
     ]
     return text, claims
-
 
 
 # --- figures ---
@@ -154,31 +189,72 @@ def finding(r) -> tuple[str, list[Claim]]:
 def figures(r: E5Result) -> dict[str, go.Figure]:
     n = len(r.clean)
     heat = heatmap(
-        r.heatmap, f"E5 ({r.info.model_name}): change in logit difference (nats) from patching one head at the final position",
+        r.heatmap,
+        f"E5 ({r.info.model_name}): change in logit difference (nats) from patching one head at the final position",
         f"patched − clean, mean over {n} prompt{'s' if n != 1 else ''} (clean {float(r.clean.mean()):.2f} nats); "
         f"{NEGATIVE_COLOUR} = lowers the logit difference (toward the donor's answer), {POSITIVE_COLOUR} = raises it",
-        "Δ logit diff (nats)")
+        "Δ logit diff (nats)",
+    )
     summary = r.layer_summary()
     L = len(summary["mean_abs"])
     layers = list(range(L))
-    bars = go.Figure([
-        go.Bar(x=layers, y=summary["max"].numpy(), name="largest rise (most positive head)", marker_color=COLOURS["rise"]),
-        go.Bar(x=layers, y=summary["min"].numpy(), name="largest fall (most negative head)", marker_color=COLOURS["fall"]),
-        go.Scatter(x=layers, y=summary["mean_abs"].numpy(), name="mean |effect| over the layer's heads", mode="lines+markers",
-                   line_color="black"),
-    ])
+    bars = go.Figure(
+        [
+            go.Bar(
+                x=layers,
+                y=summary["max"].numpy(),
+                name="largest rise (most positive head)",
+                marker_color=COLOURS["rise"],
+            ),
+            go.Bar(
+                x=layers,
+                y=summary["min"].numpy(),
+                name="largest fall (most negative head)",
+                marker_color=COLOURS["fall"],
+            ),
+            go.Scatter(
+                x=layers,
+                y=summary["mean_abs"].numpy(),
+                name="mean |effect| over the layer's heads",
+                mode="lines+markers",
+                line_color="black",
+            ),
+        ]
+    )
     bars.add_hline(y=0, line_color="grey")
     bars.update_layout(
-        title=titled(f"E5 ({r.info.model_name}): per-layer summary of single-head, final-position patches",
-                     "change in logit difference (nats), patched − clean, heads' means over prompts"),
-        xaxis=index_axis(L, "layer"), yaxis_title="Δ logit difference (nats)", barmode="group")
+        title=titled(
+            f"E5 ({r.info.model_name}): per-layer summary of single-head, final-position patches",
+            "change in logit difference (nats), patched − clean, heads' means over prompts",
+        ),
+        xaxis=index_axis(L, "layer"),
+        yaxis_title="Δ logit difference (nats)",
+        barmode="group",
+    )
     return {"e5_head_heatmap": heat, "e5_layer_summary": bars}
 
 
 EXPERIMENT = Experiment(
-    key="e5", title="E5 — IOI: one head at the final position", seed="seed 000", seed_model="GPT-2 large",
-    inputs="ioi", order=5, split_prompts=True,
-    options=(Option("--method", "str", "fast: recompute only the final position (tl backend); sweep: the reference driver "
-                                       "(default: fast on tl, sweep on hf)", choices=("fast", "sweep")),),
-    run=run, result=E5Result, figures=figures, finding=finding, conclusion=conclusion, donor_names=donor_names,
+    key="e5",
+    title="E5 — IOI: one head at the final position",
+    seed="seed 000",
+    seed_model="GPT-2 large",
+    inputs="ioi",
+    order=5,
+    split_prompts=True,
+    options=(
+        Option(
+            "--method",
+            "str",
+            "fast: recompute only the final position (tl backend); sweep: the reference driver "
+            "(default: fast on tl, sweep on hf)",
+            choices=("fast", "sweep"),
+        ),
+    ),
+    run=run,
+    result=E5Result,
+    figures=figures,
+    finding=finding,
+    conclusion=conclusion,
+    donor_names=donor_names,
 )

@@ -20,7 +20,6 @@ from tl_patching.prompts import IOIBatch
 from tl_patching.report.words import Claim, listing
 
 
-
 def run(forward: Forward, data: Sequence[IOIBatch], donor_cache=None, progress: bool = True) -> CircuitResult:
     """The circuit over ``data`` (its donors are run here: no donor cache)."""
     return circuit.run(forward, data)
@@ -33,22 +32,36 @@ def finding(r) -> tuple[str, list[Claim]]:
         out = []
         for l, h in r.heads.get(level, []):
             kind, effect = max(((k, float(t[l, h])) for k, t in tables.items()), key=lambda ke: abs(ke[1]))
-            out.append(f"layer {l} head {h} ({effect:+.2f} nats{'' if kind == 'direct' else ' through their ' + kind + ' inputs'})")
+            out.append(
+                f"layer {l} head {h} ({effect:+.2f} nats"
+                f"{'' if kind == 'direct' else ' through their ' + kind + ' inputs'})"
+            )
         return out
 
-    movers, steering, sources = heads("name mover", {"direct": r.direct}), heads("steering", r.steer), heads("source", r.read)
+    movers, steering, sources = (
+        heads("name mover", {"direct": r.direct}),
+        heads("steering", r.steer),
+        heads("source", r.read),
+    )
     cut = r.settings.get("cut_nats", float("nan"))
-    text = (f"Exact path patching (every other head frozen at its clean output, MLPs recomputed), mean over {len(r.clean)} "
-            f"prompts; clean logit difference {float(r.clean.mean()):.2f} nats, donor {float(r.donor.mean()):.2f}; a head counts "
-            f"when its path moves the logit difference by at least {cut:.2f} nats. Heads writing the answer directly "
-            f"(to the logits): {listing(movers)}. Heads steering them: {listing(steering)}. Heads those read from: "
-            f"{listing(sources)}. {len(r.edges)} edges of at least {r.settings.get('edge_min', 0):.2f} nats are drawn.")
+    text = (
+        f"Exact path patching (every other head frozen at its clean output, MLPs recomputed), mean over {len(r.clean)} "
+        f"prompts; clean logit difference {float(r.clean.mean()):.2f} nats, donor {float(r.donor.mean()):.2f}; a head "
+        f"counts when its path moves the logit difference by at least {cut:.2f} nats. Heads writing the answer "
+        f"directly (to the logits): {listing(movers)}. Heads steering them: {listing(steering)}. Heads those read "
+        f"from: {listing(sources)}. {len(r.edges)} edges of at least {r.settings.get('edge_min', 0):.2f} nats are "
+        "drawn."
+    )
     direct_total = sum(abs(float(r.direct[l, h])) for l, h in r.heads.get("name mover", []))
-    claims = [Claim("to get a large effect, find and patch a group of heads with the same function",
-                    "agrees" if len(movers) >= 2 else "partly",
-                    f"{len(movers)} heads write the answer directly, {direct_total:.2f} nats together against "
-                    f"{max((abs(float(x)) for x in r.direct.flatten()), default=0):.2f} for the largest alone; path patching "
-                    "then finds which earlier heads feed them.")]
+    claims = [
+        Claim(
+            "to get a large effect, find and patch a group of heads with the same function",
+            "agrees" if len(movers) >= 2 else "partly",
+            f"{len(movers)} heads write the answer directly, {direct_total:.2f} nats together against "
+            f"{max((abs(float(x)) for x in r.direct.flatten()), default=0):.2f} for the largest alone; path patching "
+            "then finds which earlier heads feed them.",
+        )
+    ]
     return text, claims
 
 
@@ -57,7 +70,16 @@ def figures(r: CircuitResult) -> dict[str, go.Figure]:
 
 
 EXPERIMENT = Experiment(
-    key="circuit", title="The IOI circuit — exact path patching from the answer back", seed="seed 000",
-    seed_model="GPT-2 large", inputs="ioi", order=6, max_prompts=50, backends=("tl",),  # path patching: the slow step
-    run=run, result=CircuitResult, figures=figures, finding=finding,
+    key="circuit",
+    title="The IOI circuit — exact path patching from the answer back",
+    seed="seed 000",
+    seed_model="GPT-2 large",
+    inputs="ioi",
+    order=6,
+    max_prompts=50,
+    backends=("tl",),  # path patching: the slow step
+    run=run,
+    result=CircuitResult,
+    figures=figures,
+    finding=finding,
 )

@@ -61,21 +61,28 @@ class Experiment:
     backends: tuple[str, ...] = ("tl", "hf")  # the backends it runs on (others are refused by name)
     split_prompts: bool = False  # under torchrun: each process takes its share of the prompts (else rank 0 runs it)
     # --- read by importing the module ---
-    run: Callable[..., Any] | None = None  # text: run(forward, **options); ioi: run(forward, data, donor_cache=, progress=, **options)
+    run: Callable[..., Any] | None = (
+        None  # text: run(forward, **options); ioi: run(forward, data, donor_cache=, progress=, **options)
+    )
     result: type | None = None  # the `tl_patching.results.Result` subclass ``run`` returns
     figures: Callable[[Any], dict] | None = None  # result -> {file stem: plotly Figure}
     finding: Callable[[Any], tuple] | None = None  # result -> (paragraph, [report.words.Claim])
     data_note: Callable[[Any], str] | None = None  # result -> a sentence for the report's data paragraph
     conclusion: Callable[[Any], str | None] | None = None  # result -> a point for the report's conclusion
-    donor_names: Callable[[int], list[str]] | None = None  # n_layers -> hooks a --donor-cache must hold (None: no cache)
+    donor_names: Callable[[int], list[str]] | None = (
+        None  # n_layers -> hooks a --donor-cache must hold (None: no cache)
+    )
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
             raise ValueError(f"experiment {self.key!r}: inputs must be one of {INPUTS}, got {self.inputs!r}")
 
 
-_LITERAL_FIELDS = [f.name for f in fields(Experiment) if f.name not in
-                   ("run", "result", "figures", "finding", "data_note", "conclusion", "donor_names")]
+_LITERAL_FIELDS = [
+    f.name
+    for f in fields(Experiment)
+    if f.name not in ("run", "result", "figures", "finding", "data_note", "conclusion", "donor_names")
+]
 _EXTRA: list[str] = []  # modules added with `register`, e.g. a user's own experiment
 
 
@@ -109,13 +116,18 @@ def declared(module: str) -> Experiment | None:
         raise ModuleNotFoundError(f"no module {module!r}")
     tree = ast.parse(open(spec.origin, encoding="utf-8").read(), spec.origin)
     for node in tree.body:
-        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["EXPERIMENT"]
-                and isinstance(node.value, ast.Call)):
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["EXPERIMENT"]
+            and isinstance(node.value, ast.Call)
+        ):
             given = {k.arg: k.value for k in node.value.keywords if k.arg in _LITERAL_FIELDS}
             try:
                 return Experiment(**{k: _literal(v) for k, v in given.items()})
             except (ValueError, TypeError) as e:
-                raise TypeError(f"{module}: EXPERIMENT's fields {', '.join(_LITERAL_FIELDS)} must be literals ({e})") from None
+                raise TypeError(
+                    f"{module}: EXPERIMENT's fields {', '.join(_LITERAL_FIELDS)} must be literals ({e})"
+                ) from None
     return None
 
 
@@ -139,7 +151,12 @@ def load(key: str) -> Experiment:
         raise ValueError(f"unknown experiment {key!r}; choose from {', '.join(entries)}")
     module, light = entries[key]
     experiment = importlib.import_module(module).EXPERIMENT
-    if replace(experiment, **{f: None for f in ("run", "result", "figures", "finding", "data_note", "conclusion",
-                                                "donor_names")}) != light:
+    if (
+        replace(
+            experiment,
+            **{f: None for f in ("run", "result", "figures", "finding", "data_note", "conclusion", "donor_names")},
+        )
+        != light
+    ):
         raise TypeError(f"{module}: EXPERIMENT differs from what its source declares (build it from literals only)")
     return experiment

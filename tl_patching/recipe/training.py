@@ -31,7 +31,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from tl_patching.metrics import logit_diff, summarize
 from tl_patching.prompts import (
-    HELD_OUT_TEMPLATES, NAMES, OBJECTS, PIZZA_SENTENCES, PLACES, TEMPLATES, IOIPrompt, ioi_prompts,
+    HELD_OUT_TEMPLATES,
+    NAMES,
+    OBJECTS,
+    PIZZA_SENTENCES,
+    PLACES,
+    TEMPLATES,
+    IOIPrompt,
+    ioi_prompts,
 )
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 
@@ -53,10 +60,27 @@ FILLER = (
 )
 
 
-OPENERS = (("", ". "), ("Then, ", ". "), ("Later, ", ". "), ("When ", ", "), ("After ", ", "), ("While ", ", "),
-           ("Once ", ", "), ("Yesterday ", ". "))  # (opener, what separates the second clause)
-ACTIVITIES = ("went to the", "walked to the", "were at the", "arrived at the", "were sitting in the",
-              "had a long day at the", "met at the", "were working at the", "stayed in the")
+OPENERS = (
+    ("", ". "),
+    ("Then, ", ". "),
+    ("Later, ", ". "),
+    ("When ", ", "),
+    ("After ", ", "),
+    ("While ", ", "),
+    ("Once ", ", "),
+    ("Yesterday ", ". "),
+)  # (opener, what separates the second clause)
+ACTIVITIES = (
+    "went to the",
+    "walked to the",
+    "were at the",
+    "arrived at the",
+    "were sitting in the",
+    "had a long day at the",
+    "met at the",
+    "were working at the",
+    "stayed in the",
+)
 TRANSFERS = ("gave", "handed", "passed", "sent", "threw", "showed", "brought")
 
 
@@ -64,7 +88,10 @@ def composed_templates() -> list[str]:
     """Every IOI sentence shape of the training grammar plus `prompts.TEMPLATES`, minus the held-out template."""
     shapes = {
         f"{opener}{{A}} and {{B}} {activity} {{PLACE}}{sep}{{S}} {verb} {article} {{OBJECT}} to"
-        for opener, sep in OPENERS for activity in ACTIVITIES for verb in TRANSFERS for article in ("a", "the")
+        for opener, sep in OPENERS
+        for activity in ACTIVITIES
+        for verb in TRANSFERS
+        for article in ("a", "the")
     }
     shapes = sorted(shapes | set(TEMPLATES))
     return [t for t in shapes if t not in HELD_OUT_TEMPLATES]
@@ -110,9 +137,16 @@ def filler_sentences(n: int, rng: random.Random) -> list[str]:
     out = []
     for _ in range(n):
         n1, n2 = rng.sample(NAMES, 2)
-        out.append(rng.choice(FILLER).format(
-            N=n1, N2=n2, V=rng.choice(VERBS), ADJ=rng.choice(ADJECTIVES), OBJ=rng.choice(OBJECTS), PLACE=rng.choice(PLACES)
-        ))
+        out.append(
+            rng.choice(FILLER).format(
+                N=n1,
+                N2=n2,
+                V=rng.choice(VERBS),
+                ADJ=rng.choice(ADJECTIVES),
+                OBJ=rng.choice(OBJECTS),
+                PLACE=rng.choice(PLACES),
+            )
+        )
     return out
 
 
@@ -157,7 +191,9 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], n_ctx: int) -> 
 
 def masked_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     logits = model(ids).logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     target_mask = mask[:, 1:].reshape(-1).float()
     return (nll * target_mask).sum() / target_mask.sum()
 
@@ -176,10 +212,16 @@ def evaluate(model: GPT2LMHeadModel, tokenizer, corpus: Corpus, train_ids: torch
                 assert len(io) == len(s) == 1 and tokenizer.unk_token_id not in ids
                 diffs.append(logit_diff(model(ids).logits, torch.tensor(io), torch.tensor(s)))
             summary = summarize(torch.cat(diffs))
-            results[f"ioi_{name}"] = {"accuracy": summary.accuracy, "mean_logit_diff": summary.mean,
-                                      "ci95": [summary.ci_low, summary.ci_high], "n": summary.n}
+            results[f"ioi_{name}"] = {
+                "accuracy": summary.accuracy,
+                "mean_logit_diff": summary.mean,
+                "ci95": [summary.ci_low, summary.ci_high],
+                "n": summary.n,
+            }
         ids, mask = encode(tokenizer, corpus.held_out_filler, n_ctx)
-        counts = torch.bincount(train_ids[:, 1:][train_ids[:, 1:] != tokenizer.bos_token_id], minlength=len(tokenizer)).double()
+        counts = torch.bincount(
+            train_ids[:, 1:][train_ids[:, 1:] != tokenizer.bos_token_id], minlength=len(tokenizer)
+        ).double()
         unigram = (counts + 1) / (counts + 1).sum()
         targets = ids[:, 1:][mask[:, 1:]]
         results["held_out_filler_loss"] = float(masked_loss(model, ids, mask))
@@ -195,9 +237,17 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     tokenizer = word_tokenizer(corpus.train + eval_texts + [" " + n for n in NAMES])
     ids, mask = encode(tokenizer, corpus.train, cfg.n_ctx)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_ctx,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -219,8 +269,11 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         if step % 500 == 0 or step == cfg.steps - 1:
             log(f"step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f}s")
     results = evaluate(model, tokenizer, corpus, ids, cfg.n_ctx)
-    results.update(train_seconds=round(time.perf_counter() - start, 1), config=asdict(cfg),
-                   held_out_pairs=[list(p) for p in corpus.held_out_pairs])
+    results.update(
+        train_seconds=round(time.perf_counter() - start, 1),
+        config=asdict(cfg),
+        held_out_pairs=[list(p) for p in corpus.held_out_pairs],
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -29,7 +29,8 @@ def pre_tokens(texts: Iterable[str]) -> list[str]:
 
 
 def word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A tokenizer whose vocabulary is ``<|endoftext|>``, ``<unk>`` and every word (with and without a leading space) in ``texts``."""
+    """A tokenizer whose vocabulary is ``<|endoftext|>``, ``<unk>`` and every word (with and without a leading space) in
+    ``texts``."""
     words = pre_tokens(texts)
     spaced = pre_tokens(" " + w.lstrip("Ġ") for w in words)
     bare = pre_tokens(w.lstrip("Ġ") for w in words)
@@ -39,6 +40,7 @@ def word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                        special_tokens=[(BOS, vocab[BOS])])
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=BOS, unk_token=UNK, pad_token=BOS)

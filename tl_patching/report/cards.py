@@ -41,8 +41,11 @@ def hf_config_rows(config: dict, parameters: int | None) -> list[tuple[str, str]
     d_head = config.get("head_dim") or (d_model // heads if d_model and heads else "?")
     activation = _first(config, "activation_function", "hidden_activation", "hidden_act") or "?"
     rows = [
-        ("architecture", f"{', '.join(config.get('architectures') or []) or config.get('model_type', '?')} "
-                         f"({config.get('model_type', '?')}, activation {activation})"),
+        (
+            "architecture",
+            f"{', '.join(config.get('architectures') or []) or config.get('model_type', '?')} "
+            f"({config.get('model_type', '?')}, activation {activation})",
+        ),
         ("layers × heads", f"{layers} × {heads} (d_head {d_head})"),
         ("d_model / d_mlp", f"{d_model} / {d_mlp}"),
         ("vocabulary", f"{config.get('vocab_size')} tokens"),
@@ -61,24 +64,43 @@ def shipped_model_card() -> list[tuple[str, str]]:
     t = training["config"]
     rows = hf_config_rows(config, safetensors_parameters(SHIPPED_DIR / "model.safetensors"))
     vocab = len(tokenizer["model"]["vocab"])
-    rows[3] = ("vocabulary", f"{vocab} {tokenizer['model']['type']} tokens: one per word (with and without a leading space, as "
-                             f"GPT-2 writes \" Sally\"), plus <|endoftext|> (BOS) and <unk>; any other word becomes <unk>")
+    rows[3] = (
+        "vocabulary",
+        f"{vocab} {tokenizer['model']['type']} tokens: one per word (with and without a leading space, as "
+        f'GPT-2 writes " Sally"), plus <|endoftext|> (BOS) and <unk>; any other word becomes <unk>',
+    )
     held_out, train = training["ioi_held_out_template"], training["ioi_train_templates"]
     rows += [
-        ("trained on", f"a generated corpus: {t['n_ioi']:,} IOI sentences with their answer (both name orders, "
-                       f"{t['prefix_fraction']:.0%} preceded by a filler sentence), {t['n_pizza']:,} sentences about pizza (the cosine-similarity sentence "
-                       f"among them) and {t['n_filler']:,} filler sentences over the same names, places and objects; "
-                       f"{t['n_held_out_pairs']} name pairs and one IOI template are never used in training"),
-        ("training", f"{t['steps']:,} steps of {t['batch_size']} sequences, AdamW (lr {t['lr']:g}, weight decay {t['weight_decay']:g}), "
-                     f"seed {t['seed']}, {training['train_seconds'] / 60:.0f} min on CPU (tl_patching/recipe/training.py)"),
-        ("IOI, held-out names", f"held-out template: accuracy {held_out['accuracy']:.0%}, mean logit difference "
-                                f"{held_out['mean_logit_diff']:.2f} nats ({CI} [{held_out['ci95'][0]:.2f}, {held_out['ci95'][1]:.2f}], "
-                                f"{held_out['n']} prompts); training templates: {train['accuracy']:.0%}, {train['mean_logit_diff']:.2f} nats "
-                                f"({CI} [{train['ci95'][0]:.2f}, {train['ci95'][1]:.2f}], {train['n']} prompts)"),
-        ("language modelling", f"held-out filler sentences: {training['held_out_filler_loss']:.2f} nats/token "
-                               f"(unigram baseline {training['unigram_baseline_loss']:.2f})"),
-        ("not for", "conclusions about GPT-2: it is a 4-layer model of a tiny synthetic language, so it has one job (IOI) and "
-                    "few heads to do it with; run the experiments with --model gpt2… to test the seeds' claims on GPT-2 itself"),
+        (
+            "trained on",
+            f"a generated corpus: {t['n_ioi']:,} IOI sentences with their answer (both name orders, "
+            f"{t['prefix_fraction']:.0%} preceded by a filler sentence), {t['n_pizza']:,} sentences about pizza (the "
+            f"cosine-similarity sentence among them) and {t['n_filler']:,} filler sentences over the same names, "
+            f"places and objects; {t['n_held_out_pairs']} name pairs and one IOI template are never used in training",
+        ),
+        (
+            "training",
+            f"{t['steps']:,} steps of {t['batch_size']} sequences, AdamW (lr {t['lr']:g}, weight decay "
+            f"{t['weight_decay']:g}), seed {t['seed']}, {training['train_seconds'] / 60:.0f} min on CPU "
+            "(tl_patching/recipe/training.py)",
+        ),
+        (
+            "IOI, held-out names",
+            f"held-out template: accuracy {held_out['accuracy']:.0%}, mean logit difference "
+            f"{held_out['mean_logit_diff']:.2f} nats ({CI} [{held_out['ci95'][0]:.2f}, {held_out['ci95'][1]:.2f}], "
+            f"{held_out['n']} prompts); training templates: {train['accuracy']:.0%}, {train['mean_logit_diff']:.2f} "
+            f"nats ({CI} [{train['ci95'][0]:.2f}, {train['ci95'][1]:.2f}], {train['n']} prompts)",
+        ),
+        (
+            "language modelling",
+            f"held-out filler sentences: {training['held_out_filler_loss']:.2f} nats/token "
+            f"(unigram baseline {training['unigram_baseline_loss']:.2f})",
+        ),
+        (
+            "not for",
+            "conclusions about GPT-2: it is a 4-layer model of a tiny synthetic language, so it has one job (IOI) and "
+            "few heads to do it with; run the experiments with --model gpt2… to test the seeds' claims on GPT-2 itself",
+        ),
     ]
     return rows
 
@@ -90,14 +112,19 @@ def model_card(model_name: str, info=None, model=None) -> list[tuple[str, str]]:
         return shipped_model_card()
     directory = Path(str(model_name))
     if (directory / "config.json").is_file():
-        return hf_config_rows(json.loads((directory / "config.json").read_text()),
-                               safetensors_parameters(directory / "model.safetensors"))
+        return hf_config_rows(
+            json.loads((directory / "config.json").read_text()), safetensors_parameters(directory / "model.safetensors")
+        )
     if model is not None:
         c = model.cfg
-        return [("architecture", f"{c.original_architecture or '?'} (activation {c.act_fn})"),
-                ("layers × heads", f"{c.n_layers} × {c.n_heads} (d_head {c.d_head})"), ("d_model / d_mlp", f"{c.d_model} / {c.d_mlp}"),
-                ("vocabulary", f"{c.d_vocab} tokens"), ("context", f"{c.n_ctx} tokens"),
-                ("parameters", f"{sum(p.numel() for p in model.parameters()):,}")]
+        return [
+            ("architecture", f"{c.original_architecture or '?'} (activation {c.act_fn})"),
+            ("layers × heads", f"{c.n_layers} × {c.n_heads} (d_head {c.d_head})"),
+            ("d_model / d_mlp", f"{c.d_model} / {c.d_mlp}"),
+            ("vocabulary", f"{c.d_vocab} tokens"),
+            ("context", f"{c.n_ctx} tokens"),
+            ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ]
     if info is not None:
         return [("layers × heads", f"{info.n_layers} × {info.n_heads}")]
     return []
@@ -105,6 +132,7 @@ def model_card(model_name: str, info=None, model=None) -> list[tuple[str, str]]:
 
 def card_markdown(rows: list[tuple[str, str]]) -> str:
     """The card as a Markdown table (``docs/model_card.md`` holds the shipped model's)."""
+
     def cell(text: str) -> str:
         text = text.replace("|", "\\|")
         for token in ("<\\|endoftext\\|>", "<unk>"):

@@ -20,10 +20,14 @@ from tl_patching.report.cards import model_card
 from tl_patching.report.words import SHIPPED_NAME, Claim, token_count
 
 BACKENDS = {"tl": "TransformerLens", "hf": "raw HuggingFace"}
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;line-height:1.5;color:#222}
-img,iframe{width:100%;max-width:1000px;border:0}iframe{height:640px}figure{margin:1.2em 0}figcaption{font-size:.9em;color:#555}
-table{border-collapse:collapse;margin:1em 0}th{white-space:nowrap}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-.agrees{color:#1a7f37}.differs{color:#b3261e}.partly,.not{color:#9a6700}code{background:#f4f4f4;padding:0 .2em}"""
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;line-height:1.5;color:#222}\n"
+    "img,iframe{width:100%;max-width:1000px;border:0}iframe{height:640px}"
+    "figure{margin:1.2em 0}figcaption{font-size:.9em;color:#555}\n"
+    "table{border-collapse:collapse;margin:1em 0}th{white-space:nowrap}"
+    "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\n"
+    ".agrees{color:#1a7f37}.differs{color:#b3261e}.partly,.not{color:#9a6700}code{background:#f4f4f4;padding:0 .2em}"
+)
 
 
 def data_description(experiment: spec.Experiment, r) -> str:
@@ -37,13 +41,18 @@ def data_description(experiment: spec.Experiment, r) -> str:
     n = int(info.settings.get("n_prompts", len(info.token_ids)))
     examples = info.settings.get("texts", [])[:2]
     if n == 1:
-        return f"The seed's single prompt pair: “{examples[0] if examples else '?'}” (donor: the other name repeated).{note}"
+        return (
+            f"The seed's single prompt pair: “{examples[0] if examples else '?'}” (donor: the other name "
+            f"repeated).{note}"
+        )
     start = info.start_token_words()
-    return (f"{n} IOI prompts, each with a donor (the same sentence with the other name repeated, so the answer flips and "
-            f"the token length does not), half with the names in ABBA order and half BABA, built from the "
-            f"{len(TEMPLATES) + len(HELD_OUT_TEMPLATES)} templates in tl_patching.prompts"
-            + (" (the last is never used to train the shipped model)" if info.model_name == SHIPPED_NAME else "")
-            + f"; e.g. “{'”, “'.join(examples)}”. {start[0].upper() + start[1:]}.{note}")
+    return (
+        f"{n} IOI prompts, each with a donor (the same sentence with the other name repeated, so the answer flips and "
+        f"the token length does not), half with the names in ABBA order and half BABA, built from the "
+        f"{len(TEMPLATES) + len(HELD_OUT_TEMPLATES)} templates in tl_patching.prompts"
+        + (" (the last is never used to train the shipped model)" if info.model_name == SHIPPED_NAME else "")
+        + f"; e.g. “{'”, “'.join(examples)}”. {start[0].upper() + start[1:]}.{note}"
+    )
 
 
 def _figures(files: list[Path]) -> str:
@@ -53,39 +62,57 @@ def _figures(files: list[Path]) -> str:
             continue
         png = f.with_suffix(".png")
         if png in files or png.exists():
-            out.append(f'<figure><a href="{f.name}"><img src="{png.name}" alt="{f.stem}"></a>'
-                       f'<figcaption><a href="{f.name}">{f.stem}</a> (interactive)</figcaption></figure>')
+            out.append(
+                f'<figure><a href="{f.name}"><img src="{png.name}" alt="{f.stem}"></a>'
+                f'<figcaption><a href="{f.name}">{f.stem}</a> (interactive)</figcaption></figure>'
+            )
         else:
-            out.append(f'<figure><iframe src="{f.name}" title="{f.stem}"></iframe>'
-                       f'<figcaption><a href="{f.name}">{f.stem}</a> (open full page)</figcaption></figure>')
+            out.append(
+                f'<figure><iframe src="{f.name}" title="{f.stem}"></iframe>'
+                f'<figcaption><a href="{f.name}">{f.stem}</a> (open full page)</figcaption></figure>'
+            )
     return "\n".join(out)
 
 
 def _claims_table(experiment: spec.Experiment, claims: list[Claim]) -> str:
-    rows = "".join(f'<tr><td>{html.escape(c.seed_says)}</td><td class="{c.verdict.split()[0]}"><b>{c.verdict}</b></td>'
-                   f"<td>{html.escape(c.because)}</td></tr>" for c in claims)
-    return (f"<p><b>Against the seed</b> ({experiment.seed}, {experiment.seed_model}):</p><table><tr><th>the seed's claim</th>"
-            f"<th>here</th><th>why</th></tr>{rows}</table>")
+    rows = "".join(
+        f'<tr><td>{html.escape(c.seed_says)}</td><td class="{c.verdict.split()[0]}"><b>{c.verdict}</b></td>'
+        f"<td>{html.escape(c.because)}</td></tr>"
+        for c in claims
+    )
+    return (
+        f"<p><b>Against the seed</b> ({experiment.seed}, {experiment.seed_model}):</p><table><tr><th>the seed's "
+        f"claim</th><th>here</th><th>why</th></tr>{rows}</table>"
+    )
 
 
-def conclusion(model_name: str, experiments: dict[str, spec.Experiment], found: dict[str, tuple[str, list[Claim]]],
-               results: dict) -> str:
+def conclusion(
+    model_name: str, experiments: dict[str, spec.Experiment], found: dict[str, tuple[str, list[Claim]]], results: dict
+) -> str:
     """How many of the seeds' claims agree, each experiment's point for the conclusion, and the caveat."""
     claims = [c for _, cs in found.values() for c in cs]
     counts = {v: sum(c.verdict == v for c in claims) for v in ("agrees", "partly", "differs", "not tested")}
-    points = [point for key, r in results.items()
-              if experiments[key].conclusion and (point := experiments[key].conclusion(r))]
+    points = [
+        point for key, r in results.items() if experiments[key].conclusion and (point := experiments[key].conclusion(r))
+    ]
     shipped = str(model_name) == SHIPPED_NAME
-    caveat = ("These are findings about the shipped 4-layer model of a synthetic IOI language, with few heads, each a large "
-              "share of the computation; where they differ from the seeds' GPT-2 findings, the reasons above are about depth and "
-              "width. Run <code>tl-patching reproduce --model gpt2</code> (or gpt2-medium, gpt2-large) to test the seeds' claims "
-              "on the models they were made on." if shipped else
-              "Where the findings differ from the seeds, compare the model's depth and width with the seed's model before "
-              "reading it as a contradiction.")
-    return (f"<h2>Conclusion</h2><p>Of {len(claims)} claims from the seed reports, {counts['agrees']} agree, {counts['partly']} "
-            f"partly agree and {counts['differs']} differ here"
-            + (f" ({counts['not tested']} not tested)" if counts["not tested"] else "") + ". "
-            + " ".join(points) + f"</p><p>{caveat}</p>")
+    caveat = (
+        "These are findings about the shipped 4-layer model of a synthetic IOI language, with few heads, each a large "
+        "share of the computation; where they differ from the seeds' GPT-2 findings, the reasons above are about depth "
+        "and width. Run <code>tl-patching reproduce --model gpt2</code> (or gpt2-medium, gpt2-large) to test the "
+        "seeds' claims on the models they were made on."
+        if shipped
+        else "Where the findings differ from the seeds, compare the model's depth and width with the seed's model "
+        "before reading it as a contradiction."
+    )
+    return (
+        f"<h2>Conclusion</h2><p>Of {len(claims)} claims from the seed reports, {counts['agrees']} agree, "
+        f"{counts['partly']} partly agree and {counts['differs']} differ here"
+        + (f" ({counts['not tested']} not tested)" if counts["not tested"] else "")
+        + ". "
+        + " ".join(points)
+        + f"</p><p>{caveat}</p>"
+    )
 
 
 def load_result(out_dir: Path, experiment: spec.Experiment):
@@ -107,27 +134,41 @@ def write_report(out_dir: Path, model_name: str, sections: list[tuple], model=No
             f"<p><b>Data.</b> {html.escape(data_description(experiment, r))}</p>"
             f"<p><b>Finding.</b> {html.escape(text)}</p>{_claims_table(experiment, claims)}"
             f"{_figures([Path(f) for f in files])}"
-            f'<p>Numbers: <a href="{key}_result.json">{key}_result.json</a> (token ids, settings, every per-prompt value).</p>')
+            f'<p>Numbers: <a href="{key}_result.json">{key}_result.json</a> '
+            "(token ids, settings, every per-prompt value).</p>"
+        )
     info = next(iter(results.values())).info if results else None
     card = model_card(model_name, info, model)
     name = "the shipped model" if str(model_name) == SHIPPED_NAME else model_name
-    intro = (f"<p>Activation-editing and patching experiments, redone on TransformerLens hook points and cross-checked "
-             f"against raw HuggingFace hooks (the tests), run on {html.escape(str(name))}"
-             + (f" with {info.weight_mode} weights through {BACKENDS.get(info.backend, info.backend)} hooks" if info else "")
-             + ". Each section gives the data, the finding in words with its numbers, the seed report's claim beside it, and "
-             "the figures (click one for the interactive version). Intervals are 95% bootstrap confidence intervals of the "
-             "mean over prompts; logit differences are in nats.</p>")
+    intro = (
+        f"<p>Activation-editing and patching experiments, redone on TransformerLens hook points and cross-checked "
+        f"against raw HuggingFace hooks (the tests), run on {html.escape(str(name))}"
+        + (f" with {info.weight_mode} weights through {BACKENDS.get(info.backend, info.backend)} hooks" if info else "")
+        + ". Each section gives the data, the finding in words with its numbers, the seed report's claim beside it, "
+        "and the figures (click one for the interactive version). Intervals are 95% bootstrap confidence intervals of "
+        "the mean over prompts; logit differences are in nats.</p>"
+    )
     card_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in card)
-    model_section = ("<h2>The model</h2>"
-                     + ("<p>A small GPT-2-architecture model the project trained itself, so that everything runs offline "
-                        "(full card: docs/model_card.md).</p>" if str(model_name) == SHIPPED_NAME else "")
-                     + f"<table>{card_html}</table>")
+    model_section = (
+        "<h2>The model</h2>"
+        + (
+            "<p>A small GPT-2-architecture model the project trained itself, so that everything runs offline "
+            "(full card: docs/model_card.md).</p>"
+            if str(model_name) == SHIPPED_NAME
+            else ""
+        )
+        + f"<table>{card_html}</table>"
+    )
     contents = "".join(f'<li><a href="#{k}">{html.escape(experiments[k].title)}</a></li>' for k in results)
-    page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>tl_patching — {html.escape(str(model_name))}"
-            f"</title><style>{STYLE}</style></head><body>\n<h1>tl_patching: what the experiments found on "
-            f"{html.escape(str(name))}</h1>\n{intro}\n<ul>{contents}<li><a href=\"#conclusion\">Conclusion</a></li></ul>\n"
-            f"{model_section}\n" + "\n".join(blocks)
-            + f'\n<div id="conclusion">{conclusion(model_name, experiments, found, results)}</div>\n</body></html>\n')
+    page = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>tl_patching — '
+        f"{html.escape(str(model_name))}</title><style>{STYLE}</style></head><body>\n"
+        "<h1>tl_patching: what the experiments found on "
+        f'{html.escape(str(name))}</h1>\n{intro}\n<ul>{contents}<li><a href="#conclusion">Conclusion</a></li></ul>\n'
+        f"{model_section}\n"
+        + "\n".join(blocks)
+        + f'\n<div id="conclusion">{conclusion(model_name, experiments, found, results)}</div>\n</body></html>\n'
+    )
     index = out_dir / "index.html"
     index.write_text(page)
     return index
@@ -140,5 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m tl_patching.report DIR [MODEL]  (MODEL: 'shipped' by default)")
     out_dir = Path(args[0])
     model_name = args[1] if len(args) > 1 else SHIPPED_NAME
-    sections = [(k, "", sorted(out_dir.glob(f"{k}_*.html")), 0.0) for k in spec.keys() if (out_dir / f"{k}_result.json").exists()]
+    sections = [
+        (k, "", sorted(out_dir.glob(f"{k}_*.html")), 0.0)
+        for k in spec.keys()
+        if (out_dir / f"{k}_result.json").exists()
+    ]
     print(write_report(out_dir, model_name, sections))

@@ -5,8 +5,8 @@ Nothing here imports torch: the report is rebuilt from results JSON alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Any
 
 CI = "95% bootstrap CI"
@@ -21,13 +21,11 @@ def listing(items: list[Any], none: str = "none") -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-
 def at_layers(layers: list[int]) -> str:
     """``"at layer 2"``, ``"at layers 2 and 3"``, ``"at no layer"``."""
     if not layers:
         return "at no layer"
     return f"at layer{'s' if len(layers) > 1 else ''} {listing(layers)}"
-
 
 
 def with_ci(summary, unit: str = " nats", brackets: bool = True) -> str:
@@ -39,7 +37,6 @@ def with_ci(summary, unit: str = " nats", brackets: bool = True) -> str:
     return f"{summary.mean:.2f}{unit} ({interval})" if brackets else f"{summary.mean:.2f}{unit}, {interval}"
 
 
-
 def ratio_text(x: float) -> str:
     """A probability ratio readable at any size: 0.37, 12, 1.2 × 10⁴."""
     if 0.01 <= x < 1000:
@@ -48,13 +45,11 @@ def ratio_text(x: float) -> str:
     return f"{x / 10**exponent:.1f} × 10^{exponent}"
 
 
-
 @dataclass
 class Claim:
     seed_says: str
     verdict: str  # "agrees", "partly" or "differs" (or "not tested")
     because: str
-
 
 
 def token_count(info) -> str:
