@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from transformer_lens.pretrained import weight_conversions as wc
 
 from tl_patching import cli, families, fast, patching, testing
 from tl_patching.backends import hf_maps
@@ -74,7 +73,12 @@ def tiny_gemma1(n_layers, n_heads, n_kv_heads, d_head, d_vocab, n_ctx, d_mlp, wi
 @pytest.fixture
 def gemma1(monkeypatch):
     row = families.Family(
-        "gemma1", "GemmaForCausalLM", "gemma", gemma1_config, wc.convert_gemma_weights, norm_weight_is_offset=True
+        "gemma1",
+        "GemmaForCausalLM",
+        "gemma",
+        gemma1_config,
+        families.tl_conversion("convert_gemma_weights"),
+        norm_weight_is_offset=True,
     )
     monkeypatch.setitem(families.FAMILIES, "gemma1", row)  # step 1
     monkeypatch.setitem(

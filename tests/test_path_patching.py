@@ -194,8 +194,11 @@ def test_chunking_and_cached_runs_change_nothing(family):
 def test_refusals():
     hf, tl = random_gpt2(n_layers=2, n_heads=2, d_head=4, seed=0)
     tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
-    with pytest.raises(NotImplementedError, match="tl backend"):
-        path_patching.path_patch(Forward(tl, hf), tokens, tokens, LogitDiff(correct, wrong))
+    # The HF backend runs path patching through hook points (tests/test_fast_paths.py): the same numbers.
+    hf_out = path_patching.path_patch(Forward(tl, hf), tokens, tokens + 1, LogitDiff(correct, wrong))
+    assert (
+        hf_out - path_patching.path_patch(Forward(tl), tokens, tokens + 1, LogitDiff(correct, wrong))
+    ).abs().max() < 1e-4
     with pytest.raises(IndexError, match="out of range"):
         path_patching.path_patch(Forward(tl), tokens, tokens, LogitDiff(correct, wrong), senders=[(2, 0)])
     with pytest.raises(ValueError, match="'q', 'k' or 'v'"):

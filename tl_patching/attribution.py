@@ -8,6 +8,7 @@ well each estimate ranks the exact effects (Spearman, top-k recall).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,13 +19,13 @@ import torch
 from jaxtyping import Int
 from scipy import stats
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.utilities.attention import simple_attn_linear
 
 from tl_patching import lens
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
+from tl_patching.lens import HookedTransformer
 from tl_patching.metrics import LogitDiff, Metric
 
 WHAT = "attribution patching"
@@ -64,16 +65,17 @@ def attribution_patch(
     def start_grad(embed: Tensor, hook) -> Tensor:
         return embed.detach().requires_grad_(True)
 
-    def keep(act: Tensor, hook) -> None:
+    def keep(act: Tensor, hook, name: str) -> Tensor:  # by the name asked for (a bridge's hook.name may be an alias)
         act.retain_grad()
-        acts[hook.name] = act
+        acts[name] = act
+        return act  # returned, so the tensor kept is the one the rest of the forward uses (a bridge hooks a view)
 
     # Gradients flow from the embedding on, with the weights frozen: the backward computes activation
     # gradients only (no weight gradients), about one forward's cost instead of two.
     with (
         lens.frozen_weights(model),
         torch.enable_grad(),
-        model.hooks(fwd_hooks=[("hook_embed", start_grad)] + [(n, keep) for n in names]),
+        model.hooks(fwd_hooks=[("hook_embed", start_grad)] + [(n, functools.partial(keep, name=n)) for n in names]),
     ):
         logits = model(tokens)
         metric(logits[:, -1]).sum().backward()  # per-prompt gradients: prompts don't interact
@@ -116,6 +118,12 @@ class _GradGate(torch.autograd.Function):
 
 def check_qk_family(model: HookedTransformer) -> None:
     """Raise `NotImplementedError` naming each attention feature the QK fix does not recompute."""
+    if lens.is_bridge(model):
+        raise NotImplementedError(
+            "the AtP* QK fix recomputes attention scores with HookedTransformer's attention modules; a "
+            "TransformerBridge computes attention inside the HF module: use atp_star(..., qk_fix=False) (GradDrop) "
+            "or attribution_patch"
+        )
     cfg = model.cfg
     lens.refuse(
         "the AtP* QK fix (use attribution_patch, AtP)",
@@ -187,23 +195,27 @@ def atp_star(
     def start_grad(embed, hook):
         return embed.detach().requires_grad_(True)
 
-    def keep(act, hook):
-        live[hook.name] = act
+    # Hooks know the name they were registered under (a bridge's hook.name may be an alias of it).
+    def keep(act, hook, name):
+        live[name] = act
         return act
 
-    def save(act, hook):
-        saved[hook.name] = act.detach()
+    def save(act, hook, name):
+        saved[name] = act.detach()
 
-    def gate(act, hook):
-        return _GradGate.apply(act, int(hook.name.split(".")[1]), state)
+    def gate(act, hook, layer):
+        return _GradGate.apply(act, layer, state)
 
-    fwd_hooks = [("hook_embed", start_grad)] + [(n, keep) for n in z_names]
+    def on(name: str, fn, **bound):
+        return name, functools.partial(fn, **bound) if bound else functools.partial(fn, name=name)
+
+    fwd_hooks = [("hook_embed", start_grad)] + [on(n, keep) for n in z_names]
     if qk_fix:
-        fwd_hooks += [(act_name("pattern", l), keep) for l in range(L)]
-        fwd_hooks += [(act_name(k, l), save) for l in range(L) for k in ("resid_pre", q_kind, k_kind, "attn_scores")]
+        fwd_hooks += [on(act_name("pattern", l), keep) for l in range(L)]
+        fwd_hooks += [on(act_name(k, l), save) for l in range(L) for k in ("resid_pre", q_kind, k_kind, "attn_scores")]
     if grad_drop:
-        fwd_hooks += [(act_name("attn_out", l), gate) for l in range(L)]
-        fwd_hooks += [] if cfg.attn_only else [(act_name("mlp_out", l), gate) for l in range(L)]
+        fwd_hooks += [on(act_name("attn_out", l), gate, layer=l) for l in range(L)]
+        fwd_hooks += [] if cfg.attn_only else [on(act_name("mlp_out", l), gate, layer=l) for l in range(L)]
     grads: dict = {}
     t0 = time.perf_counter()
     with lens.frozen_weights(model), torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):

@@ -29,9 +29,9 @@ from jaxtyping import Int
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_patching.forward import Forward
+from tl_patching.lens import HookedTransformer
 from tl_patching.provenance import weight_mode, weights_fingerprint
 
 FORMAT = "tl_patching.cache/1"
@@ -327,7 +327,7 @@ _AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def hook_axes(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> tuple[tuple[str, int], ...]:
+def hook_axes(cfg, name: str, batch: int, pos: int) -> tuple[tuple[str, int], ...]:
     """``(axis name, size)`` of each axis of hook ``name``'s activation on ``batch`` × ``pos`` tokens, from the
     config alone, e.g. ``blocks.0.attn.hook_z`` → batch, pos, n_heads, d_head. Raises ValueError for a hook
     name it does not know."""
@@ -356,12 +356,12 @@ def hook_axes(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> 
     )
 
 
-def hook_shape(cfg: HookedTransformerConfig, name: str, batch: int, pos: int) -> tuple[int, ...]:
+def hook_shape(cfg, name: str, batch: int, pos: int) -> tuple[int, ...]:
     """The shape of hook ``name``'s activation on ``batch`` × ``pos`` tokens (see `hook_axes`)."""
     return tuple(size for _, size in hook_axes(cfg, name, batch, pos))
 
 
-def bytes_per_token(cfg: HookedTransformerConfig, name: str, pos: int = 1, dtype_bytes: int = 4) -> int:
+def bytes_per_token(cfg, name: str, pos: int = 1, dtype_bytes: int = 4) -> int:
     """Bytes one token costs in a cache for hook ``name`` (e.g. ``"blocks.0.attn.hook_z"``) at sequence length
     ``pos``."""
     return math.prod(hook_shape(cfg, name, 1, pos)) // pos * dtype_bytes

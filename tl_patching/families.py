@@ -23,12 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from transformer_lens.pretrained import weight_conversions as wc
 from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
 
 
 class UnsupportedArchitectureError(ValueError):
     """The HF architecture is not one of the families tl_patching can load exactly."""
+
+
+@dataclass(frozen=True)
+class tl_conversion:  # lower case: used like the function it stands for
+    """TransformerLens 3's own weight conversion of a family (``transformer_lens.pretrained.weight_conversions``),
+    imported when first called: TransformerLens 4 has no such module (its bridge wraps the HF weights as they are)."""
+
+    name: str
+
+    def __call__(self, hf_model: Any, cfg: Any) -> dict:
+        from transformer_lens.pretrained import weight_conversions
+
+        return getattr(weight_conversions, self.name)(hf_model, cfg)
 
 
 @dataclass(frozen=True)
@@ -357,21 +369,26 @@ def gemma3_config(c: Any) -> dict[str, Any]:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("gpt2", "GPT2LMHeadModel", "gpt2", gpt2_config, wc.convert_gpt2_weights),
-        Family("neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, wc.convert_neox_weights),
-        Family("llama", "LlamaForCausalLM", "llama", llama_config, wc.convert_llama_weights),
-        Family("mistral", "MistralForCausalLM", "mistral", mistral_config, wc.convert_mistral_weights),
-        Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_config, wc.convert_qwen2_weights),
-        Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_config, wc.convert_qwen3_weights),
+        Family("gpt2", "GPT2LMHeadModel", "gpt2", gpt2_config, tl_conversion("convert_gpt2_weights")),
+        Family("neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, tl_conversion("convert_neox_weights")),
+        Family("llama", "LlamaForCausalLM", "llama", llama_config, tl_conversion("convert_llama_weights")),
+        Family("mistral", "MistralForCausalLM", "mistral", mistral_config, tl_conversion("convert_mistral_weights")),
+        Family("qwen2", "Qwen2ForCausalLM", "qwen2", qwen2_config, tl_conversion("convert_qwen2_weights")),
+        Family("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_config, tl_conversion("convert_qwen3_weights")),
         Family(
-            "gemma2", "Gemma2ForCausalLM", "gemma2", gemma2_config, wc.convert_gemma_weights, norm_weight_is_offset=True
+            "gemma2",
+            "Gemma2ForCausalLM",
+            "gemma2",
+            gemma2_config,
+            tl_conversion("convert_gemma_weights"),
+            norm_weight_is_offset=True,
         ),
         Family(
             "gemma3",
             "Gemma3ForCausalLM",
             "gemma3_text",
             gemma3_config,
-            wc.convert_gemma_weights,
+            tl_conversion("convert_gemma_weights"),
             norm_weight_is_offset=True,
         ),
     )

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
 
 from tl_patching.backends import hf, tl
 from tl_patching.edits import Edit
+from tl_patching.lens import HookedTransformer
 
 BACKENDS = ("tl", "hf")
 

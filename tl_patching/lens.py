@@ -1,6 +1,10 @@
 """TransformerLens plumbing, in one place: everything the library needs to know about TransformerLens's model
-beyond its hook points.
+beyond its hook points — on both majors. TransformerLens 3.x has `HookedTransformer` (its own modules, its weights
+converted); 4.x removed it for `TransformerBridge`, which wraps the HF model itself and, in compatibility mode,
+exposes the same hook names and shapes. The installed TransformerLens decides (`MAJOR`, `is_bridge`).
 
+- `TLModel`: the type of the TransformerLens model on this install; `attention_config`: the attention's settings
+  (scale, soft-cap, windows, rotary) read from the HF config on a bridge, whose cfg leaves several unset;
 - `tl_model`: the TransformerLens model behind a `Forward`, or a refusal naming the feature that needs it;
 - grouped-query attention: `kv_heads`, `kv_group`, `kv_head_of` (which shared key/value head a query head reads);
 - `final_logits`: the final position's logits from the residual stream after the last block, as TransformerLens's
@@ -13,17 +17,76 @@ beyond its hook points.
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.metadata
+import weakref
 from collections.abc import Iterator
 
 import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+TL_VERSION = importlib.metadata.version("transformer-lens")
+MAJOR = int(TL_VERSION.split(".")[0])
+if MAJOR >= 4:
+    from transformer_lens.model_bridge import TransformerBridge as TLModel
+else:
+    from transformer_lens import HookedTransformer as TLModel
 
-def tl_model(forward, what: str) -> HookedTransformer:
+HookedTransformer = TLModel  # the name most annotations use: "the TransformerLens model"
+
+
+def is_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerLens 4 `TransformerBridge` (else a 3.x `HookedTransformer`)."""
+    return MAJOR >= 4 and isinstance(model, TLModel)
+
+
+def architecture(model) -> str:
+    """The HF architecture of a TransformerLens model ("LlamaForCausalLM")."""
+    return model.cfg.architecture if is_bridge(model) else model.cfg.original_architecture
+
+
+def hf_config(model):
+    """The HF config of the checkpoint behind a TransformerLens model (a bridge wraps the HF model; a
+    `HookedTransformer` loaded by tl_patching keeps it as ``cfg.hf_config``), or None."""
+    if is_bridge(model):
+        return model.original_model.config
+    return getattr(model.cfg, "hf_config", None)
+
+
+def attention_config(model):
+    """The attention's settings as `HookedTransformerConfig` names them (``attn_scale``, ``attn_scores_soft_cap``,
+    ``window_size``, ``attn_types``, ``scale_attn_by_inverse_layer_idx``, ``positional_embedding_type``, heads): the
+    model's cfg on TransformerLens 3; on a bridge, whose cfg leaves the scale, windows and QK-norm unset (it
+    computes with the HF modules' own), the same fields derived from the HF config by `tl_patching.families`
+    (`UnsupportedArchitectureError` for an architecture it has no row for)."""
+    if not is_bridge(model):
+        return model.cfg
+    from types import SimpleNamespace
+
+    from tl_patching.families import family_of
+
+    config = hf_config(model)
+    fields = dict(
+        attn_scale=config.head_dim**0.5 if getattr(config, "head_dim", None) else None,
+        attn_scores_soft_cap=-1.0,
+        window_size=None,
+        attn_types=None,
+        scale_attn_by_inverse_layer_idx=False,
+        use_attn_scale=True,
+        positional_embedding_type="standard",
+    )
+    fields.update(family_of(config).hooked_config(config), original_architecture=architecture(model))
+    if fields.get("use_attn_scale", True) and fields.get("attn_scale") is None:
+        fields["attn_scale"] = fields["d_head"] ** 0.5
+    if not fields.get("use_attn_scale", True):
+        fields["attn_scale"] = 1.0
+    return SimpleNamespace(**fields)
+
+
+def tl_model(forward, what: str) -> TLModel:
     """The TransformerLens model of ``forward``; `NotImplementedError` on the HF backend, where ``what`` (e.g.
     "the fast sweeps") cannot run because it goes through TransformerLens's own modules."""
     if forward.backend != "tl":
@@ -93,3 +156,48 @@ def final_logits(
     else:
         logits = einops.einsum(x, model.W_U.T[columns], "r d, r k d -> r k") + model.b_U[columns]
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge -> its plain HF twin
+
+
+def plain_hf(model) -> torch.nn.Module:
+    """A plain HF model computing with a bridge's very weights (shared tensors, nothing copied): the bridge wraps and
+    changes its HF model in place (its attention is TransformerLens's own, and with transformers 5.24 it keeps no
+    key/value cache), so what needs HF's own modules — raw HF hooks, HF's key/value cache — runs on this twin."""
+    if not is_bridge(model):
+        raise TypeError("plain_hf takes a TransformerBridge")
+    if model not in _PLAIN:
+        from transformers import AutoModelForCausalLM
+
+        wrapped = model.original_model
+        strip = lambda name: name.replace("._original_component", "")  # noqa: E731
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(copy.deepcopy(wrapped.config), attn_implementation="eager")
+        # The bridge's components are also reachable under TransformerLens's names (ln1, attn.q, …): keep HF's.
+        wanted = set(plain.state_dict())
+        state = {strip(k): v for k, v in wrapped.state_dict(keep_vars=True).items() if strip(k) in wanted}
+        missing, unexpected = plain.load_state_dict(state, assign=True, strict=False)
+        buffers = {strip(k): v for k, v in wrapped.named_buffers()}
+        for name, buffer in list(plain.named_buffers()):  # non-persistent buffers (rotary frequencies) stay on meta
+            if buffer.is_meta:
+                owner, _, attr = name.rpartition(".")
+                plain.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
+        still_meta = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+        if still_meta or missing:
+            raise RuntimeError(
+                f"the bridge's weights do not fill a plain {type(plain).__name__}: left {(still_meta or missing)[:3]}"
+            )
+        plain.eval()
+        # A processed bridge folds biases its own attention applies differently from HF's modules: then the twin is
+        # not the bridge, and what would run on it is refused.
+        tokens = torch.arange(8, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
+        with torch.no_grad():
+            gap = (plain(tokens).logits.float() - model(tokens).float()).abs().max().item()
+        if not gap <= 1e-4 * max(1.0, model(tokens).abs().max().item()):
+            raise NotImplementedError(
+                f"this TransformerBridge's weights (processed) do not make a plain HF model that "
+                f"computes the same (logits differ by {gap:.3g}): load it with weights='raw'"
+            )
+        _PLAIN[model] = plain
+    return _PLAIN[model]

@@ -1,4 +1,5 @@
-"""Loading models of every supported family as `HookedTransformer`, exactly or not at all.
+"""Loading models as TransformerLens models (a `HookedTransformer` on TransformerLens 3, a `TransformerBridge` on 4),
+exactly or not at all.
 
 Families (see `tl_patching.families`): GPT-2, GPT-NeoX (Pythia), Llama (SmolLM2, Llama 3), Mistral,
 Qwen2, Qwen3, Gemma 2, Gemma 3 (text). Anything else raises `UnsupportedArchitectureError` naming it.
@@ -14,9 +15,16 @@ Two weight modes (`tl_patching.provenance`), named for what they hold:
   soft cap, which is not shift-invariant: Gemma 2), fold the value biases. Log-probabilities equal HF's.
 
 Every model goes through one path: an HF ``AutoModelForCausalLM`` is loaded (`tl_patching.checkpoints`:
-eager attention, float32, every weight accounted for), a `HookedTransformerConfig` is built from its config
-by the family's row, the weights go through TransformerLens's own conversion for that family, and then a
-probe input is run through both: the load is refused (`ModelMismatchError`) unless TL's logits
+eager attention, float32, every weight accounted for), then
+
+- on TransformerLens 3, a `HookedTransformerConfig` is built from its config by the family's row and the weights
+  go through TransformerLens's own conversion for that family;
+- on TransformerLens 4, a `TransformerBridge` wraps a copy of the HF model (the bridge changes the model it wraps
+  in place; the caller's stays a plain HF model, for the HF mirror) in compatibility mode: no processing for
+  ``"raw"``, TransformerLens's folding and centring for ``"processed"``. Any architecture the bridge supports
+  loads (the HF mirror and E1 know the families of `tl_patching.families`, and refuse others by name);
+
+and then a probe input is run through both: the load is refused (`ModelMismatchError`) unless TL's logits
 (raw) or log-probs (processed) equal HF's within `PROBE_TOLERANCE`.
 
 What a model's weights have been through is read from the model itself: `tl_patching.provenance`.
@@ -29,14 +37,13 @@ import os
 import re
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.components import LayerNormPre, RMSNormPre
 from transformer_lens.utilities.activation_functions import softcap_enabled
-from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tl_patching import lens
 from tl_patching.checkpoints import SHIPPED_MODEL_NAME, display_name, load_hf
 from tl_patching.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, family_of
+from tl_patching.lens import HookedTransformer
 from tl_patching.provenance import WEIGHT_MODES, WeightMode, weight_mode
 
 # Probe check: max |TL − HF| over a probe input, relative to the size of HF's logits:
@@ -73,8 +80,10 @@ class ModelMismatchError(RuntimeError):
 # ---- config and weights ------------------------------------------------------------------------------------
 
 
-def hooked_config(hf_config, device: str | torch.device = "cpu") -> HookedTransformerConfig:
-    """The `HookedTransformerConfig` equivalent of an HF config of a supported family (raw, unfolded)."""
+def hooked_config(hf_config, device: str | torch.device = "cpu"):
+    """The `HookedTransformerConfig` equivalent of an HF config of a supported family (raw, unfolded; TL 3)."""
+    from transformer_lens import HookedTransformerConfig
+
     family = family_of(hf_config)
     fields = family.hooked_config(hf_config)
     fields.update(
@@ -87,7 +96,7 @@ def hooked_config(hf_config, device: str | torch.device = "cpu") -> HookedTransf
     return HookedTransformerConfig(**fields)
 
 
-def _processing_flags(cfg: HookedTransformerConfig, processed: bool) -> dict[str, bool]:
+def _processing_flags(cfg, processed: bool) -> dict[str, bool]:
     """The flags TransformerLens's own ``from_pretrained`` uses for this family (or none, raw)."""
     return dict(
         fold_ln=processed,
@@ -118,6 +127,8 @@ _FOLDED_NORM_KEY = re.compile(r"(blocks\.\d+\.ln[12]|ln_final)\.[wb]")
 def _use_folded_norms(model: HookedTransformer) -> None:
     """The norm modules (and cfg) TL puts in after folding: LayerNorm -> LayerNormPre, RMSNorm -> RMSNormPre,
     which normalise only (their weights now live in the next linear maps)."""
+    from transformer_lens.components import LayerNormPre, RMSNormPre
+
     pre = {"LN": ("LNPre", LayerNormPre), "RMS": ("RMSPre", RMSNormPre)}.get(model.cfg.normalization_type)
     if pre is None:  # LNPre / RMSPre: already folded, nothing to swap (as in TL)
         return
@@ -135,6 +146,8 @@ def _load_weights(model: HookedTransformer, state: dict[str, torch.Tensor], flag
     method calls), then load it in one ``load_state_dict`` call (TL makes one per key, each walking the
     whole module tree: most of a SmolLM2 load). Its missing and unexpected keys are checked: nothing of
     the converted state may be dropped except the norm weights that folding has moved into the next weights."""
+    from transformer_lens.weight_processing import ProcessWeights
+
     state = model.fill_missing_keys(state)
     if flags["fold_ln"]:
         _use_folded_norms(model)
@@ -158,7 +171,8 @@ def hooked_from_hf(
     name: str | None = None,
     verify: bool = True,
 ) -> HookedTransformer:
-    """The `HookedTransformer` holding the very same weights as ``hf_model`` (any supported family).
+    """The TransformerLens model holding the very same weights as ``hf_model``: a `HookedTransformer` (TL 3, any
+    family of `tl_patching.families`) or a `TransformerBridge` around a copy of it (TL 4, any architecture it boots).
 
     With ``verify`` (the default) a probe input is run through both and `ModelMismatchError` is raised
     unless TL's logits (raw) / log-probs (processed) equal HF's within `PROBE_TOLERANCE` (relative to
@@ -166,6 +180,28 @@ def hooked_from_hf(
     """
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if lens.MAJOR < 4:
+        hooked_config(hf_model.config)  # what the family's row cannot represent is refused by name first
+    dtypes = {p.dtype for p in hf_model.parameters()}
+    if dtypes != {torch.float32}:  # TL's model is float32: a half-precision HF model computes something else
+        raise NotImplementedError(
+            f"dtype {', '.join(sorted(map(str, dtypes)))}: tl_patching converts float32 models "
+            "(load with dtype=torch.float32, cast the TransformerLens model afterwards)"
+        )
+    build = _bridge if lens.MAJOR >= 4 else _hooked_transformer
+    model = build(hf_model, _tokenizer_for_tl(tokenizer), weights, name)
+    if tokenizer is not None:  # the model's own start-token convention: what its tokenizer does
+        from tl_patching.prompts import adds_start_token
+
+        model.cfg.default_prepend_bos = adds_start_token(tokenizer)
+    model = model.to(device).eval()
+    if verify:
+        verify_against_hf(hf_model, model)
+    return model
+
+
+def _hooked_transformer(hf_model, tokenizer, weights: WeightMode, name: str | None) -> HookedTransformer:
+    """TransformerLens 3: the family's config row and TL's own weight conversion and processing."""
     family = family_of(hf_model.config)
     if type(hf_model).__name__ != family.architecture:
         raise UnsupportedArchitectureError(
@@ -173,25 +209,32 @@ def hooked_from_hf(
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     cfg = hooked_config(hf_model.config, device="cpu")
-    dtypes = {p.dtype for p in hf_model.parameters()}
-    if dtypes != {torch.float32}:  # TL's model is float32: a half-precision HF model computes something else
-        raise NotImplementedError(
-            f"dtype {', '.join(sorted(map(str, dtypes)))}: tl_patching converts float32 models "
-            "(load with dtype=torch.float32, cast the HookedTransformer afterwards)"
-        )
     if name:
         cfg.model_name = name
-    if tokenizer is not None:  # the model's own start-token convention: what its tokenizer does
-        from tl_patching.prompts import adds_start_token
-
-        cfg.default_prepend_bos = adds_start_token(tokenizer)
-    model = HookedTransformer(cfg, tokenizer=_tokenizer_for_tl(tokenizer), move_to_device=False)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     with torch.no_grad():  # TL's processing is out of place and loading copies: hf_model is left as it was
         _load_weights(model, family.convert_weights(hf_model, cfg), _processing_flags(cfg, weights == "processed"))
-    model = model.to(device).eval()
-    if verify:
-        verify_against_hf(hf_model, model)
     return model
+
+
+def _bridge(hf_model, tokenizer, weights: WeightMode, name: str | None) -> HookedTransformer:
+    """TransformerLens 4: a `TransformerBridge` around a copy of ``hf_model`` in compatibility mode (HookedTransformer's
+    hook names and shapes), TL's folding and centring applied to the copy for ``"processed"``."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES as BRIDGED
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    architecture = type(hf_model).__name__
+    if architecture not in BRIDGED:
+        raise UnsupportedArchitectureError(
+            f"{architecture}: TransformerLens {lens.TL_VERSION}'s bridge does not support it"
+        )
+    wrapped = copy.deepcopy(hf_model)  # the bridge replaces submodules of the model it wraps, in place
+    bridge = build_bridge_from_module(
+        wrapped, architecture, hf_config=wrapped.config, tokenizer=tokenizer, model_name=name or architecture
+    )
+    with torch.no_grad():
+        bridge.enable_compatibility_mode(no_processing=weights == "raw")
+    return bridge
 
 
 def probe_tokens(d_vocab: int, n_ctx: int, length: int = PROBE_LENGTH) -> torch.Tensor:
@@ -217,7 +260,7 @@ def verify_against_hf(hf_model: PreTrainedModel, model: HookedTransformer, token
     if not relative <= PROBE_TOLERANCE:  # also catches NaN
         what = "logits" if mode == "raw" else "log-probs"
         raise ModelMismatchError(
-            f"{model.cfg.model_name} ({model.cfg.original_architecture}, {mode}): TransformerLens {what} differ from "
+            f"{model.cfg.model_name} ({lens.architecture(model)}, {mode}): TransformerLens {what} differ from "
             f"HF's by {diff:.3g} (relative {relative:.3g} > {PROBE_TOLERANCE:g}) on the probe input"
         )
     return relative

@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from tl_patching import lens
 from tl_patching.edits import act_name, check_donor
 from tl_patching.forward import Forward
+from tl_patching.lens import HookedTransformer
 from tl_patching.metrics import LogitDiff, Metric
 
 Head = tuple[int, int]  # (layer, head)
@@ -189,8 +189,10 @@ def path_patch(
     Wang et al.) or "frozen" — see the module docstring. ``recipient_run``: the recipient's `clean_names`
     activations, reused if given. Subtract the clean metric for the effect.
     """
-    model = lens.tl_model(forward, WHAT)
-    check_family(model)
+    model = forward.model
+    hooks_only = forward.backend == "hf" or lens.is_bridge(model)
+    if not hooks_only:
+        check_family(model)
     if mlps not in MLP_MODES:
         raise ValueError(f"mlps must be one of {MLP_MODES}, got {mlps!r}")
     if tokens.ndim != 2:
@@ -198,7 +200,7 @@ def path_patch(
     if isinstance(metric, LogitDiff):
         if len(metric.correct) != len(tokens):
             raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
-        metric.check(model.cfg.d_vocab_out)
+        metric.check(forward.cfg.d_vocab)
     groups = _as_groups(model, senders)
     recv = _check_receivers(model, receivers)
     L, B = model.cfg.n_layers, len(tokens)
@@ -217,7 +219,9 @@ def path_patch(
         for start in range(0, len(order), per_pass):
             idx = order[start : start + per_pass]
             chunk = [groups[i] for i in idx]
-            if recv is None:
+            if hooks_only:
+                out[idx] = _by_hooks(forward, tokens, chunk, recv, recipient_run, donor, metric, mlps)
+            elif recv is None:
                 out[idx] = _to_logits(model, chunk, recipient_run, donor, metric, mlps)
             else:
                 out[idx] = _to_heads(model, tokens, chunk, recv, recipient_run, donor, metric, mlps)
@@ -302,3 +306,52 @@ def _to_heads(model, tokens, groups, receivers, clean, donor, metric, mlps) -> T
     with model.hooks(fwd_hooks=[(act_name(kind, l), setter(l, kind)) for l, kind in names]):
         resid = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
     return _readout(model, metric, resid[:, -1].reshape(V, B, -1)).float().cpu()
+
+
+# --- the same definition through hook points only: TransformerBridge and the HF backend ---------------------------
+#
+# Where TransformerLens's own blocks are not at hand (a TransformerBridge computes with the HF modules; the HF backend
+# has only module boundaries), path patching is the definition itself, run with edits at hook points and many sender
+# variants stacked on the batch axis: the frozen run (every head's hook_z clean, the variant's senders' from the
+# donor, MLP outputs clean too with mlps="frozen") read at the final position for logits receivers; for q/k/v
+# receivers, the receivers' hook_q/k/v recorded in the frozen run and written into a clean run.
+
+
+def _frozen_edits(forward: Forward, groups: list[list[Head]], clean: dict, donor: dict, mlps: str, B: int) -> list:
+    """One edit per layer: rows of variant v get every head's clean z but for v's senders, taken from the donor."""
+    from tl_patching.edits import replace
+
+    L, H = forward.cfg.n_layers, forward.cfg.n_heads
+    V = len(groups)
+    senders = torch.zeros(V, L, H, dtype=torch.bool)
+    for v, group in enumerate(groups):
+        for l, h in group:
+            senders[v, l, h] = True
+    edits = []
+    for l in range(L):
+        name = act_name("z", l)
+        z_clean, z_donor = clean[name], donor[name].to(clean[name].device).expand_as(clean[name])
+        mask = senders[:, l].repeat_interleave(B, dim=0)[:, None, :, None].to(z_clean.device)  # [V·B, 1, H, 1]
+        edits.append(replace(name, torch.where(mask, z_donor.repeat(V, 1, 1, 1), z_clean.repeat(V, 1, 1, 1))))
+        if mlps == "frozen" and act_name("mlp_out", l) in clean:
+            edits.append(replace(act_name("mlp_out", l), clean[act_name("mlp_out", l)].repeat(V, 1, 1)))
+    return edits
+
+
+def _by_hooks(forward: Forward, tokens: Tensor, groups, receivers, clean: dict, donor: dict, metric, mlps) -> Tensor:
+    from tl_patching.edits import replace
+
+    V, B = len(groups), len(tokens)
+    rows = tokens.repeat(V, 1)
+    frozen = _frozen_edits(forward, groups, clean, donor, mlps, B)
+    if receivers is None:
+        logits, _ = forward.run(rows, frozen)
+    else:
+        inputs = sorted({act_name(kind, l) for l, _, kind in receivers})
+        _, recorded = forward.run(rows, frozen, cache=inputs)
+        edits = [
+            replace(act_name(kind, l), recorded[act_name(kind, l)][:, :, [h]], head=[h]) for l, h, kind in receivers
+        ]
+        logits, _ = forward.run(rows, edits)
+    final = logits[:, -1]
+    return torch.stack([metric(final[v * B : (v + 1) * B]) for v in range(V)]).float().cpu()

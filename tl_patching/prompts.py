@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from tl_patching.lens import HookedTransformer
 
 NAMES = (
     "Sam",

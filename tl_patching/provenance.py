@@ -17,7 +17,9 @@ import hashlib
 from typing import Literal
 
 import torch
-from transformer_lens import HookedTransformer
+
+from tl_patching import lens
+from tl_patching.lens import HookedTransformer
 
 WeightMode = Literal["raw", "processed"]
 WEIGHT_MODES: tuple[str, ...] = ("raw", "processed")
@@ -26,7 +28,30 @@ __all__ = ["WeightMode", "WEIGHT_MODES", "weight_processing", "weight_mode"]
 
 
 def _params(model: HookedTransformer, *suffixes: str) -> list[torch.Tensor]:
+    """The model's weights whose HookedTransformer names end with ``suffixes`` (``"attn.W_O"``, …)."""
+    if lens.is_bridge(model):
+        return [t for suffix in suffixes if (t := _bridge_weight(model, suffix)) is not None]
     return [p for k, p in model.state_dict().items() if k.endswith(suffixes)]
+
+
+def _bridge_weight(model, suffix: str) -> torch.Tensor | None:
+    """A bridge's weight under its HookedTransformer name, stacked over layers (None where the model has none: a
+    bridge raises for the biases of a bias-free model)."""
+    try:
+        return getattr(model, suffix.split(".")[-1].lstrip("_"))
+    except (AttributeError, NotImplementedError, KeyError):
+        return None
+
+
+def _norms_folded(model) -> bool:
+    """A bridge keeps its norm modules after TL's folding, with identity weights: 1 (Gemma's 1 + w: 0), bias 0."""
+    identity = 0.0 if getattr(model.cfg, "rmsnorm_uses_offset", False) else 1.0
+    norms = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("ln1", "ln2", "ln_final")]
+    weights = [getattr(m, "weight", None) for m in norms]
+    if not norms or any(w is None for w in weights):
+        return False
+    biases = [b for m in norms if (b := getattr(m, "bias", None)) is not None]
+    return all(bool((w == identity).all()) for w in weights) and all(not b.any() for b in biases)
 
 
 def _centred(tensors: list[torch.Tensor]) -> bool:
@@ -39,7 +64,8 @@ def _centred(tensors: list[torch.Tensor]) -> bool:
 def weight_processing(model: HookedTransformer) -> dict[str, bool]:
     """Which of TransformerLens's weight processings the model's own cfg and weights show.
 
-    - ``ln_folded``: cfg.normalization_type is LNPre/RMSPre (norm weights folded into the next weights).
+    - ``ln_folded``: cfg.normalization_type is LNPre/RMSPre (norm weights folded into the next weights); on a
+      `TransformerBridge`, which keeps its norm modules, every ln1/ln2/ln_final weight is the identity.
     - ``writing_weights_centred``: W_E, W_pos, W_O, b_O, W_out, b_out have mean 0 along d_model.
       TL only does this under LayerNorm (GPT-2, NeoX); on RMSNorm families it is False in both modes.
     - ``unembed_centred``: W_U and b_U have mean 0 along d_vocab.
@@ -52,7 +78,7 @@ def weight_processing(model: HookedTransformer) -> dict[str, bool]:
     b_V = _params(model, "attn.b_V", "attn._b_V")
     b_QK = _params(model, "attn.b_Q", "attn.b_K", "attn._b_K")
     return {
-        "ln_folded": cfg.normalization_type in ("LNPre", "RMSPre"),
+        "ln_folded": _norms_folded(model) if lens.is_bridge(model) else cfg.normalization_type in ("LNPre", "RMSPre"),
         "writing_weights_centred": _centred(writing),
         "unembed_centred": _centred(_params(model, "unembed.W_U", "unembed.b_U")),
         "value_biases_folded": bool(b_V) and all(not b.any() for b in b_V) and any(b.any() for b in b_QK),

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+    from tl_patching.lens import HookedTransformer
     from tl_patching.provenance import WeightMode
 
 CHECKPOINTS_DIR = Path(__file__).parent / "assets" / "checkpoints"

@@ -25,6 +25,7 @@ from plotly.colors import sample_colorscale
 from scipy.stats import gaussian_kde
 from torch import Tensor
 
+from tl_patching import lens
 from tl_patching.edits import act_name
 from tl_patching.experiments.spec import Experiment
 from tl_patching.forward import Forward
@@ -115,12 +116,11 @@ def qk_names(cfg, layer: int) -> tuple[str, str]:
 def raw_scores(forward: Forward, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(scores from Q·K, hook_attn_scores, hook_pattern), each ``[layer, batch, head, q, k]``."""
     L = forward.cfg.n_layers
-    names = [
-        n for l in range(L) for n in (*qk_names(forward.cfg, l), act_name("attn_scores", l), act_name("pattern", l))
-    ]
+    attention = lens.attention_config(forward.model)  # a bridge's cfg leaves the scale and windows unset
+    names = [n for l in range(L) for n in (*qk_names(attention, l), act_name("attn_scores", l), act_name("pattern", l))]
     _, cache = forward.run(tokens, cache=names, cache_device="cpu")  # statistics on the CPU, in float32
     cache = {n: a.float() for n, a in cache.items()}
-    split = torch.stack([qk_scores(forward.cfg, *(cache[n] for n in qk_names(forward.cfg, l)), l) for l in range(L)])
+    split = torch.stack([qk_scores(attention, *(cache[n] for n in qk_names(attention, l)), l) for l in range(L)])
     by = lambda kind: torch.stack([cache[act_name(kind, l)] for l in range(L)])  # noqa: E731
     return split, by("attn_scores"), by("pattern")
 
@@ -157,7 +157,7 @@ def run(
         kde_grid=torch.tensor(grid, dtype=torch.float32),
         kde_density=torch.tensor(density, dtype=torch.float32),
         max_diff_split_vs_hook=difference,
-        score_formula=score_formula(forward.cfg),
+        score_formula=score_formula(lens.attention_config(forward.model)),
     )
 
 

@@ -3,7 +3,8 @@ steer them and the heads those read from, found by exact path patching over the 
 prompts (`tl_patching.circuit` has the method).
 
 TransformerLens hooks: ``blocks.l.attn.hook_z`` (senders), the receivers' ``hook_q``/``hook_k``/``hook_v`` and the
-final residual stream; the path patches run through TransformerLens's own blocks (tl backend only).
+final residual stream; on a HookedTransformer the path patches run through TransformerLens's own blocks, elsewhere
+(a TransformerBridge, the HF backend) through those hook points (`tl_patching.path_patching`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ EXPERIMENT = Experiment(
     seed_model="GPT-2 large",
     inputs="ioi",
     order=6,
-    max_prompts=50,
-    backends=("tl",),  # path patching: the slow step
+    max_prompts=50,  # path patching is the slow step: at most 50 of the main job's prompts
     run=run,
     result=CircuitResult,
     figures=figures,
