@@ -110,6 +110,19 @@ def _flat_qk_norm(name: str) -> bool:
     return re.search(r"\.attn\.[qk]_norm\.hook_(normalized|scale)$", name) is not None
 
 
+def ht_layout(model, name: str, act: Tensor) -> Tensor:
+    """``act`` at hook point ``name`` in HookedTransformer's layout: a bridge's QK-norm hooks hold ``[batch, head,
+    pos, d]``, HookedTransformer's ``[(batch pos head), d]``; everything else is the same on both."""
+    return einops.rearrange(act, "b h p d -> (b p h) d") if lens.is_bridge(model) and _flat_qk_norm(name) else act
+
+
+def model_layout(model, name: str, new: Tensor, act: Tensor) -> Tensor:
+    """``new`` (HookedTransformer's layout) back in the layout of ``act``, the model's own (inverse of `ht_layout`)."""
+    if lens.is_bridge(model) and _flat_qk_norm(name):
+        return einops.rearrange(new, "(b p h) d -> b h p d", b=act.shape[0], p=act.shape[2])
+    return new
+
+
 @contextlib.contextmanager
 def hooks(
     model: HookedTransformer,
@@ -129,14 +142,6 @@ def hooks(
     captured: dict[int, Tensor] = {}  # layer -> resid_pre, for resid_mid written as a change of attn_out (bridge)
     at: dict[str, list[tuple[tuple, callable]]] = defaultdict(list)  # hook point -> (order, hook): edits, readers
 
-    def seen_as_ht(name: str, act: Tensor) -> Tensor:
-        return einops.rearrange(act, "b h p d -> (b p h) d") if bridge and _flat_qk_norm(name) else act
-
-    def back(name: str, new: Tensor, act: Tensor) -> Tensor:
-        if bridge and _flat_qk_norm(name):
-            return einops.rearrange(new, "(b p h) d -> b h p d", b=act.shape[0], p=act.shape[2])
-        return new
-
     for i, edit in enumerate(edits):
         layer = re.match(r"blocks\.(\d+)\.hook_resid_mid$", edit.name)
         if bridge and layer:  # the bridge's hook_resid_mid is the next norm's input: write through attn_out
@@ -155,13 +160,13 @@ def hooks(
 
         def apply(act: Tensor, hook, i=i, edit=edit) -> Tensor:
             ran.add(i)
-            return back(edit.name, edit(seen_as_ht(edit.name, act)), act)
+            return model_layout(model, edit.name, edit(ht_layout(model, edit.name, act)), act)
 
         at[edit.name].append(((0, i), apply))
     for i, name in enumerate(readers):
 
         def record(act: Tensor, hook, name=name) -> None:
-            cache[name] = seen_as_ht(name, act).detach().clone()
+            cache[name] = ht_layout(model, name, act).detach().clone()
 
         at[name].append(((1, i), record))  # readers after edits: TL runs one point's hooks in registration order
     fwd_hooks = [(point, fn) for point, entries in at.items() for _, fn in sorted(entries, key=lambda e: e[0])]
