@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tl_patching import prompts
+from tl_patching import lens, prompts
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 from tl_patching.testing import random_gpt2
 
@@ -12,6 +12,20 @@ TEXTS = [
     "Tom and Anna went to the shop. Anna gave a book to Tom",
     "I love pizza with pineapple and cheese .",
 ]
+
+
+def pytest_report_header(config):
+    model = "TransformerBridge (compatibility mode)" if lens.MAJOR >= 4 else "HookedTransformer"
+    return f"transformer-lens {lens.TL_VERSION}: the TransformerLens model is a {model}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """``tl3``-marked tests check HookedTransformer's own conversion or engine, which TransformerLens 4 removed."""
+    if lens.MAJOR >= 4:
+        skip = pytest.mark.skip(reason=f"needs HookedTransformer (TransformerLens 3); installed {lens.TL_VERSION}")
+        for item in items:
+            if item.get_closest_marker("tl3") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

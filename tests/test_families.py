@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer
 from transformers import BloomConfig, BloomForCausalLM
 
+from tl_patching import lens
 from tl_patching.checkpoints import load_hf
 from tl_patching.families import FAMILIES, UnsupportedArchitectureError, family_of
 from tl_patching.models import (
@@ -36,6 +36,13 @@ BIASED = {"gpt2", "neox", "qwen2"}  # attention biases: value-bias folding is de
 SOFTCAPPED = {"gemma2"}  # final logit soft cap: TL does not centre the unembedding
 GQA = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"}
 TOL = 2e-5
+
+
+def hooked_transformer(cfg):
+    """An empty HookedTransformer (TransformerLens 3 only: tests of its own conversion are marked ``tl3``)."""
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer(cfg, move_to_device=False)
 
 
 @pytest.fixture(scope="module", params=ALL)
@@ -83,11 +90,12 @@ def test_processed_log_probs_equal_hf(raw_pair, tokens, family):
     }
 
 
+@pytest.mark.tl3
 def test_transformer_lens_own_processing_reads_as_processed(raw_pair, family):
     """A model processed the way HookedTransformer.from_pretrained does it is classified from its weights."""
     hf, _ = raw_pair
     cfg = hooked_config(hf.config)
-    model = HookedTransformer(cfg, move_to_device=False)
+    model = hooked_transformer(cfg)
     model.load_and_process_state_dict(
         FAMILIES[family].convert_weights(hf, cfg),
         fold_ln=True,
@@ -112,7 +120,7 @@ def test_tampered_model_is_refused(raw_pair, family):
 
 def test_gqa_and_sliding_windows_are_exercised(raw_pair, family):
     hf, tl = raw_pair
-    cfg = tl.cfg
+    cfg = lens.attention_config(tl)  # a bridge's cfg leaves windows, scale and rotary unset (HF computes them)
     if family in GQA:
         assert cfg.n_key_value_heads == 2 < cfg.n_heads
         _, cache = tl.run_with_cache(torch.arange(16)[None], names_filter="blocks.0.attn.hook_k")
@@ -133,11 +141,23 @@ def test_gqa_and_sliding_windows_are_exercised(raw_pair, family):
 
 def test_cache_shapes_from_the_config_are_every_hooks_shape(raw_pair, family):
     """`cache_store.hook_shape` (which the cache loader checks each tensor against) gives the shape of every hook
-    this family's model fires: grouped and ungrouped keys, and with TL's per-head input and result hooks on."""
+    this family's model fires: grouped and ungrouped keys, and with TL's per-head input and result hooks on. On a
+    bridge (TL 4), every hook tl_patching reads there, in HookedTransformer's layout, and nothing but the flag-gated
+    and silent points is left out."""
+    from tl_patching.backends import tl as tl_backend
     from tl_patching.cache_store import hook_shape
+    from tl_patching.forward import Forward
 
     _, tl = raw_pair
     cfg, tokens = tl.cfg, torch.arange(5)[None].repeat(3, 1)
+    if lens.is_bridge(tl):
+        names = tl_backend.hook_names(tl)
+        readable = [n for n in names if n not in tl_backend.silent_hooks(tl) and not tl_backend._needs_flag(tl, n)]
+        _, cache = Forward(tl).run(tokens, cache=readable)
+        assert {n: tuple(a.shape) for n, a in cache.items()} == {n: hook_shape(cfg, n, 3, 5) for n in readable}
+        assert len(readable) >= 14 * cfg.n_layers  # resid, attn (q k v z pattern scores), mlp, norms in every block
+        assert set(names) - set(readable) <= {n for n in names if "rot_" in n or tl_backend._needs_flag(tl, n)}
+        return
     variants = [
         dict(),
         dict(ungroup_grouped_query_attention=True),
@@ -183,12 +203,13 @@ def step_pairs():
     return {name: random_pair(name, seed=2) for name in ("gpt2", "qwen2", "llama")}
 
 
+@pytest.mark.tl3
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("family_name", ["gpt2", "qwen2", "llama"])
 def test_each_processing_step_alone_is_detected_unless_it_is_the_identity(step_pairs, family_name, step):
     hf, raw = step_pairs[family_name]
     cfg = hooked_config(hf.config)
-    model = HookedTransformer(cfg, move_to_device=False)
+    model = hooked_transformer(cfg)
     model.load_and_process_state_dict(
         FAMILIES[family_name].convert_weights(hf, cfg),
         refactor_factored_attn_matrices=False,
@@ -205,7 +226,7 @@ def test_each_processing_step_alone_is_detected_unless_it_is_the_identity(step_p
 
 def raw_model_with_cfg(hf, cfg):
     """hf's weights, unprocessed, in a HookedTransformer built from ``cfg`` (possibly altered)."""
-    model = HookedTransformer(cfg, move_to_device=False)
+    model = hooked_transformer(cfg)
     model.load_and_process_state_dict(
         family_of(hf.config).convert_weights(hf, cfg),
         fold_ln=False,
@@ -238,6 +259,7 @@ DETAILS = [
 ]
 
 
+@pytest.mark.tl3
 @pytest.mark.parametrize("family_name, field, value", DETAILS)
 def test_every_config_detail_matters(family_name, field, value):
     hf, _ = random_pair(family_name)
@@ -259,7 +281,8 @@ def test_llama3_rope_scaling():
         original_max_position_embeddings=64,
     )
     hf, tl = random_pair("llama", d_head=16, rope_parameters=rope)
-    assert tl.cfg.use_NTK_by_parts_rope and tl.cfg.NTK_original_ctx_len == 64
+    cfg = lens.attention_config(tl)
+    assert cfg.use_NTK_by_parts_rope and cfg.NTK_original_ctx_len == 64
     tokens = torch.arange(40)[None] % 64
     with torch.no_grad():
         assert (tl(tokens) - hf(tokens).logits).abs().max().item() < TOL
@@ -294,33 +317,46 @@ VARIANTS = {
 def test_config_variants_equal_hf(variant):
     family_name, overrides, expected = VARIANTS[variant]
     hf, tl = random_pair(family_name, **overrides)
-    assert {k: getattr(tl.cfg, k) for k in expected} == expected
+    assert {k: getattr(lens.attention_config(tl), k) for k in expected} == expected
     tokens = torch.arange(32)[None] % 64
     with torch.no_grad():
         assert (tl(tokens) - hf(tokens).logits).abs().max().item() < TOL
-    if "rotary_scaling_factor" in expected:  # the scaling is exercised: without it the probe check fails
+    if "rotary_scaling_factor" in expected and not lens.is_bridge(
+        tl
+    ):  # TL 3 computes the rotary itself  # the scaling is exercised: without it the probe check fails
         tl.cfg.rotary_scaling_factor = 1.0
         with pytest.raises(ModelMismatchError):
             verify_against_hf(hf, raw_model_with_cfg(hf, tl.cfg))
 
 
 def test_unrepresentable_configs_raise_not_implemented():
+    """HookedTransformer (TL 3) cannot compute longrope's per-frequency factors nor Llama's attention biases: refused
+    by name. A bridge (TL 4) runs HF's own attention: loaded, equal to HF, and what reads the attention's settings
+    from the family's row (E1's by-hand scores) refuses instead."""
     # "dynamic" RoPE, refused here before, equals the default one up to max_position_embeddings (TL's n_ctx):
     # it is loaded now (tests/test_config_fields.py), longrope's per-frequency factors are not.
-    with pytest.raises(NotImplementedError, match="rope_type 'longrope'"):
-        random_pair(
-            "llama",
-            rope_parameters=dict(
-                rope_type="longrope",
-                rope_theta=10000.0,
-                factor=2.0,
-                short_factor=[1.0, 1.5, 2.0, 3.0],
-                long_factor=[1.0] * 4,
-                original_max_position_embeddings=16,
-            ),
-        )
-    with pytest.raises(NotImplementedError, match="attention_bias"):
-        random_pair("llama", attention_bias=True)
+    longrope = dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        factor=2.0,
+        short_factor=[1.0, 1.5, 2.0, 3.0],
+        long_factor=[1.0] * 4,
+        original_max_position_embeddings=16,
+    )
+    for overrides, match in [
+        (dict(rope_parameters=longrope), "rope_type 'longrope'"),
+        (dict(attention_bias=True), "attention_bias"),
+    ]:
+        if lens.MAJOR < 4:
+            with pytest.raises(NotImplementedError, match=match):
+                random_pair("llama", **overrides)
+            continue
+        hf, bridge = random_pair("llama", **overrides)
+        tokens = torch.arange(20)[None]
+        with torch.no_grad():
+            assert (bridge(tokens) - hf(tokens).logits).abs().max().item() < TOL
+        with pytest.raises(NotImplementedError, match=match):
+            lens.attention_config(bridge)
 
 
 # ---- directories -------------------------------------------------------------------------------------------
@@ -344,7 +380,7 @@ def test_llama_directory_round_trip(llama_dir, monkeypatch):
     tokens = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     for weights in ("raw", "processed"):
         model = load_model(path, weights=weights)
-        assert weight_mode(model) == weights and model.cfg.original_architecture == "LlamaForCausalLM"
+        assert weight_mode(model) == weights and lens.architecture(model) == "LlamaForCausalLM"
         with torch.no_grad():
             assert (model(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)).abs().max().item() < TOL
     hf2, tl2 = load_pair(path)
@@ -359,7 +395,7 @@ def test_every_family_directory_round_trip(tmp_path, family, monkeypatch):
     hf.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     hf2, model = load_pair(tmp_path)
-    assert type(hf2) is type(hf) and model.cfg.original_architecture == FAMILIES[family].architecture
+    assert type(hf2) is type(hf) and lens.architecture(model) == FAMILIES[family].architecture
     tokens = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < TOL
@@ -418,6 +454,7 @@ def test_conversion_leaves_the_hf_model_untouched(family):
     assert all(torch.equal(v, before[k]) for k, v in hf.state_dict().items())
 
 
+@pytest.mark.tl3
 def test_conversion_that_drops_or_adds_weights_is_refused(monkeypatch):
     hf, _ = random_pair("llama")
     family = FAMILIES["llama"]

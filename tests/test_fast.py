@@ -1,21 +1,23 @@
 """The fast paths equal the sweep driver on a tiny model of every family TransformerLens runs, raw and processed.
 
-Each family is a `HookedTransformerConfig` with the block features that family has (no HF model needed: the fast
-paths only ever see TL's blocks), with every weight, bias and norm gain drawn at random with enough spread that
-soft-caps bite and attention is far from uniform, and sequences longer than the sliding windows.
+TransformerLens 3: each family is a `HookedTransformerConfig` with the block features that family has (no HF model
+needed: the fast paths only ever see TL's blocks), with every weight, bias and norm gain drawn at random with enough
+spread that soft-caps bite and attention is far from uniform, and sequences longer than the sliding windows.
+TransformerLens 4: the fast paths run HF's own modules with HF's key/value cache, so each family is a random HF model
+of tl_patching's families (`random_pair`, same spread, windows of 4 positions) in a TransformerBridge.
 """
 
 import math
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
-from tl_patching import fast, patching
+from tl_patching import fast, lens, patching
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
+from tl_patching.testing import random_pair
 
 ATOL = 1e-4
 B, P, VOCAB = 3, 9, 40
@@ -56,7 +58,13 @@ FAMILIES = {
 PROCESSED = ["gpt2", "neox", "llama", "qwen3"]
 
 
-def tiny(family: str, seed: int = 0) -> HookedTransformer:
+def tiny(family: str, seed: int = 0):
+    """The TransformerLens model of ``family``, 3 layers of 4 heads of 8: a random HookedTransformer (TL 3), or
+    a bridge around a random HF model of that family (TL 4; gptj has no HF family in tl_patching)."""
+    if lens.MAJOR >= 4:
+        return random_pair(family, n_layers=3, d_vocab=VOCAB, d_mlp=48, seed=seed, weight_std=0.3)[1]
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(**{**BASE, **FAMILIES[family]}, seed=seed)
     model = HookedTransformer(cfg).eval()
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +80,13 @@ def tiny(family: str, seed: int = 0) -> HookedTransformer:
     return model
 
 
-def processed(model: HookedTransformer) -> HookedTransformer:
+def processed(model):
+    if lens.is_bridge(model):
+        from tl_patching.models import hooked_from_hf
+
+        return hooked_from_hf(lens.plain_hf(model), weights="processed")
+    from transformer_lens import HookedTransformer
+
     out = HookedTransformer(
         model.cfg.__class__(**{**model.cfg.to_dict(), "normalization_type": model.cfg.normalization_type + "Pre"})
     ).eval()
@@ -91,7 +105,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-CASES = [(f, "raw") for f in FAMILIES] + [(f, "processed") for f in PROCESSED]
+BRIDGED = [f for f in FAMILIES if f != "gptj"] if lens.MAJOR >= 4 else list(FAMILIES)
+# A processed bridge of a LayerNorm family computes with folded biases its HF modules cannot hold: the HF engine
+# has no plain HF model to run and refuses (test_processed_layer_norm_bridges_are_refused).
+TWINLESS = {"gpt2", "neox"} if lens.MAJOR >= 4 else set()
+CASES = [(f, "raw") for f in BRIDGED] + [(f, "processed") for f in PROCESSED if f not in TWINLESS]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
@@ -178,7 +196,25 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
     else:
         out = fast.position_sweep(forward, tokens, donor, kind, LogitDiff(correct, wrong))
     assert out.shape[:-1] == expected.shape
+    if lens.is_bridge(model) and kind == "resid_mid":
+        # TL 4's own get_act_patch_resid_mid writes the bridge's hook_resid_mid, the next norm's input, and so
+        # leaves the residual stream alone (docs/transformerlens4.md): ours equals the driver instead, and TL's is off.
+        variants = [[patch(act_name(kind, l), donor, pos=p)] for l in range(3) for p in range(6)]
+        reference = patching.sweep(forward, tokens, variants, LogitDiff(correct, wrong)).reshape(3, 6, B)
+        assert (out - reference).abs().max() < ATOL
+        assert (out.mean(-1) - expected).abs().max() > 0.1
+        return
     assert (out.mean(-1) - expected).abs().max() < ATOL
+
+
+@pytest.mark.skipif(not TWINLESS, reason="HookedTransformer (TL 3) runs the fast paths on its own blocks")
+@pytest.mark.parametrize("family", sorted(TWINLESS))
+def test_processed_layer_norm_bridges_are_refused(family):
+    forward = Forward(processed(tiny(family)))
+    tokens = torch.randint(0, VOCAB, (B, P), generator=torch.Generator().manual_seed(1))
+    _, donor = forward.run(tokens, cache=[act_name("z", l) for l in range(3)])
+    with pytest.raises(NotImplementedError, match=r"weights \(processed\) do not make a plain HF model.*weights='raw'"):
+        fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(*torch.tensor([[1, 2, 3], [4, 5, 6]])))
 
 
 def test_options_and_refusals(gpt2):
@@ -213,6 +249,8 @@ def test_options_and_refusals(gpt2):
             "resid_mid",
             metric,
         )
+    if lens.is_bridge(forward.model):
+        return  # a bridge's attention is its HF CausalLM's: causal, whatever cfg.attention_dir says
     bidirectional = tiny("gpt2")
     bidirectional.cfg.attention_dir = "bidirectional"  # a patch there reaches earlier positions: nothing to reuse
     with pytest.raises(NotImplementedError, match="bidirectional attention"):

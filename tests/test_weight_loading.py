@@ -10,7 +10,15 @@ from unittest import mock
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
+
+from tl_patching import lens
+
+if lens.MAJOR >= 4:
+    pytest.skip(
+        f"HookedTransformer's own loading (TransformerLens 3); installed {lens.TL_VERSION}", allow_module_level=True
+    )
+
+from transformer_lens import HookedTransformer  # noqa: E402
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import softcap_enabled
 

@@ -335,10 +335,11 @@ def hook_axes(cfg, name: str, batch: int, pos: int) -> tuple[tuple[str, int], ..
     if key not in _AXES:
         raise ValueError(f"no known shape for the hook {name!r}")
     axes = _AXES[key]
-    grouped = cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
-    if key.startswith("ln1.") and (cfg.use_split_qkv_input or cfg.use_attn_in):
+    flag = lambda name: getattr(cfg, name, False)  # noqa: E731  (a bridge's cfg (TL 4) lacks some of TL 3's flags)
+    grouped = cfg.n_key_value_heads is not None and not flag("ungroup_grouped_query_attention")
+    if key.startswith("ln1.") and (flag("use_split_qkv_input") or flag("use_attn_in")):
         # ln1 then normalises per-head copies of the input; the last call, hence the cache, is the value input's
-        axes = axes[:2] + ("kv_heads" if cfg.use_split_qkv_input else "n_heads",) + axes[2:]
+        axes = axes[:2] + ("kv_heads" if flag("use_split_qkv_input") else "n_heads",) + axes[2:]
     size = {
         "batch": batch,
         "pos": pos,

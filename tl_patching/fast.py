@@ -78,8 +78,25 @@ class CleanRun:
     shortformer_pos_embed: Tensor | None
 
 
-def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun:
-    """One clean forward through ``model.blocks``, each with a fresh key/value cache entry that it fills."""
+@dataclass(frozen=True)
+class HFCleanRun:
+    """The recipient's clean run for the HF engine (HF backend, TransformerBridge): its tokens only. The engine
+    rebuilds the clean key/value prefix of each swept position with one HF forward over the positions before it (a
+    `DynamicCache` with sliding-window layers cannot be cropped back to a shorter prefix); that forward is 1/(variants)
+    of a position's work."""
+
+    tokens: Tensor
+
+
+def _hf_engine(forward: Forward) -> bool:
+    return forward.backend == "hf" or lens.is_bridge(forward.model)
+
+
+def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun | HFCleanRun:
+    """One clean forward through ``model.blocks``, each with a fresh key/value cache entry that it fills (the HF
+    engine: `HFCleanRun`)."""
+    if _hf_engine(forward):
+        return HFCleanRun(tokens)
     model = lens.tl_model(forward, WHAT)
     check_causal(model)
     cfg = model.cfg
@@ -139,10 +156,7 @@ def _patched_block(
     B, P = clean.tokens.shape
     name = act_name(kind, layer)
     if name not in model.hook_dict:
-        raise NotImplementedError(
-            f"this model has no {name}"
-            + (" (parallel attention and MLP: no resid_mid)" if model.cfg.parallel_attn_mlp else "")
-        )
+        raise NotImplementedError(f"this model has no {name}")
     V = len(heads) if kind == "z" else 1
     length = P - pos if kind == "resid_pre" else 1
     variants = torch.arange(V)
@@ -218,16 +232,19 @@ def _sweep(
     heads,
     max_rows: int,
     progress: bool,
-    clean: CleanRun | None,
+    clean: CleanRun | HFCleanRun | None,
     desc: str,
 ) -> Float[Tensor, "layer pos variant batch"]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if forward.backend == "hf" or lens.is_bridge(forward.model):
-        if clean is not None:
-            raise TypeError(
-                "recipient_run is a TransformerLens 3 clean run (fast.clean_run): the HF engine keeps its own"
-            )
+    if kind == "resid_mid" and getattr(lens.attention_config(forward.model), "parallel_attn_mlp", False):
+        raise NotImplementedError("this model has no hook_resid_mid (parallel attention and MLP: no resid_mid)")
+    if clean is not None and (
+        not isinstance(clean, HFCleanRun if _hf_engine(forward) else CleanRun)
+        or not torch.equal(clean.tokens.cpu(), tokens.cpu())
+    ):
+        raise TypeError("recipient_run must be fast.clean_run(forward, tokens) of these tokens")
+    if _hf_engine(forward):
         return _hf_sweep(forward, tokens, donor_cache, kind, metric, layers, positions, heads, max_rows, progress, desc)
     model = lens.tl_model(forward, WHAT)
     check_causal(model)
@@ -237,8 +254,6 @@ def _sweep(
     _check_donor(tokens, donor_cache, kind, layers)
     if clean is None:
         clean = clean_run(forward, tokens)
-    elif not isinstance(clean, CleanRun) or not torch.equal(clean.tokens, tokens.to(clean.tokens.device)):
-        raise TypeError("recipient_run must be fast.clean_run(forward, tokens) of these tokens")
     P, B, L = tokens.shape[1], len(tokens), model.cfg.n_layers
     V = len(heads) if kind == "z" else 1
     per_pass = max(1, max_rows // (V * B))
@@ -277,7 +292,7 @@ def position_head_sweep(
     heads: Sequence[int] | None = None,
     max_rows: int = 256,
     progress: bool = False,
-    recipient_run: CleanRun | None = None,
+    recipient_run: CleanRun | HFCleanRun | None = None,
 ) -> Float[Tensor, "layer pos head batch"]:
     """Exact patching of each head's ``hook_z`` at each position, alone, from the donor: TransformerLens's
     ``get_act_patch_attn_head_out_by_pos`` per prompt, ``[layer, pos, head, batch]`` (CPU, float32).
@@ -315,7 +330,7 @@ def position_sweep(
     positions: Sequence[int] | None = None,
     max_rows: int = 256,
     progress: bool = False,
-    recipient_run: CleanRun | None = None,
+    recipient_run: CleanRun | HFCleanRun | None = None,
 ) -> Float[Tensor, "layer pos batch"]:
     """Exact patching of the whole ``hook_{kind}`` vector (``kind`` in `POSITION_KINDS`) at one layer and one
     position, from the donor: TransformerLens's ``get_act_patch_{kind}`` per prompt, ``[layer, pos, batch]``."""
@@ -345,7 +360,7 @@ def final_position_head_sweep(
     metric: Metric,
     layers: Sequence[int] | None = None,
     progress: bool = True,
-    recipient_run: CleanRun | None = None,
+    recipient_run: CleanRun | HFCleanRun | None = None,
     max_rows: int = 8192,
 ) -> Float[Tensor, "layer head batch"]:
     """Exact patching of each head's z at the final position: ``patching.head_sweep(..., pos=-1)``, recomputing only

@@ -74,6 +74,7 @@ def attention_config(model):
         attn_scores_soft_cap=-1.0,
         window_size=None,
         attn_types=None,
+        use_local_attn=False,
         scale_attn_by_inverse_layer_idx=False,
         use_attn_scale=True,
         positional_embedding_type="standard",

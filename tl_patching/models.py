@@ -234,6 +234,7 @@ def _bridge(hf_model, tokenizer, weights: WeightMode, name: str | None) -> Hooke
     )
     with torch.no_grad():
         bridge.enable_compatibility_mode(no_processing=weights == "raw")
+    bridge.cfg.original_architecture = architecture  # HookedTransformer's field, left None by the bridge
     return bridge
 
 

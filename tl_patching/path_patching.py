@@ -57,6 +57,7 @@ MLP_MODES = ("recompute", "frozen")
 
 
 WHAT = "path patching"
+HOOK_ROWS = 256  # rows per pass when path patching runs through hook points (HF backend, TransformerBridge)
 
 
 def check_family(model: HookedTransformer) -> None:
@@ -213,7 +214,9 @@ def path_patch(
     check_donor(z_names[0], donor[z_names[0]], tuple(recipient_run[z_names[0]].shape))
     # Variants sorted by their lowest sender layer: rows join the computation at that layer.
     order = sorted(range(len(groups)), key=lambda i: min(l for l, _ in groups[i]))
-    per_pass = max(1, max_rows // B)
+    # Through hook points every layer's frozen z of every row is held at once: fewer rows per pass (SmolLM2 at 4096
+    # rows took 20 GB).
+    per_pass = max(1, (min(max_rows, HOOK_ROWS) if hooks_only else max_rows) // B)
     out = torch.empty(len(groups), B)
     with torch.no_grad():
         for start in range(0, len(order), per_pass):
