@@ -112,7 +112,7 @@ def test_stale_png_is_removed_when_png_export_is_unavailable(tmp_path, monkeypat
     written = plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap", png=run)
     assert written == [tmp_path / "e5_head_heatmap.html"] and not stale.exists() and run.failed
     err = capsys.readouterr().err
-    assert err.startswith("note: static PNG export skipped") and err.endswith("\n")  # a line of its own
+    assert err.startswith("note: static PNG export skipped") and err.count("\n") == 1 and err.endswith("\n")  # one line
     assert (
         "Kaleido requires Google Chrome to be installed" in err
         and "No browser found" in err

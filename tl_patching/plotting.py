@@ -137,10 +137,9 @@ def save(fig: go.Figure, out_dir: Path, name: str, png: bool | PngExport = True)
             written.append(image)
         except Exception as e:  # kaleido raises several types when no browser is found
             png.failed = True
-            tqdm.write(
-                f"note: static PNG export skipped ({_export_failure(e)}).\n"
-                "      Interactive HTML is written and old PNGs are removed; install Chromium "
-                "(apt-get install -y chromium) for PNGs.",
+            tqdm.write(  # one line, like every other step of a run
+                f"note: static PNG export skipped ({_export_failure(e)}); interactive HTML is written and old PNGs "
+                "are removed; install Chromium (apt-get install -y chromium) for PNGs",
                 file=sys.stderr,
             )
     if image not in written:
