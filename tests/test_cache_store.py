@@ -457,3 +457,123 @@ def test_fingerprint_follows_in_place_changes_of_the_weights():
     assert after != before and after == weights_fingerprint(tl)
     _, same = random_gpt2(n_layers=1, n_heads=4, d_head=8, seed=3)
     assert Forward(same).weights_fingerprint() == before  # a fresh model with the original weights
+
+
+# --- several batches in one file (what --donor-cache uses: a dataset comes in several token lengths) ---
+
+
+class Counting(Forward):
+    """A Forward that records the tokens of every run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def run(self, tokens, *args, **kwargs):
+        self.calls.append(tokens)
+        return super().run(tokens, *args, **kwargs)
+
+
+def batches_of_three_lengths(tl):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(2, tl.cfg.d_vocab, (n, pos), generator=g), True) for n, pos in ((3, 7), (2, 9), (1, 12))]
+
+
+def test_cached_runs_keep_every_length_in_one_file_and_load_without_running(pair, tmp_path):
+    _, tl = pair
+    forward, batches = Counting(tl), batches_of_three_lengths(tl)
+    names = [act_name("z", 1), act_name("resid_post", 2)]
+    path = tmp_path / "donor.safetensors"
+    first, computed = cache_store.cached_runs(path, forward, batches, names)
+    assert computed == 3 and len(forward.calls) == 3 and [f"{k}" for k in os.listdir(tmp_path)] == [path.name]
+    header = json.loads(safe_open(str(path), "pt").metadata()["tl_patching"])
+    assert header["format"] == cache_store.BATCHES_FORMAT
+    assert [e["token_ids"] for e in header["batches"]] == [t.tolist() for t, _ in batches]
+    for (tokens, _), cache in zip(batches, first):  # what a fresh run gives, the final position's logits included
+        logits, acts = Forward(tl).run(tokens, cache=names)
+        assert all(torch.equal(cache[n], acts[n]) for n in names)
+        assert torch.equal(cache[cache_store.FINAL_LOGITS], logits[:, -1])
+    stamp = path.stat().st_mtime_ns
+    again, computed = cache_store.cached_runs(path, forward, batches, names)
+    assert computed == 0 and len(forward.calls) == 3 and path.stat().st_mtime_ns == stamp  # loaded, nothing run
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(first, again) for n in a)
+    other = torch.randint(2, tl.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(4))
+    _, computed = cache_store.cached_runs(path, forward, [batches[1], (other, True)], names)  # a new length is added
+    assert computed == 1 and torch.equal(forward.calls[-1], other)
+    assert len(json.loads(safe_open(str(path), "pt").metadata()["tl_patching"])["batches"]) == 4
+
+
+def test_cached_runs_refuse_another_model_and_damage(pair, tmp_path):
+    _, tl = pair
+    batches, names = batches_of_three_lengths(tl), [act_name("z", 0)]
+    path = tmp_path / "donor.safetensors"
+    cache_store.cached_runs(path, Forward(tl), batches, names)
+    _, other_model = random_gpt2(n_layers=3, n_heads=4, d_head=8, seed=1, tokenizer=tl.tokenizer)  # other weights
+    with pytest.raises(CacheMismatchError, match="was made with another model: weights_sha256: cache has"):
+        cache_store.cached_runs(path, Forward(other_model), batches, names)
+    tensors, meta = load_file(path), safe_open(str(path), "pt").metadata()
+    altered = {**tensors, "1/blocks.0.attn.hook_z": tensors["1/blocks.0.attn.hook_z"] + 1}
+    save_file(altered, tmp_path / "altered.safetensors", metadata=meta)
+    with pytest.raises(
+        CorruptCacheError, match=r"'blocks.0.attn.hook_z' does not match its checksum \(batch 1 of 3, 9"
+    ):
+        cache_store.cached_runs(tmp_path / "altered.safetensors", Forward(tl), batches, names)
+    del tensors["2/final_logits"]
+    save_file(tensors, tmp_path / "short.safetensors", metadata=meta)
+    with pytest.raises(CorruptCacheError, match=r"lists 'final_logits' but the file holds no such tensor \(batch 2"):
+        cache_store.cached_runs(tmp_path / "short.safetensors", Forward(tl), batches, names)
+
+
+def test_cached_runs_take_a_one_batch_file_and_add_the_logits(pair, tokens, tmp_path):
+    """A cache saved by `save_cache` (one batch, no logits) is read as a batch file: its activations are kept."""
+    _, tl = pair
+    names = [act_name("z", 1)]
+    _, acts = Forward(tl).run(tokens, cache=names)
+    path = save_cache(tmp_path / "one.safetensors", acts, tl, tokens, True)
+    [cache], computed = cache_store.cached_runs(path, Forward(tl), [(tokens, True)], names)
+    assert computed == 1 and torch.equal(cache[names[0]], acts[names[0]])  # run once more, for the logits
+    assert read_header_format(path) == cache_store.BATCHES_FORMAT
+
+
+def read_header_format(path) -> str:
+    return json.loads(safe_open(str(path), "pt").metadata()["tl_patching"])["format"]
+
+
+def test_e4_e5_with_a_donor_cache_of_several_lengths_run_no_donor_and_match_a_fresh_run(tmp_path):
+    """The main job's path: IOI prompts of three token lengths, one donor cache file, E4 then E5, twice. The second
+    time nothing runs on the donor prompts, and every number equals a run without any cache."""
+    from tl_patching.experiments import ioi_data, run_experiment
+    from tl_patching.forward import load_forward
+
+    shipped = load_forward("shipped")
+    forward = Counting(shipped.model)
+    data = ioi_data(forward.model, 20)
+    assert len(data) == 3  # three token lengths
+    path, lines = tmp_path / "donor.safetensors", []
+
+    def donor_runs():
+        return sum(any(t.shape == b.donor_tokens.shape and torch.equal(t, b.donor_tokens) for b in data) for t in calls)
+
+    runs = []
+    for _ in range(2):
+        calls = forward.calls = []
+        runs.append(
+            [
+                run_experiment(k, forward, 20, donor_cache=path, progress=False, log=lines.append)
+                for k in "e4 e5".split()
+            ]
+        )
+        runs[-1].append(donor_runs())
+    assert runs[0][2] == 3 and runs[1][2] == 0  # the first run computes the three batches' donor runs, the second none
+    assert lines == [
+        f"donor cache {path}: the donor run of 3 of 3 batches computed and saved",
+        f"donor cache {path}: the donor run of 3 batches loaded",
+        f"donor cache {path}: the donor run of 3 batches loaded",
+        f"donor cache {path}: the donor run of 3 batches loaded",
+    ]
+    fresh = [run_experiment(k, Forward(shipped.model), 20, progress=False) for k in ("e4", "e5")]
+    for first, second, plain in zip(runs[0][:2], runs[1][:2], fresh):
+        for field in ("clean", "donor", "heads_patched", "resid_s2_patched", "resid_final_patched", "effect"):
+            if hasattr(plain, field):
+                assert torch.equal(getattr(first, field), getattr(plain, field)), field
+                assert torch.equal(getattr(second, field), getattr(plain, field)), field

@@ -1,12 +1,17 @@
 """The command line as a user meets it: fast help, one-line errors (no traceback), nothing silently changed."""
 
+import io
+import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 ENTRY = [sys.executable, "-m", "tl_patching.cli"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, timeout=300):
@@ -129,3 +134,165 @@ def test_reproduce_uses_the_donor_cache(tmp_path, capsys):
     stamp = cache.stat().st_mtime_ns
     status, err = in_process(capsys, *args)
     assert status == 0 and cache.stat().st_mtime_ns == stamp, err  # loaded, not rewritten
+
+
+# --- arguments before torch, --help, the output folder, the log ---
+
+
+@pytest.fixture(scope="module")
+def no_torch(tmp_path_factory) -> dict:
+    """An environment in which importing torch fails: what runs there has checked its arguments without it."""
+    fake = tmp_path_factory.mktemp("no_torch")
+    (fake / "torch").mkdir()
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch imported before the arguments were checked')")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}
+
+
+def test_arguments_and_paths_are_checked_before_torch_is_imported(no_torch, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["e1", "--text", ""], "error: --text: empty text: give at least one word"),
+        (["e2", "--text", "  "], "error: --text: empty text: give at least one word"),
+        (
+            ["e3", "--out", str(a_file)],
+            f"error: --out: {a_file} is a file, not a folder (results go to {a_file}/shipped)",
+        ),
+        (["reproduce", "--out", str(a_file / "deeper")], f"error: --out: {a_file} is a file, not a folder"),
+        (
+            ["e4", "--donor-cache", str(tmp_path / "missing" / "x.safetensors")],
+            f"error: --donor-cache {tmp_path}/missing/x.safetensors: the folder {tmp_path}/missing does not exist",
+        ),
+        (["e5", "--donor-cache", str(tmp_path)], f"error: --donor-cache {tmp_path} is a folder: give a file name"),
+        (["reproduce", "--experiments", "e3,e9"], "error: --experiments: unknown experiment(s) e9; choose from e1"),
+    ]
+    for args, message in cases:
+        out = subprocess.run(ENTRY + args, capture_output=True, text=True, env=no_torch, cwd=tmp_path, timeout=60)
+        assert out.returncode == 1 and out.stdout == "", (args, out.stderr)
+        assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(message), (args, out.stderr)
+    # the control: valid arguments get as far as torch, which this environment refuses
+    out = subprocess.run(ENTRY + ["e1", "--no-png"], capture_output=True, text=True, env=no_torch, cwd=tmp_path)
+    assert out.stderr == "error: torch imported before the arguments were checked\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_defaults_and_every_model_form():
+    out = cli("reproduce", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for default in ("(default: shipped)", "(default: tl)", "(default: auto)", "(default: float32)", "(default: 100)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for form in ("'shipped'", "'smollm2-135m'", "a hub name", "a local HF-format directory", "a .gguf file"):
+        assert form in re.search(r"--model MODEL (.*?) --backend", text).group(1), form
+    assert "(default: out/, a folder that git ignores" in text
+
+
+def test_model_folders_are_unambiguous(tmp_path, monkeypatch):
+    from tl_patching.cli import model_folder
+
+    for d in ("a/model", "b/model"):
+        (tmp_path / d).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    a, b = model_folder("a/model"), model_folder(str(tmp_path / "b" / "model"))
+    assert re.fullmatch(r"model-[0-9a-f]{8}", a) and re.fullmatch(r"model-[0-9a-f]{8}", b) and a != b
+    assert model_folder(str(tmp_path / "a" / "model") + "/") == model_folder("./a/../a/model") == a  # one path
+    assert [model_folder(n) for n in ("shipped", "SmolLM2-135M", "gpt2-medium")] == [
+        "shipped",
+        "smollm2-135m",
+        "gpt2-medium",
+    ]
+    assert re.fullmatch(r"EleutherAI-pythia-160m-[0-9a-f]{8}", model_folder("EleutherAI/pythia-160m"))
+
+
+def test_a_partial_run_keeps_the_index_of_every_result_and_removes_stale_pngs(tmp_path, capsys):
+    """`reproduce --experiments e3` into a folder with other results: the index covers them all; --no-png removes
+    the PNGs of E3's figures, including one E3 no longer draws."""
+    status, err = in_process(
+        capsys, "reproduce", "--experiments", "e1,e4", "--n-prompts", "4", "--no-png", "--out", str(tmp_path)
+    )
+    assert status == 0, err
+    folder = tmp_path / "shipped"
+    for stale in ("e3_cosine_similarity.png", "e3_an_old_figure.png", "e3_an_old_figure.html"):
+        (folder / stale).write_bytes(b"from an earlier run")
+    (folder / "e1_mean_raw_score.png").write_bytes(b"png")  # another experiment's figure: left alone
+    (folder / "INCOMPLETE.txt").write_text("left by an interrupted run")
+    status, err = in_process(capsys, "reproduce", "--experiments", "e3", "--no-png", "--out", str(tmp_path))
+    assert status == 0, err
+    assert not any(
+        (folder / stale).exists()
+        for stale in ("e3_cosine_similarity.png", "e3_an_old_figure.png", "e3_an_old_figure.html")
+    )
+    assert (folder / "e1_mean_raw_score.png").exists() and (folder / "e3_cosine_similarity.html").exists()
+    assert not (folder / "INCOMPLETE.txt").exists()  # the folder and its index agree again
+    page = (folder / "index.html").read_text()
+    for key in ("e1", "e3", "e4"):
+        assert f'href="{key}_result.json"' in page, key
+    assert '<img src="e1_mean_raw_score.png"' in page and "e3_cosine_similarity.png" not in page
+    assert "Not in this folder: e2, e5, circuit" in page and "Incomplete." not in page
+    assert err.splitlines()[-1] == f"wrote {folder}/index.html and the results of e3 beside it"
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    status, err = in_process(capsys, "e5", "--n-prompts", "4", "--no-png", "--out", str(tmp_path))
+    assert status == 0 and "\r" not in err and "head sweep" not in err
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    from tl_patching.cli import main
+
+    main(["e5", "--n-prompts", "4", "--no-png", "--out", str(tmp_path)])
+    assert "\rfinal-position head sweep:" in terminal.getvalue()  # the control: a terminal gets its bars
+    assert re.fullmatch(r"e5 \(\d+\.\d s\): clean logit diff [^\n]*\n", capsys.readouterr().out)
+
+
+def test_a_donor_cache_that_does_not_fit_is_one_line_in_cli_words(tmp_path, capsys):
+    cache = str(tmp_path / "donor.safetensors")
+    status, err = in_process(
+        capsys, "e5", "--n-prompts", "4", "--no-png", "--donor-cache", cache, "--out", str(tmp_path)
+    )
+    assert status == 0, err
+    status, err = in_process(
+        capsys,
+        "e5",
+        "--n-prompts",
+        "4",
+        "--no-png",
+        "--donor-cache",
+        cache,
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(tmp_path),
+    )
+    last = err.strip().splitlines()[-1]
+    assert status == 1 and "Traceback" not in err
+    assert last.startswith(f"error: --donor-cache does not fit: {cache} was made with another model: weights_sha256:")
+    assert last.endswith("(delete the file, or give another name, to compute the donor run again)")
+    assert len(err.strip().splitlines()) == 2  # "loaded …", then the error: nothing was written, nothing to mark
+    # the same mismatch after E1 was written: the folder is marked incomplete, the error is still the last line
+    status, err = in_process(
+        capsys,
+        "reproduce",
+        "--experiments",
+        "e1,e4",
+        "--n-prompts",
+        "4",
+        "--no-png",
+        "--donor-cache",
+        cache,
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(tmp_path),
+    )
+    folder = tmp_path / "shipped"
+    lines = err.strip().splitlines()
+    assert status == 1 and lines[-1].startswith("error: --donor-cache does not fit: ")
+    assert lines[-2] == f"stopped by an error: {folder} is incomplete (INCOMPLETE.txt says what was written)"
+    note = (folder / "INCOMPLETE.txt").read_text()
+    assert "stopped before it finished (error: --donor-cache does not fit:" in note
+    assert "Written by it: e1; not written: e4" in note and "<b>Incomplete.</b>" in (folder / "index.html").read_text()

@@ -3,6 +3,7 @@ no stale PNGs. Built from made-up results (tests/synthetic_results.py), so no mo
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -112,7 +113,7 @@ def test_stale_png_is_removed_when_png_export_is_unavailable(tmp_path, monkeypat
     written = plotting.save(load("e5").figures(synth.e5())["e5_head_heatmap"], tmp_path, "e5_head_heatmap", png=run)
     assert written == [tmp_path / "e5_head_heatmap.html"] and not stale.exists() and run.failed
     err = capsys.readouterr().err
-    assert err.startswith("note: static PNG export skipped") and err.endswith("\n")  # a line of its own
+    assert err.startswith("note: static PNG export skipped") and err.count("\n") == 1 and err.endswith("\n")  # one line
     assert (
         "Kaleido requires Google Chrome to be installed" in err
         and "No browser found" in err
@@ -172,3 +173,24 @@ def test_every_title_states_the_unit():
         assert "nats" in figs[name].layout.title.text, name
     for name, fig in figs.items():
         assert "<br><sup>" in fig.layout.title.text, name  # headline + subtitle
+
+
+def test_browser_driver_chatter_is_kept_out_of_the_log(tmp_path, monkeypatch, caplog):
+    """kaleido's driver logs errors it recovers from (a traceback on stderr in a plain run); the PNG is written."""
+    import logging
+
+    def chatty(fig, path, **kwargs):
+        try:
+            raise ValueError("Expecting property name enclosed in double quotes")
+        except ValueError:
+            logging.getLogger("choreographer.channels.pipe").exception("JSONError decoding message. Ignoring")
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(go.Figure, "write_image", chatty)
+    fig = load("e5").figures(synth.e5())["e5_head_heatmap"]
+    written = plotting.save(fig, tmp_path, "e5_head_heatmap", png=True)
+    assert written == [tmp_path / "e5_head_heatmap.html", tmp_path / "e5_head_heatmap.png"]
+    assert [r.getMessage() for r in caplog.records] == []
+    assert logging.getLogger("choreographer").level == logging.NOTSET  # restored
+    chatty(fig, tmp_path / "control.png")  # the control: outside save, the record is there
+    assert [r.getMessage() for r in caplog.records] == ["JSONError decoding message. Ignoring"]

@@ -146,7 +146,7 @@ def test_every_command_runs(name, directories, tmp_path, capsys):
         out = capsys.readouterr()
         assert "error" not in out.err, (command, out.err)
         assert out.out.strip(), command  # the result line
-    written = {p.name for p in (tmp_path / name).iterdir()}
+    written = {p.name for p in (tmp_path / cli.model_folder(directories[name])).iterdir()}
     assert {f"e{i}_result.json" for i in range(1, 6)} <= written
 
 
@@ -154,13 +154,14 @@ def test_every_command_runs(name, directories, tmp_path, capsys):
 def test_reproduce_runs_and_says_which_start_token(name, directories, tmp_path, capsys):
     cli.main(["reproduce", "--model", str(directories[name]), "--out", str(tmp_path), "--no-png", "--n-prompts", "8"])
     assert "error" not in capsys.readouterr().err
-    page = (tmp_path / name / "index.html").read_text()
+    folder = tmp_path / cli.model_folder(directories[name])  # the directory's name and a hash of its path
+    page = (folder / "index.html").read_text()
     bos = PUBLISHED[name][0]
     if PUBLISHED[name][4]:
         assert f"start token {bos} prepended (as its tokenizer does)".replace("<", "&lt;").replace(">", "&gt;") in page
     else:
         assert "no start token (as its tokenizer does)" in page
-    e4 = json.loads((tmp_path / name / "e4_result.json").read_text())
+    e4 = json.loads((folder / "e4_result.json").read_text())
     assert e4["info"]["start_token_convention"] is PUBLISHED[name][4]
 
 

@@ -8,6 +8,9 @@ self-contradicting file (a listed tensor missing, an unlisted one present, a dty
 raises `CorruptCacheError`. Writes go to a temporary file that replaces the target only when complete, so a crash never
 leaves a half file that later loads. Nothing is unpickled.
 
+A donor cache for a dataset of several token lengths (`cached_runs`, what ``--donor-cache`` uses) is one file holding
+any number of batches, each with its own token ids, checked the same way, plus each batch's final-position logits.
+
 Each hook's shape comes from the model's config (`hook_shape`); bytes per token per hook are
 ``bytes_per_token(cfg, name, pos)``; see docs/caching.md.
 """
@@ -35,6 +38,8 @@ from tl_patching.lens import HookedTransformer
 from tl_patching.provenance import weight_mode, weights_fingerprint
 
 FORMAT = "tl_patching.cache/1"
+BATCHES_FORMAT = "tl_patching.cache-batches/1"  # several batches in one file (`cached_runs`)
+FINAL_LOGITS = "final_logits"  # beside the hooks in a batch file: the run's logits at the final position [batch, vocab]
 
 
 class CacheMismatchError(ValueError):
@@ -90,13 +95,17 @@ def save_cache(
         "dtype": {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()},
         "hook_names": names,
         "sha256": {n: _digest(t) for n, t in tensors.items()},
-        "versions": {p: version(p) for p in ("torch", "transformer-lens", "transformers", "tl_patching")},
+        "versions": _versions(),
     }
+    return _write(path, tensors, header)
+
+
+def _write(path: Path, tensors: Mapping[str, Tensor], header: dict) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save the cache to {path}: the folder {path.parent} does not exist")
     tmp, mode = _new_temporary(path)
     try:
-        save_file(tensors, tmp, metadata={"tl_patching": json.dumps(header)})
+        save_file(dict(tensors), tmp, metadata={"tl_patching": json.dumps(header)})
         os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -105,6 +114,10 @@ def save_cache(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _versions() -> dict[str, str]:
+    return {p: version(p) for p in ("torch", "transformer-lens", "transformers", "tl_patching")}
 
 
 def _new_temporary(path: Path) -> tuple[Path, int]:
@@ -123,24 +136,13 @@ def _new_temporary(path: Path) -> tuple[Path, int]:
 
 
 # What a header must hold for a load to check anything; "versions" is information for the reader only.
-_HEADER_FIELDS = (
-    "model_name",
-    "weight_mode",
-    "n_layers",
-    "n_heads",
-    "d_model",
-    "d_vocab",
-    "weights_sha256",
-    "token_ids",
-    "prepend_bos",
-    "dtype",
-    "hook_names",
-    "sha256",
-)
+_MODEL_FIELDS = ("model_name", "weight_mode", "n_layers", "n_heads", "d_model", "d_vocab", "weights_sha256")
+_BATCH_FIELDS = ("token_ids", "prepend_bos", "hook_names", "dtype", "sha256")
+_HEADER_FIELDS = (*_MODEL_FIELDS, *_BATCH_FIELDS)
 
 
-def read_header(path: str | Path) -> dict:
-    """The JSON header of a saved cache, without loading its tensors."""
+def _json_header(path: str | Path) -> dict:
+    """The tl_patching header of a safetensors file, as JSON, before any check of its fields."""
     from safetensors import safe_open
 
     try:
@@ -154,29 +156,41 @@ def read_header(path: str | Path) -> dict:
         header = json.loads(meta["tl_patching"])
     except json.JSONDecodeError:
         raise CorruptCacheError(f"{path}: its tl_patching header is not valid JSON") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else header
-        raise CorruptCacheError(f"{path}: unknown cache format {found!r} (this version reads {FORMAT!r})")
-    missing = [k for k in _HEADER_FIELDS if k not in header]
-    if missing:
-        raise CorruptCacheError(f"{path}: the header lacks the field {missing[0]!r}")
-    ids = header["token_ids"]
+    if not isinstance(header, dict):
+        raise CorruptCacheError(f"{path}: unknown cache format {header!r} (this version reads {FORMAT!r})")
+    return header
+
+
+def _check_batch_fields(path: str | Path, entry: dict, whose: str = "the header's") -> None:
+    """One batch's token ids, hook names, dtypes and checksums are consistent (`CorruptCacheError`)."""
+    ids = entry["token_ids"]
     if not (
         isinstance(ids, list)
         and ids
         and all(isinstance(row, list) and len(row) == len(ids[0]) for row in ids)
         and all(isinstance(i, int) for row in ids for i in row)
     ):
-        raise CorruptCacheError(f"{path}: the header's token_ids are not a rectangular batch of integer ids")
-    names = header["hook_names"]
+        raise CorruptCacheError(f"{path}: {whose} token_ids are not a rectangular batch of integer ids")
+    names = entry["hook_names"]
     if not isinstance(names, list) or len(set(names)) != len(names):
-        raise CorruptCacheError(f"{path}: the header's hook_names are not a list of distinct names")
+        raise CorruptCacheError(f"{path}: {whose} hook_names are not a list of distinct names")
     for field in ("dtype", "sha256"):  # one entry per hook, or a tensor would go unchecked
-        if not isinstance(header[field], dict) or set(header[field]) != set(names):
-            odd = sorted(set(header[field]) ^ set(names)) if isinstance(header[field], dict) else header[field]
-            raise CorruptCacheError(
-                f"{path}: the header's {field} does not list exactly its hook_names (differs on {odd})"
-            )
+        if not isinstance(entry[field], dict) or set(entry[field]) != set(names):
+            odd = sorted(set(entry[field]) ^ set(names)) if isinstance(entry[field], dict) else entry[field]
+            raise CorruptCacheError(f"{path}: {whose} {field} does not list exactly its hook_names (differs on {odd})")
+
+
+def read_header(path: str | Path) -> dict:
+    """The JSON header of a saved cache, without loading its tensors."""
+    header = _json_header(path)
+    if header.get("format") != FORMAT:
+        raise CorruptCacheError(
+            f"{path}: unknown cache format {header.get('format')!r} (this version reads {FORMAT!r})"
+        )
+    missing = [k for k in _HEADER_FIELDS if k not in header]
+    if missing:
+        raise CorruptCacheError(f"{path}: the header lacks the field {missing[0]!r}")
+    _check_batch_fields(path, header)
     return header
 
 
@@ -245,13 +259,19 @@ def _check_against_header(path: str | Path, header: dict, tensors: Mapping[str, 
             raise CorruptCacheError(f"{path}: tensor {name!r} does not match its checksum")
 
 
-def _check_shapes(path: str | Path, header: dict, tensors: Mapping[str, Tensor], model: HookedTransformer) -> None:
-    """Each tensor has the shape ``model`` gives its hook for the header's tokens (`CacheMismatchError`)."""
+def _check_shapes(
+    path: str | Path, header: dict, tensors: Mapping[str, Tensor], model: HookedTransformer, logits: bool = False
+) -> None:
+    """Each tensor has the shape ``model`` gives its hook for the header's tokens (`CacheMismatchError`); with
+    ``logits``, `FINAL_LOGITS` too (a batch file's)."""
     batch, pos = len(header["token_ids"]), len(header["token_ids"][0])
     for name in header["hook_names"]:
-        if name not in model.hook_dict:
+        if name == FINAL_LOGITS and logits:
+            axes = (("batch", batch), ("d_vocab_out", model.cfg.d_vocab_out))
+        elif name not in model.hook_dict:
             raise CacheMismatchError(f"{path} holds {name!r}, which is not a hook of {model.cfg.model_name}")
-        axes = hook_axes(model.cfg, name, batch, pos)
+        else:
+            axes = hook_axes(model.cfg, name, batch, pos)
         shape, expected = tuple(tensors[name].shape), tuple(size for _, size in axes)
         if shape == expected:
             continue
@@ -283,6 +303,109 @@ def cached_run(
             f"{path} holds no {missing[0]!r} (and {len(missing) - 1} more of the {len(names)} needed)"
         )
     return cache
+
+
+# --- several batches in one file (a dataset of several token lengths) ---
+
+
+def _read_batches(path: Path) -> tuple[dict, list[dict]]:
+    """A batch file's header and its batches, each with ``keys``: hook name -> the tensor's name in the file. A
+    one-batch file (`save_cache`) reads as a batch file of one batch."""
+    header = _json_header(path)
+    if header.get("format") == FORMAT:
+        header = read_header(path)
+        return header, [{**{k: header[k] for k in _BATCH_FIELDS}, "keys": {n: n for n in header["hook_names"]}}]
+    if header.get("format") != BATCHES_FORMAT:
+        raise CorruptCacheError(
+            f"{path}: unknown cache format {header.get('format')!r} (this version reads {BATCHES_FORMAT!r} and "
+            f"{FORMAT!r})"
+        )
+    missing = [k for k in (*_MODEL_FIELDS, "batches") if k not in header]
+    if missing:
+        raise CorruptCacheError(f"{path}: the header lacks the field {missing[0]!r}")
+    if not isinstance(header["batches"], list):
+        raise CorruptCacheError(f"{path}: the header's batches are not a list")
+    for i, entry in enumerate(header["batches"]):
+        lacking = [k for k in _BATCH_FIELDS if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            raise CorruptCacheError(f"{path}: batch {i} of the header lacks the field {lacking[0]!r}")
+        _check_batch_fields(path, entry, f"batch {i}'s")
+    return header, [{**e, "keys": {n: f"{i}/{n}" for n in e["hook_names"]}} for i, e in enumerate(header["batches"])]
+
+
+def _load_batches(path: Path, forward) -> list[dict]:
+    """Every batch of a batch file, checked against ``forward``'s model, with its tensors (on the CPU)."""
+    header, batches = _read_batches(path)
+    diffs = [
+        f"{k}: cache has {header.get(k)!r}, model has {v!r}"
+        for k, v in _model_identity(forward).items()
+        if header.get(k) != v
+    ]
+    if diffs:
+        raise CacheMismatchError(f"{path} was made with another model: " + "; ".join(diffs))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CorruptCacheError(f"{path}: truncated or damaged ({e})") from None
+    unexpected = sorted(set(tensors) - {k for b in batches for k in b["keys"].values()})
+    if unexpected:
+        raise CorruptCacheError(f"{path}: the file holds a tensor {unexpected[0]!r} that its header does not list")
+    for i, b in enumerate(batches):
+        b["tensors"] = {n: tensors[k] for n, k in b["keys"].items() if k in tensors}
+        try:
+            _check_against_header(path, b, b["tensors"])
+            _check_shapes(path, b, b["tensors"], forward.model, logits=True)
+        except (CorruptCacheError, CacheMismatchError) as e:
+            raise type(e)(f"{e} (batch {i} of {len(batches)}, {len(b['token_ids'][0])} tokens long)") from None
+    return batches
+
+
+def _save_batches(path: Path, forward, batches: list[dict]) -> None:
+    tensors = {f"{i}/{n}": t for i, b in enumerate(batches) for n, t in b["tensors"].items()}
+    entries = [
+        {
+            "token_ids": b["token_ids"],
+            "prepend_bos": b["prepend_bos"],
+            "hook_names": list(b["tensors"]),
+            "dtype": {n: str(t.dtype).removeprefix("torch.") for n, t in b["tensors"].items()},
+            "sha256": {n: _digest(t) for n, t in b["tensors"].items()},
+        }
+        for b in batches
+    ]
+    header = {"format": BATCHES_FORMAT, **_model_identity(forward), "batches": entries, "versions": _versions()}
+    _write(path, tensors, header)
+
+
+def cached_runs(
+    path: str | Path, forward, batches: Sequence[tuple[Int[Tensor, "batch pos"], bool]], names: Sequence[str]
+) -> tuple[list[dict[str, Tensor]], int]:
+    """The activations ``names`` and the final position's logits (`FINAL_LOGITS`) of each ``(tokens, prepend_bos)``
+    batch, from one file that holds any number of batches: taken from the file where it holds them, else computed
+    through ``forward`` and added to it (one atomic rewrite). The file is checked against the model (name, sizes,
+    weight mode, weights fingerprint: `CacheMismatchError` otherwise) and each batch against its token ids; a batch
+    of other tokens is a new batch, never a mismatch. Returns one cache per batch (on the CPU) and how many batches
+    were computed (0: nothing was run)."""
+    path = Path(path)
+    stored = _load_batches(path, forward) if path.exists() else []
+    wanted = [*names, FINAL_LOGITS]
+    caches, computed = [], 0
+    for tokens, prepend_bos in batches:
+        ids = tokens.tolist()
+        entry = next((b for b in stored if b["token_ids"] == ids and b["prepend_bos"] == prepend_bos), None)
+        if entry is None or any(n not in entry["tensors"] for n in wanted):
+            logits, acts = forward.run(tokens, cache=list(names))
+            # clone: TL hands out one tensor as both resid_post[l] and resid_pre[l+1]; safetensors refuses shared memory
+            fresh = {n: acts[n] for n in names} | {FINAL_LOGITS: logits[:, -1]}
+            fresh = {n: t.detach().cpu().clone(memory_format=torch.contiguous_format) for n, t in fresh.items()}
+            if entry is None:
+                entry = {"token_ids": ids, "prepend_bos": prepend_bos, "tensors": {}}
+                stored.append(entry)
+            entry["tensors"].update(fresh)
+            computed += 1
+        caches.append({n: entry["tensors"][n] for n in wanted})
+    if computed:
+        _save_batches(path, forward, stored)
+    return caches, computed
 
 
 # The axes of each hook's activation, named by what sizes them: batch and pos are the tokens', the rest the

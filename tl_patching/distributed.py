@@ -200,27 +200,28 @@ def _dataset_digest(batches) -> str:
 def map_batches(
     fn: Callable[..., Tensor | tuple[Tensor, ...]],
     batches: Sequence,
-    donor_cache: dict[str, Tensor] | None = None,
+    donor_cache: dict[str, Tensor] | Sequence[dict[str, Tensor]] | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """``fn(batch, donor_cache)`` over every batch, per-prompt outputs (prompt axis last) concatenated in batch order.
 
     Under torchrun each rank runs ``fn`` on its `shard` of the prompts only, and every rank returns the
     whole dataset's tensors in the same order as one process would. Either way they come back on the CPU,
-    float16/bfloat16 widened to float32. ``donor_cache`` (one
-    batch's donor activations, or None) is cut to the same rows. ``fn`` returns a tensor or a tuple of several.
+    float16/bfloat16 widened to float32. ``donor_cache`` (one batch's donor activations, a list of them, one per
+    batch, or None) is cut to the same rows. ``fn`` returns a tensor or a tuple of several.
     """
     batches = list(batches)
+    caches = [donor_cache] * len(batches) if donor_cache is None or isinstance(donor_cache, dict) else list(donor_cache)
     if not running():
-        out = _cat([_on_cpu(fn(b, donor_cache)) for b in batches])
+        out = _cat([_on_cpu(fn(b, c)) for b, c in zip(batches, caches)])
         return out if len(out) > 1 else out[0]
     sizes = [len(b) for b in batches]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     mine = shard(sum(sizes), rank(), world_size())
     local_parts, local_order = [], []
-    for b, start, size in zip(batches, offsets, sizes):
+    for b, cache, start, size in zip(batches, caches, offsets, sizes):
         rows = [g - start for g in mine if start <= g < start + size]
         if rows:
-            local_parts.append(_on_cpu(fn(select(b, rows), _select_cache(donor_cache, rows, size))))
+            local_parts.append(_on_cpu(fn(select(b, rows), _select_cache(cache, rows, size))))
             local_order += [start + r for r in rows]
     local = _cat(local_parts) if local_parts else None
     gathered: list = [None] * world_size()

@@ -14,6 +14,8 @@ quantity and its unit (logit differences in nats).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import sys
 from pathlib import Path
@@ -107,6 +109,22 @@ def _export_failure(e: BaseException) -> str:
     return "; caused by ".join(parts)
 
 
+@contextlib.contextmanager
+def _browser_logs_quiet():
+    """kaleido's browser driver logs what it recovers from (seen: "JSONError decoding message. Ignoring" with two
+    tracebacks, the PNG written all the same) through Python's last-resort handler onto stderr; a failure that matters
+    raises, and is noted once by `save`."""
+    loggers = [logging.getLogger(name) for name in ("choreographer", "kaleido")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 class PngExport:
     """Whether a run writes PNGs, and whether PNG export already failed in it (then the run's other figures skip it:
     one note on its own line, not one per figure). One per run, passed to every `save`."""
@@ -133,14 +151,14 @@ def save(fig: go.Figure, out_dir: Path, name: str, png: bool | PngExport = True)
     image = out_dir / f"{name}.png"
     if png.wanted and not png.failed:
         try:
-            fig.write_image(image, width=WIDTH, height=fig.layout.height or HEIGHT, scale=1)
+            with _browser_logs_quiet():
+                fig.write_image(image, width=WIDTH, height=fig.layout.height or HEIGHT, scale=1)
             written.append(image)
         except Exception as e:  # kaleido raises several types when no browser is found
             png.failed = True
-            tqdm.write(
-                f"note: static PNG export skipped ({_export_failure(e)}).\n"
-                "      Interactive HTML is written and old PNGs are removed; install Chromium "
-                "(apt-get install -y chromium) for PNGs.",
+            tqdm.write(  # one line, like every other step of a run
+                f"note: static PNG export skipped ({_export_failure(e)}); interactive HTML is written and old PNGs "
+                "are removed; install Chromium (apt-get install -y chromium) for PNGs",
                 file=sys.stderr,
             )
     if image not in written:

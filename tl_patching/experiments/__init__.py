@@ -6,6 +6,7 @@ single pair) with an optional donor cache on disk. Importing this package import
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tl_patching.experiments.spec import Experiment, Option, catalog, keys, load, register
@@ -14,14 +15,22 @@ __all__ = ["Experiment", "Option", "catalog", "keys", "load", "register", "run_e
 
 
 def run_experiment(
-    key: str, forward, n_prompts: int = 100, donor_cache: Path | None = None, progress: bool = True, **options
+    key: str,
+    forward,
+    n_prompts: int = 100,
+    donor_cache: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **options,
 ):
     """Experiment ``key`` with its defaults, overridden by ``options`` (None = default).
 
     A text experiment runs on its sentence (``text=``). An IOI experiment runs over ``n_prompts`` seeded prompts
-    (1: the seed's single pair), at most its ``max_prompts``; with ``donor_cache`` the donor run is loaded from that
-    file (checked against model and tokens), or computed and saved there. Under torchrun (process group started by
-    the caller), an experiment that splits prompts takes this rank's share; the others run on rank 0 only.
+    (1: the seed's single pair), at most its ``max_prompts``; with ``donor_cache`` the donor run of every batch (one
+    per token length) is read from that file where it holds it (checked against model, weights and tokens), else
+    computed and added to it, so the file serves any number of prompts and every experiment that reads the donor run.
+    ``log`` receives a line saying which (e.g. the command line's output). Under torchrun (process group started by the
+    caller), an experiment that splits prompts takes this rank's share; the others run on rank 0 only.
     """
     from tl_patching import distributed
 
@@ -39,7 +48,7 @@ def run_experiment(
     )
     cache = None
     if donor_cache is not None and experiment.donor_names is not None:
-        cache = _donor_cache(donor_cache, forward, data, experiment.donor_names(forward.cfg.n_layers), n_prompts)
+        cache = _donor_cache(Path(donor_cache), forward, data, experiment.donor_names(forward.cfg.n_layers), log)
     if experiment.split_prompts:
         return experiment.run(forward, data, donor_cache=cache, progress=progress, **options)
     return distributed.on_main(lambda: experiment.run(forward, data, donor_cache=cache, progress=progress, **options))
@@ -52,15 +61,19 @@ def ioi_data(model, n_prompts: int):
     return [seed_pair(model)] if n_prompts == 1 else ioi_dataset(model, n_prompts)
 
 
-def _donor_cache(path: Path, forward, data, names: list[str], n_prompts: int):
+def _donor_cache(path: Path, forward, data, names: list[str], log: Callable[[str], None] | None) -> list[dict]:
+    """One donor cache per batch of ``data``, from the file at ``path`` (see `cache_store.cached_runs`)."""
     from tl_patching import distributed
-    from tl_patching.cache_store import cached_run
+    from tl_patching.cache_store import cached_runs
 
-    if len(data) > 1:
-        raise ValueError(
-            f"a donor cache holds one batch of prompts of one token length; these {n_prompts} prompts "
-            f"come in {len(data)} lengths. Use n_prompts=1, or no donor cache"
+    with distributed.main_first():  # rank 0 computes and saves what the file lacks, the others then load it
+        caches, computed = cached_runs(path, forward, [(b.donor_tokens, b.prepend_bos) for b in data], names)
+    if log is not None and distributed.is_main():
+        n = len(data)
+        log(
+            f"donor cache {path}: the donor run of {n} batch{'es' if n != 1 else ''} loaded"
+            if not computed
+            else f"donor cache {path}: the donor run of {computed} of {n} batch{'es' if n != 1 else ''} computed and "
+            "saved"
         )
-    batch = data[0]
-    with distributed.main_first():  # rank 0 computes and saves it, the others load it
-        return cached_run(path, forward, batch.donor_tokens, names, batch.prepend_bos)
+    return caches

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_patching.cache_store import FINAL_LOGITS
 from tl_patching.distributed import map_batches
 from tl_patching.edits import act_name, patch, patch_where
 from tl_patching.experiments.spec import Experiment
@@ -38,10 +39,16 @@ from tl_patching.results import Result
 
 
 def as_batches(model, data: IOIBatch | Sequence[IOIBatch] | None, donor_cache=None) -> list[IOIBatch]:
-    """E4/E5 input as a list of batches (default: the seed's pair); a donor cache fits one batch only."""
+    """E4/E5 input as a list of batches (default: the seed's pair); a donor cache is one dict for a single batch, or
+    a list of dicts, one per batch."""
     batches = [seed_pair(model)] if data is None else [data] if isinstance(data, IOIBatch) else list(data)
-    if donor_cache is not None and len(batches) != 1:
-        raise ValueError("a donor cache belongs to one batch of donor prompts; pass a single IOIBatch")
+    if isinstance(donor_cache, dict) and len(batches) != 1:
+        raise ValueError(
+            f"a donor cache as one dict belongs to one batch of donor prompts, and there are {len(batches)}: "
+            "pass a list of caches, one per batch"
+        )
+    if donor_cache is not None and not isinstance(donor_cache, dict) and len(donor_cache) != len(batches):
+        raise ValueError(f"{len(donor_cache)} donor caches for {len(batches)} batches: one per batch")
     return batches
 
 
@@ -106,8 +113,12 @@ def patch_layer_sweep(
     """Logit differences for one batch: clean [N], donor [N], then per layer [L, N]: heads, resid at S2, resid at
     final."""
     L = forward.cfg.n_layers
-    donor_logits, fresh = forward.run(batch.donor_tokens, cache=[] if donor else donor_names(L))
-    donor = donor or fresh
+    if donor is not None and FINAL_LOGITS in donor:  # a saved donor run holds its logits too: no donor forward
+        donor_ld = LogitDiff(batch.correct, batch.wrong)(donor[FINAL_LOGITS])
+    else:
+        donor_logits, fresh = forward.run(batch.donor_tokens, cache=[] if donor else donor_names(L))
+        donor = donor or fresh
+        donor_ld = logit_diff(donor_logits, batch.correct, batch.wrong)
     check_patch_lands(forward, batch.tokens, donor)
     differs = batch.tokens != batch.donor_tokens
     final = torch.zeros_like(differs)
@@ -124,7 +135,7 @@ def patch_layer_sweep(
     )
     return (
         ld[0],
-        logit_diff(donor_logits, batch.correct, batch.wrong),
+        donor_ld,
         ld[1 : L + 1],
         ld[L + 1 : 2 * L + 1],
         ld[2 * L + 1 :],
@@ -134,12 +145,14 @@ def patch_layer_sweep(
 def run(
     forward: Forward,
     data: IOIBatch | Sequence[IOIBatch] | None = None,
-    donor_cache: dict[str, Tensor] | None = None,
+    donor_cache: dict[str, Tensor] | Sequence[dict[str, Tensor]] | None = None,
     progress: bool = True,
 ) -> E4Result:
     """Per-layer patching curves over one prompt pair (default: the seed's) or a dataset of batches.
 
-    ``donor_cache``: the donor's hook_z and hook_resid_post for every layer (e.g. loaded from disk); one batch only.
+    ``donor_cache``: the donor's hook_z and hook_resid_post for every layer (e.g. loaded from disk), one dict per
+    batch (a list; a dict alone for one batch); with the donor's final-position logits (`cache_store.FINAL_LOGITS`, as
+    `cache_store.cached_runs` saves them) the donor is not run at all.
     """
     batches = as_batches(forward.model, data, donor_cache)
     clean, donor, heads, resid_s2, resid_final = map_batches(  # under torchrun: this rank's prompts, then all gathered

@@ -77,13 +77,14 @@ def run(
     forward: Forward,
     data: IOIBatch | Sequence[IOIBatch] | None = None,
     method: str | None = None,
-    donor_cache: dict[str, Tensor] | None = None,
+    donor_cache: dict[str, Tensor] | Sequence[dict[str, Tensor]] | None = None,
     progress: bool = True,
 ) -> E5Result:
     """Single-head, final-position patching sweep over all layers × heads.
 
     ``method``: "fast" (tl backend only) or "sweep" (either backend); default "fast" on tl, "sweep" on hf.
-    ``donor_cache``: the donor's ``hook_z`` for every layer (e.g. loaded from disk); one batch only.
+    ``donor_cache``: the donor's ``hook_z`` for every layer (e.g. loaded from disk), one dict per batch (a list; a
+    dict alone for one batch).
     """
     method = method or ("fast" if forward.backend == "tl" else "sweep")
     if method not in METHODS:

@@ -1,10 +1,11 @@
 """The main job's ``index.html``, assembled: the model card, then per experiment its data, its finding in words
 with the seed's claims beside it, its figures, and a conclusion.
 
-Built only from the ``<key>_result.json`` files in the output folder (each experiment's own ``finding``,
-``figures`` and ``conclusion`` read its result), so it can be rebuilt without rerunning anything::
+Built only from the ``<key>_result.json`` files in the output folder, every one present whichever command wrote it
+(each experiment's own ``finding``, ``figures`` and ``conclusion`` read its result), so the page always matches the
+folder and can be rebuilt without rerunning anything::
 
-    python -m tl_patching.report figures/shipped
+    python -m tl_patching.report out/shipped
 
 The page holds nothing that changes between identical runs (no timings, no dates).
 """
@@ -12,6 +13,7 @@ The page holds nothing that changes between identical runs (no timings, no dates
 from __future__ import annotations
 
 import html
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +28,8 @@ STYLE = (
     "figure{margin:1.2em 0}figcaption{font-size:.9em;color:#555}\n"
     "table{border-collapse:collapse;margin:1em 0}th{white-space:nowrap}"
     "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\n"
-    ".agrees{color:#1a7f37}.differs{color:#b3261e}.partly,.not{color:#9a6700}code{background:#f4f4f4;padding:0 .2em}"
+    ".agrees{color:#1a7f37}.differs{color:#b3261e}.partly,.not{color:#9a6700}code{background:#f4f4f4;padding:0 .2em}\n"
+    ".incomplete{background:#fff4e5;border-left:4px solid #b3261e;padding:.5em 1em}"
 )
 
 
@@ -119,21 +122,51 @@ def load_result(out_dir: Path, experiment: spec.Experiment):
     return experiment.result.from_json(Path(out_dir) / f"{experiment.key}_result.json")
 
 
-def write_report(out_dir: Path, model_name: str, sections: list[tuple], model=None) -> Path:
-    """Write ``out_dir/index.html``. ``sections``: ``(key, reading, files, seconds)`` per experiment, as the main job
-    collects them (the reading and time are not used: the page is rebuilt from ``key_result.json`` and is the same on
-    every identical run); ``model``: the loaded model, for the card of a model other than the shipped one."""
+INCOMPLETE = "INCOMPLETE.txt"  # written by the command line while a run into the folder has not finished
+
+
+def _runs(results: dict) -> str:
+    """How the results were run: one weight mode and backend for all, or which for which (a folder can hold results
+    of several commands)."""
+    ways = {key: (r.info.weight_mode, BACKENDS.get(r.info.backend, r.info.backend)) for key, r in results.items()}
+    if len(set(ways.values())) == 1:
+        mode, backend = next(iter(ways.values()))
+        return f" with {mode} weights through {backend} hooks"
+    groups = {}
+    for key, way in ways.items():
+        groups.setdefault(way, []).append(key)
+    return (
+        " (results of several runs: "
+        + "; ".join(
+            f"{', '.join(keys)} with {mode} weights through {backend} hooks" for (mode, backend), keys in groups.items()
+        )
+        + ")"
+    )
+
+
+def write_report(out_dir: Path, model_name: str, model=None, incomplete: str | None = None) -> Path:
+    """Write ``out_dir/index.html`` covering every ``<key>_result.json`` in ``out_dir`` (whichever commands wrote them),
+    each with its figures found beside it. ``model``: the loaded model, for the card of a model other than the shipped
+    one; ``incomplete``: a note for the top of the page, for a run that stopped early."""
     out_dir = Path(out_dir)
-    experiments, results, found, blocks = {}, {}, {}, []
-    for key, _reading, files, *_ in sections:
-        experiments[key] = experiment = spec.load(key)
-        results[key] = r = load_result(out_dir, experiment)
+    experiments, results, found, blocks, unreadable = {}, {}, {}, [], []
+    for key in spec.keys():
+        if not (out_dir / f"{key}_result.json").exists():
+            continue
+        experiment = spec.load(key)
+        try:
+            r = load_result(out_dir, experiment)
+        except Exception as e:  # e.g. written by an older version: named on the page, not a failed page
+            unreadable.append(f"{key}_result.json ({type(e).__name__}: {e})")
+            continue
+        experiments[key], results[key] = experiment, r
         found[key] = text, claims = experiment.finding(r)
+        figures = [out_dir / f"{name}.html" for name in experiment.figures(r)]
         blocks.append(
             f'<h2 id="{key}">{html.escape(experiment.title)}</h2>'
             f"<p><b>Data.</b> {html.escape(data_description(experiment, r))}</p>"
             f"<p><b>Finding.</b> {html.escape(text)}</p>{_claims_table(experiment, claims)}"
-            f"{_figures([Path(f) for f in files])}"
+            f"{_figures([f for f in figures if f.exists()])}"
             f'<p>Numbers: <a href="{key}_result.json">{key}_result.json</a> '
             "(token ids, settings, every per-prompt value).</p>"
         )
@@ -143,10 +176,21 @@ def write_report(out_dir: Path, model_name: str, sections: list[tuple], model=No
     intro = (
         f"<p>Activation-editing and patching experiments, redone on TransformerLens hook points and cross-checked "
         f"against raw HuggingFace hooks (the tests), run on {html.escape(str(name))}"
-        + (f" with {info.weight_mode} weights through {BACKENDS.get(info.backend, info.backend)} hooks" if info else "")
+        + html.escape(_runs(results) if results else "")
         + ". Each section gives the data, the finding in words with its numbers, the seed report's claim beside it, "
         "and the figures (click one for the interactive version). Intervals are 95% bootstrap confidence intervals of "
         "the mean over prompts; logit differences are in nats.</p>"
+    )
+    absent = [k for k in spec.keys() if k not in results]
+    status = (
+        (f'<p class="incomplete"><b>Incomplete.</b> {html.escape(incomplete)}</p>\n' if incomplete else "")
+        + (
+            f"<p>Not in this folder: {html.escape(', '.join(absent))} (<code>tl-patching reproduce</code> runs them "
+            "all).</p>\n"
+            if absent
+            else ""
+        )
+        + "".join(f"<p>Could not be read: {html.escape(u)}.</p>\n" for u in unreadable)
     )
     card_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in card)
     model_section = (
@@ -164,26 +208,26 @@ def write_report(out_dir: Path, model_name: str, sections: list[tuple], model=No
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>tl_patching — '
         f"{html.escape(str(model_name))}</title><style>{STYLE}</style></head><body>\n"
         "<h1>tl_patching: what the experiments found on "
-        f'{html.escape(str(name))}</h1>\n{intro}\n<ul>{contents}<li><a href="#conclusion">Conclusion</a></li></ul>\n'
+        f"{html.escape(str(name))}</h1>\n{status}{intro}\n"
+        f'<ul>{contents}<li><a href="#conclusion">Conclusion</a></li></ul>\n'
         f"{model_section}\n"
         + "\n".join(blocks)
         + f'\n<div id="conclusion">{conclusion(model_name, experiments, found, results)}</div>\n</body></html>\n'
     )
     index = out_dir / "index.html"
-    index.write_text(page)
+    tmp = out_dir / ".index.html.partial"
+    tmp.write_text(page)
+    os.replace(tmp, index)  # never a half page
     return index
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tl_patching.report DIR [MODEL]``: rebuild DIR/index.html from the results JSON and figures in DIR."""
+    """``python -m tl_patching.report DIR [MODEL]``: rebuild DIR/index.html from the results JSON and figures in DIR
+    (and DIR/INCOMPLETE.txt, if a run left one)."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
         raise SystemExit("usage: python -m tl_patching.report DIR [MODEL]  (MODEL: 'shipped' by default)")
     out_dir = Path(args[0])
     model_name = args[1] if len(args) > 1 else SHIPPED_NAME
-    sections = [
-        (k, "", sorted(out_dir.glob(f"{k}_*.html")), 0.0)
-        for k in spec.keys()
-        if (out_dir / f"{k}_result.json").exists()
-    ]
-    print(write_report(out_dir, model_name, sections))
+    marker = out_dir / INCOMPLETE
+    print(write_report(out_dir, model_name, incomplete=marker.read_text().strip() if marker.exists() else None))
