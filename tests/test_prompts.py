@@ -80,3 +80,40 @@ def test_text_longer_than_the_context_is_refused_not_truncated(ioi_model):
     with pytest.raises(PromptError, match=r"longer than the model's context of 24"):
         to_tokens(ioi_model, text)
     assert to_tokens(ioi_model, "Sam and Sally went to the park.").shape == (1, 9)
+
+
+def test_ioi_pair_refuses_a_name_without_its_leading_space(ioi_model):
+    """ioi_pair(model, …, "Sally", "Sam") measured other tokens than " Sally" / " Sam": it is refused, naming the
+    spaced form."""
+    recipient, donor = (
+        "Sam and Sally went to the park. Sam gave a gift to",
+        "Sam and Sally went to the park. Sally gave a gift to",
+    )
+    with pytest.raises(PromptError, match=r"'Sally' has no leading space: .* pass ' Sally'"):
+        ioi_pair(ioi_model, recipient, donor, "Sally", "Sam")
+    with pytest.raises(PromptError, match=r"'Sam' has no leading space: .* pass ' Sam'"):
+        ioi_pair(ioi_model, recipient, donor, " Sally", "Sam")
+    pair = ioi_pair(ioi_model, recipient, donor, " Sally", " Sam")
+    assert ioi_model.tokenizer.decode(pair.correct) == " Sally" and ioi_model.tokenizer.decode(pair.wrong) == " Sam"
+
+
+def test_a_word_level_vocabulary_read_by_the_qwen2_tokenizer_class_is_refused(tmp_path):
+    """transformers 5 loads any `model_type: qwen2` directory with Qwen2Tokenizer, whatever its tokenizer.json: a
+    word-level vocabulary then maps the words of a text to a few byte pieces ("Sam and Sally went to the park." →
+    "aaaa."), and E1 ran on that without a word of the sentence. to_tokens refuses a text it cannot give back."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tl_patching.testing import random_gpt2
+
+    text = "Sam and Sally went to the park."
+    word_tokenizer([text, "Sam gave a gift to"]).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) != text and len(ids) < len(text.split())  # the trap: other, fewer tokens
+    model = random_gpt2(n_layers=1, d_vocab=len(tokenizer), tokenizer=tokenizer)[1]
+    with pytest.raises(PromptError, match=r"cannot give this text back: 'Sam' is lost \(the ids decode to 'aaaa\.'\)"):
+        to_tokens(model, text)

@@ -36,8 +36,9 @@ def hooks(
 ) -> Iterator[None]:
     """Inside: ``edits`` applied, in order, and the (edited) activations at ``names`` recorded into ``cache``.
 
-    Raises on exit if an edit never ran: TL creates some hook points (``hook_result``, ``hook_q_input``, …)
-    whose hooks fire only under a config flag, and an edit there would silently do nothing.
+    Raises `NotImplementedError` on exit if an edit never ran or a name was never recorded: TL creates some hook
+    points (``hook_result``, ``hook_q_input``, …) whose hooks fire only under a config flag, and an edit there
+    would silently do nothing (the HF backend refuses the same names with the same class: no HF counterpart).
     """
     _check(model, [e.name for e in edits] + list(names))
     ran: set[int] = set()
@@ -61,10 +62,12 @@ def hooks(
     with model.hooks(fwd_hooks=fwd_hooks):
         yield
     never = [e.name for i, e in enumerate(edits) if i not in ran]
+    never += [n for n in names if cache is not None and n not in cache]
     if never:
-        raise RuntimeError(
-            f"the edit at {never[0]} never ran: this model does not compute that hook point "
-            "(TL fires hook_result / hook_*_input only when cfg.use_attn_result / use_split_qkv_input is set)"
+        raise NotImplementedError(
+            f"{never[0]} never ran: this model does not compute that hook point (TL fires hook_result, hook_attn_in, "
+            "hook_*_input and hook_mlp_in only when cfg.use_attn_result, use_attn_in, use_split_qkv_input or "
+            "use_hook_mlp_in is set)"
         )
 
 
