@@ -1,5 +1,7 @@
 """IOI prompts and datasets, and the tokenisation checks: no silent <unk>, truncation or empty text."""
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -117,3 +119,41 @@ def test_a_word_level_vocabulary_read_by_the_qwen2_tokenizer_class_is_refused(tm
     model = random_gpt2(n_layers=1, d_vocab=len(tokenizer), tokenizer=tokenizer)[1]
     with pytest.raises(PromptError, match=r"cannot give this text back: 'Sam' is lost \(the ids decode to 'aaaa\.'\)"):
         to_tokens(model, text)
+
+
+@pytest.mark.parametrize(
+    "template, obj, expected",
+    [
+        (TEMPLATES[0], "apple", "Sam and Sally went to the park. Sally gave an apple to"),
+        (TEMPLATES[0], "Orange", "Sam and Sally went to the park. Sally gave an Orange to"),
+        (TEMPLATES[0], "pizza", "Sam and Sally went to the park. Sally gave a pizza to"),
+        (TEMPLATES[1], "apple", "Sam and Sally walked to the park. Sally gave the apple to"),  # "the" stays
+        (
+            "{A} had a day with {B} at the {PLACE}. {S} gave a {OBJECT} to",
+            "egg",
+            "Sam had a day with Sally at the park. Sally gave an egg to",
+        ),  # only the object's article changes
+    ],
+)
+def test_the_article_agrees_with_the_object(template, obj, expected):
+    p = IOIPrompt(template, io="Sam", s="Sally", obj=obj, order="ABBA")
+    assert p.text == expected
+    assert p.donor().text == expected.replace("Sally gave", "Sam gave")  # the donor keeps it: same token length
+    assert p.filled() == expected.replace(f" an {obj} ", f" a {obj} ")  # the template as written
+
+
+def test_no_prompt_of_the_dataset_says_a_before_a_vowel():
+    texts = [p.text for p in ioi_prompts(400, templates=TEMPLATES + HELD_OUT_TEMPLATES)]
+    texts += [p.text for p in ioi_prompts(50, objects=("apple", "egg", "gift"))]
+    assert not [t for t in texts if re.search(r"\ba [aeiouAEIOU]", t)]
+    assert sum(" an apple " in t or " an egg " in t for t in texts) > 10
+
+
+def test_the_recipe_keeps_the_texts_the_shipped_model_was_trained_on():
+    """The shipped model's corpus said "gave a apple"; its recipe must still make that corpus, whatever prompts say."""
+    from tl_patching.recipe.training import TRAINED_OBJECTS, eval_prompts
+
+    prompts = eval_prompts([("Sam", "Sally"), ("Tom", "Anna")], n=200)
+    assert "apple" in TRAINED_OBJECTS and {p.obj for p in prompts} == set(TRAINED_OBJECTS)
+    assert any(" a apple " in p.text for p in prompts) and not any(" an " in p.text for p in prompts)
+    assert all(p.donor().text == p.donor().filled() for p in prompts)
