@@ -141,7 +141,7 @@ def test_any_position_sweeps_equal_the_driver(case):
     clean = fast.clean_run(forward, tokens)
     general = lambda final: final.log_softmax(-1)[:, 3]  # noqa: E731  (not a LogitDiff: the whole unembedding)
     for kind in kinds[1:]:
-        out = fast.position_sweep(forward, tokens, donor, kind, general, positions=positions, recipient_run=clean)
+        out = fast.position_sweep(forward, tokens, donor, general, kind, positions=positions, recipient_run=clean)
         variants = [[patch(act_name(kind, l), donor, pos=p)] for l in range(3) for p in positions]
         reference = patching.sweep(forward, tokens, variants, general).reshape(3, len(positions), B)
         assert (out - reference).abs().max() < ATOL, kind
@@ -176,7 +176,7 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
     if kind == "z":
         out = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong))
     else:
-        out = fast.position_sweep(forward, tokens, donor, kind, LogitDiff(correct, wrong))
+        out = fast.position_sweep(forward, tokens, donor, LogitDiff(correct, wrong), kind)
     assert out.shape[:-1] == expected.shape
     assert (out.mean(-1) - expected).abs().max() < ATOL
 
@@ -197,9 +197,11 @@ def test_options_and_refusals(gpt2):
     with pytest.raises(ValueError, match="the final position's logits"):  # a metric fed every position's logits
         metric(forward(tokens))
     with pytest.raises(ValueError, match="kind must be one of"):
-        fast.position_sweep(forward, tokens, donor, "z", metric)
+        fast.position_sweep(forward, tokens, donor, metric, "z")
+    with pytest.raises(TypeError, match=r"position_sweep\(forward, tokens, donor_cache, metric, kind, …\)"):
+        fast.position_sweep(forward, tokens, donor, "resid_post", metric)  # the order before every sweep agreed
     with pytest.raises(KeyError, match="holds no 'blocks.0.hook_mlp_out'"):
-        fast.position_sweep(forward, tokens, donor, "mlp_out", metric)
+        fast.position_sweep(forward, tokens, donor, metric, "mlp_out")
     with pytest.raises(IndexError, match="position 6 out of range"):
         fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=[6])
     with pytest.raises(TypeError, match="clean_run"):
@@ -210,8 +212,8 @@ def test_options_and_refusals(gpt2):
             neox,
             tokens,
             {act_name("resid_mid", l): donor[act_name("resid_post", l)] for l in range(3)},
-            "resid_mid",
             metric,
+            "resid_mid",
         )
     bidirectional = tiny("gpt2")
     bidirectional.cfg.attention_dir = "bidirectional"  # a patch there reaches earlier positions: nothing to reuse
