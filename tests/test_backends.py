@@ -5,7 +5,7 @@ import torch
 
 from tl_patching.backends import hf as hf_backend
 from tl_patching.backends import tl as tl_backend
-from tl_patching.edits import HookNameError, gaussian_noise, patch, replace, scale, zero
+from tl_patching.edits import HookNameError, gaussian_noise, patch, patch_where, replace, scale, zero
 
 ATOL = 1e-4
 BACKENDS = ["tl", "hf"]
@@ -161,6 +161,32 @@ BAD = [
     ([zero("blocks.0.mlp.hook_post", neurons=slice(200, None))], IndexError, "selects nothing"),
     ([zero("blocks.0.hook_resid_post", head=1)], ValueError, "has no head axis"),
     ([replace("blocks.0.hook_resid_post", torch.zeros(7))], ValueError, r"replacement of shape \(7,\) does not fit"),
+    ([zero("blocks.0.attn.hook_z", head=[])], IndexError, "head index of blocks.0.attn.hook_z is empty"),
+    (
+        [zero("blocks.0.mlp.hook_post", neurons=torch.tensor([], dtype=torch.long))],
+        IndexError,
+        "neurons index .* empty",
+    ),
+    ([zero("blocks.0.attn.hook_z", pos=slice(5, 2))], IndexError, r"pos slice\(5, 2, None\) selects nothing"),
+    (
+        [zero("blocks.0.hook_resid_post").on_rows(slice(5, 9))],
+        IndexError,
+        "rows slice.* select nothing of a batch of 3",
+    ),
+    (
+        [patch("blocks.0.attn.hook_z", {"blocks.0.attn.hook_z": torch.zeros(2, 9, 4, 8)}, head=1)],
+        ValueError,
+        r"donor activation \(2, 9, 4, 8\) does not match the recipient's \(3, 9, 4, 8\)",
+    ),
+    (
+        [
+            patch_where(
+                "blocks.0.hook_resid_post", {"blocks.0.hook_resid_post": torch.zeros(3, 9, 32)}, torch.ones(3, 5) > 0
+            )
+        ],
+        ValueError,
+        r"mask \(3, 5\) does not match \[batch, pos\] = \(3, 9\)",
+    ),
 ]
 
 
@@ -172,6 +198,76 @@ def test_same_error_on_both_backends(forwards, tokens, edits, error, message):
             forwards[backend].run(tokens, edits)
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("blocks.1.attn.hook_zz", HookNameError, r"unknown hook name 'blocks\.1\.attn\.hook_zz'; did you mean"),
+        ("blocks.9.hook_resid_post", IndexError, r"layer 9 out of range, the model has 3 layers"),
+    ],
+)
+def test_same_error_for_a_bad_read_on_both_backends(forwards, tokens, name, error, message):
+    messages = []
+    for backend in BACKENDS:
+        with pytest.raises(error, match=message) as caught:
+            forwards[backend].run(tokens, cache=[name])
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [dict(pos=1.5), dict(pos=[1.5]), dict(head=True), dict(neurons=torch.tensor([True, False])), dict(head="1")]
+    + [dict(pos=iter([1])), dict(neurons=torch.tensor([0.0]))],
+)
+def test_an_index_that_is_not_ints_is_refused_when_the_edit_is_made(where):
+    """A float or a boolean index was truncated to ints (pos=[1.5] edited position 1; a mask edited positions 0
+    and 1) or failed deep inside with "'float' object is not iterable"."""
+    what = next(iter(where))
+    with pytest.raises(TypeError, match=f"{what} of blocks.0.attn.hook_z must be an int, a list or integer tensor"):
+        zero("blocks.0.attn.hook_z", **where)
+
+
+def test_numpy_and_tensor_ints_index_like_python_ints(forwards, tokens):
+    import numpy as np
+
+    name = "blocks.1.attn.hook_z"
+    for backend in BACKENDS:
+        plain = forwards[backend](tokens, [zero(name, head=2, pos=[0, 3])])
+        for head, pos in ((np.int64(2), np.array([0, 3])), (torch.tensor(2), torch.tensor([0, 3]))):
+            assert torch.equal(forwards[backend](tokens, [zero(name, head=head, pos=pos)]), plain)
+        assert not torch.equal(forwards[backend](tokens, [zero(name, head=1, pos=[0, 3])]), plain)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "llama"])
+def test_same_error_on_grouped_query_and_qk_norm_models(family):
+    """Grouped-query key/value heads and TL's flattened QK-norm hooks: the same bad edit, the same error."""
+    from tl_patching.forward import Forward
+    from tl_patching.testing import random_pair
+
+    hf, tl = random_pair(family, n_layers=2)  # 4 query heads, 2 key/value heads
+    forwards = {"tl": Forward(tl), "hf": Forward(tl, hf)}
+    tokens = torch.randint(2, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    bad = [
+        (zero("blocks.0.attn.hook_k", head=2), IndexError, "head 2 out of range for blocks.0.attn.hook_k: size 2 "),
+        (zero("blocks.0.attn.hook_v", head=[0, 3]), IndexError, "head 3 out of range .*key/value heads"),
+    ]
+    if family != "llama":
+        norm = "blocks.0.attn.q_norm.hook_normalized"
+        bad += [
+            (zero(norm, pos=1), ValueError, r"is \[\(batch pos head\), d_head\] in TransformerLens.*no position"),
+            (zero(norm, head=1), ValueError, "has no head axis"),
+            (zero(norm).on_rows(slice(0, 1)), ValueError, "its rows are not prompts"),
+            (zero(norm, neurons=[tl.cfg.d_head]), IndexError, f"neurons {tl.cfg.d_head} out of range"),
+        ]
+    for edit, error, message in bad:
+        messages = []
+        for backend in BACKENDS:
+            with pytest.raises(error, match=message) as caught:
+                forwards[backend].run(tokens, [edit])
+            messages.append(str(caught.value))
+        assert messages[0] == messages[1], messages
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,13 +289,110 @@ def test_hf_refuses_points_without_a_boundary(forwards, tokens):
         forwards["hf"].run(tokens, cache=["blocks.0.attn.hook_result"])
 
 
-def test_tl_edit_at_a_hook_that_never_fires_is_an_error(forwards, tokens):
-    """TL has hook_result but fires it only with cfg.use_attn_result: an edit there must not silently do nothing."""
-    with pytest.raises(RuntimeError, match="never ran"):
-        forwards["tl"].run(tokens, [zero("blocks.0.attn.hook_result")])
+# TL creates these hook points but fires them only under a config flag; HF has no boundary for them. An edit there
+# would do nothing and a read would return nothing: both backends raise NotImplementedError.
+NEVER_COMPUTED = [
+    "blocks.0.attn.hook_result",
+    "blocks.1.hook_attn_in",
+    "blocks.0.hook_q_input",
+    "blocks.2.hook_v_input",
+    "blocks.0.hook_mlp_in",
+]
+
+
+@pytest.mark.parametrize("name", NEVER_COMPUTED)
+@pytest.mark.parametrize("how", ["edit", "read"])
+def test_a_hook_that_never_fires_is_the_same_error_on_both_backends(forwards, tokens, name, how):
+    """The same bad edit raised RuntimeError on TL and NotImplementedError on HF; a read on TL returned a cache
+    without the name."""
+    messages = {}
+    for backend in BACKENDS:
+        with pytest.raises(NotImplementedError) as caught:
+            if how == "edit":
+                forwards[backend].run(tokens, [zero(name, head=1) if "attn.hook_result" in name else zero(name)])
+            else:
+                forwards[backend].run(tokens, cache=[name])
+        messages[backend] = str(caught.value)
+    assert messages["tl"].startswith(f"{name} never ran: this model does not compute that hook point")
+    assert messages["hf"].startswith(f"{name} has no HF counterpart in GPT2LMHeadModel: ")
+
+
+def test_tl_reads_a_flagged_hook_once_its_flag_is_set(pair, tokens):
+    """The refusal above is about the flag, not the name: with cfg.use_attn_result TL computes hook_result."""
+    _, tl = pair
+    tl.set_use_attn_result(True)
+    try:
+        _, cache = tl_backend.run(tl, tokens, cache=["blocks.0.attn.hook_result"])
+    finally:
+        tl.set_use_attn_result(False)
+    assert cache["blocks.0.attn.hook_result"].shape == (3, 9, 4, tl.cfg.d_model)
 
 
 def test_nan_after_edit_is_an_error(forwards, tokens):
     for backend in BACKENDS:
         with pytest.raises(FloatingPointError, match="NaN/inf"):
             forwards[backend].run(tokens, [replace("blocks.0.hook_resid_post", float("nan"))])
+
+
+# --- every hook point of every family: the same outcome on both backends, or a difference named here ---
+
+# TL fires these only under a config flag that the toolkit never sets; HF has no boundary for them.
+TL_FLAGGED = {"attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"}
+
+
+def outcome(forward, tokens, name: str, how: str):
+    """ "ok", or the class of what the backend raised (with "read-only" / "no HF counterpart" marked)."""
+    try:
+        if how == "read":
+            _, cache = forward.run(tokens, cache=[name])
+            assert cache[name].isfinite().any()
+        else:
+            forward.run(tokens, [scale(name, 1.0)])
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - the class is what is compared
+        tag = " (read-only)" if "read-only on the HF backend" in str(e) else ""
+        tag += " (no HF counterpart)" if "has no HF counterpart" in str(e) else ""
+        return type(e).__name__ + tag
+
+
+@pytest.mark.parametrize("family", list(__import__("tl_patching.families", fromlist=["FAMILIES"]).FAMILIES))
+def test_every_hook_reads_and_writes_alike_or_raises_the_same_class(family):
+    """Over every hook name (layer 0 and the model-level ones), a read and an (identity) edit on each backend: the
+    same outcome, except the hook points only TransformerLens computes, which HF refuses with NotImplementedError
+    naming why. Nothing raises one class on one backend and another class on the other."""
+    from tl_patching.backends.hf_maps import Site, hook_map_of
+    from tl_patching.forward import Forward
+    from tl_patching.testing import random_pair
+
+    hf, tl = random_pair(family, n_layers=2)
+    forwards = {"tl": Forward(tl), "hf": Forward(tl, hf)}
+    tokens = torch.randint(2, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    table = hook_map_of(hf)
+    names = [n for n in forwards["tl"].hook_names() if not n.startswith("blocks.1.")]
+    tl_only, both_refuse = set(), set()
+    for name in names:
+        suffix = name.removeprefix("blocks.0.")
+        for how in ("read", "edit"):
+            got = {b: outcome(forwards[b], tokens, name, how) for b in BACKENDS}
+            if got["tl"] == got["hf"] == "ok":
+                continue
+            if got["tl"] == "ok":  # computed by TL only: HF must refuse it by name, as NotImplementedError
+                read_only = how == "edit" and suffix in table.sites  # mapped, but not writable
+                assert got["hf"] == (
+                    "NotImplementedError (read-only)" if read_only else "NotImplementedError (no HF counterpart)"
+                ), (name, how, got)
+                tl_only.add((suffix, how))
+            else:
+                assert got == {"tl": "NotImplementedError", "hf": "NotImplementedError (no HF counterpart)"}, (
+                    name,
+                    how,
+                    got,
+                )
+                both_refuse.add(suffix)
+    assert both_refuse == TL_FLAGGED
+    # What only TL computes: the refused table (norm scales, rotated q/k, scores on rotary models, the unembedding's
+    # hooks, GPT-2's position embedding) for reads and edits, plus the read-only sites for edits.
+    expected = {(s, how) for s in table.refused if s not in TL_FLAGGED for how in ("read", "edit")}
+    expected |= {(s, "edit") for s, site in table.sites.items() if isinstance(site, Site) and site.view.write is None}
+    assert tl_only == expected
+    assert ("attn.hook_pattern", "edit") in tl_only and ("ln_final.hook_scale", "read") in tl_only

@@ -127,7 +127,7 @@ def test_a_new_sweep_and_its_fast_path_equal_the_driver(family):
     _, donor = forward.run(donor_tokens, cache=[act_name("resid_post", l) for l in range(3)])
     metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
     reference = patching.sweep(forward, tokens, final_position_resid_variants(donor, 3), metric)  # step 1
-    fast_path = fast.position_sweep(forward, tokens, donor, "resid_post", metric, positions=[-1])[:, 0]  # step 2
+    fast_path = fast.position_sweep(forward, tokens, donor, metric, "resid_post", positions=[-1])[:, 0]  # step 2
     assert fast_path.shape == reference.shape and fast_path.dtype == torch.float32 and fast_path.device.type == "cpu"
     assert (fast_path - reference).abs().max() < 1e-4
     assert (reference - metric(forward(tokens)[:, -1])).abs().max() > 1e-3  # the patches do something

@@ -301,9 +301,10 @@ def test_e3_bonferroni_decides_strictly_below_alpha_over_n():
 
 
 def test_e3_run_t_direction_and_corrected_decision(both):
-    """On the model: head 0 of layer 0 silenced lowers the similarities (t < 0 as silenced − clean), and layer 1's
+    """On the model: head 0 of layer 0 silenced lowers the similarities (t < 0 as silenced − clean), and layer 0's
     p lies between 0.05/4 and 0.05, so the run's decision must use the corrected threshold; an alpha that puts the
-    threshold exactly on a p-value leaves that layer not significant."""
+    threshold exactly on a p-value leaves that layer not significant. (The p-values depend on the fixture's word
+    vocabulary; they were found again when the IOI objects changed.)"""
     forward = both[0]
     r = e3.run(forward, layer=0, head=0, prepend_bos=False)  # the p-values below were found without a start token
     d = (r.silenced_pairs - r.clean_pairs).double().numpy()
@@ -311,10 +312,10 @@ def test_e3_run_t_direction_and_corrected_decision(both):
     assert np.allclose(r.t_statistic.numpy(), t, rtol=1e-4) and (t < 0).all()
     p = r.p_value.numpy()
     assert np.allclose(p, 2 * stats.t.sf(np.abs(t), d.shape[1] - 1), rtol=1e-4)
-    assert r.threshold == 0.05 / 4 and 0.05 / 4 < p[1] < 0.05 and p[3] < 0.05 / 4
-    assert r.significant == [False, False, False, True] != [bool(x < 0.05) for x in p]
+    assert r.threshold == 0.05 / 4 and 0.05 / 4 < p[0] < 0.05 and p[2] < p[3] < 0.05 / 4
+    assert r.significant == [False, True, True, True] != [bool(x < 0.05) for x in p]
     at = e3.run(forward, layer=0, head=0, alpha=4 * float(p[3]), prepend_bos=False)
-    assert at.threshold == p[3] and at.significant == [False, False, False, False]
+    assert at.threshold == p[3] and at.significant == [False, True, True, False]
 
 
 # --- E4 ---

@@ -159,7 +159,7 @@ def test_any_position_sweeps_equal_the_driver(case):
     clean = fast.clean_run(forward, tokens)
     general = lambda final: final.log_softmax(-1)[:, 3]  # noqa: E731  (not a LogitDiff: the whole unembedding)
     for kind in kinds[1:]:
-        out = fast.position_sweep(forward, tokens, donor, kind, general, positions=positions, recipient_run=clean)
+        out = fast.position_sweep(forward, tokens, donor, general, kind, positions=positions, recipient_run=clean)
         variants = [[patch(act_name(kind, l), donor, pos=p)] for l in range(3) for p in positions]
         reference = patching.sweep(forward, tokens, variants, general).reshape(3, len(positions), B)
         assert (out - reference).abs().max() < ATOL, kind
@@ -194,7 +194,7 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
     if kind == "z":
         out = fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong))
     else:
-        out = fast.position_sweep(forward, tokens, donor, kind, LogitDiff(correct, wrong))
+        out = fast.position_sweep(forward, tokens, donor, LogitDiff(correct, wrong), kind)
     assert out.shape[:-1] == expected.shape
     if lens.is_bridge(model) and kind == "resid_mid":
         # TL 4's own get_act_patch_resid_mid writes the bridge's hook_resid_mid, the next norm's input, and so
@@ -233,9 +233,11 @@ def test_options_and_refusals(gpt2):
     with pytest.raises(ValueError, match="the final position's logits"):  # a metric fed every position's logits
         metric(forward(tokens))
     with pytest.raises(ValueError, match="kind must be one of"):
-        fast.position_sweep(forward, tokens, donor, "z", metric)
+        fast.position_sweep(forward, tokens, donor, metric, "z")
+    with pytest.raises(TypeError, match=r"position_sweep\(forward, tokens, donor_cache, metric, kind, …\)"):
+        fast.position_sweep(forward, tokens, donor, "resid_post", metric)  # the order before every sweep agreed
     with pytest.raises(KeyError, match="holds no 'blocks.0.hook_mlp_out'"):
-        fast.position_sweep(forward, tokens, donor, "mlp_out", metric)
+        fast.position_sweep(forward, tokens, donor, metric, "mlp_out")
     with pytest.raises(IndexError, match="position 6 out of range"):
         fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=[6])
     with pytest.raises(TypeError, match="clean_run"):
@@ -246,8 +248,8 @@ def test_options_and_refusals(gpt2):
             neox,
             tokens,
             {act_name("resid_mid", l): donor[act_name("resid_post", l)] for l in range(3)},
-            "resid_mid",
             metric,
+            "resid_mid",
         )
     if lens.is_bridge(forward.model):
         return  # a bridge's attention is its HF CausalLM's: causal, whatever cfg.attention_dir says

@@ -78,6 +78,30 @@ def test_missing_model_fails_fast_and_clearly(tmp_path, monkeypatch):
         load_hf(tmp_path / "missing" / "dir")
 
 
+@pytest.mark.parametrize(
+    "typed, meant",
+    [
+        ("shiped", "'shipped'"),
+        ("gpt-2", "'gpt2'"),
+        ("GPT2-Medium", "'gpt2-medium'"),
+        ("smollm2", "'smollm2-135m'"),
+        ("Qwen/Qwen2.5-0.5B-Instruckt", "'Qwen/Qwen2.5-0.5B-Instruct'"),  # a model in the local HF cache
+    ],
+)
+def test_a_misspelt_model_name_gets_a_suggestion(tmp_path, monkeypatch, typed, meant):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    (tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct").mkdir(parents=True)
+    with pytest.raises(
+        ModelNotFoundError, match=re.escape(f"is set). Did you mean {meant}") + "( or '[^']+')*\\? Pass"
+    ):
+        load_hf(typed)
+    with pytest.raises(ModelNotFoundError, match=re.escape("is set). Pass a local")) as caught:
+        load_hf("xyzzy")  # nothing close: no suggestion
+    assert "Did you mean" not in str(caught.value)
+
+
 # ---- the probe check after loading ------------------------------------------------------------------------
 
 
@@ -156,3 +180,25 @@ def test_hooked_from_hf_verifies_by_default(pair, monkeypatch):
         unchecked = hooked_from_hf(hf, weights=weights, name="wrong", verify=False)
         with pytest.raises(ModelMismatchError):
             verify_against_hf(hf, unchecked)
+
+
+def test_a_hub_name_with_its_organisation_loads_from_the_local_cache(tmp_path, monkeypatch):
+    """ "org/name" was taken for a path (it has a "/" and, in "Qwen2.5-0.5B", a "suffix"): a model in the HF cache
+    could not be loaded by its hub name. Misspelt, that name is suggested."""
+    import huggingface_hub.constants
+
+    from tl_patching.testing import save_tiny_checkpoint
+
+    repo = tmp_path / "hub" / "models--org--tiny-gpt2.5-0.5B"
+    save_tiny_checkpoint("gpt2", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hf_model, tokenizer = load_hf("org/tiny-gpt2.5-0.5B")
+    assert type(hf_model).__name__ == "GPT2LMHeadModel" and tokenizer is not None
+    with pytest.raises(ModelNotFoundError, match=re.escape("Did you mean 'org/tiny-gpt2.5-0.5B'?")):
+        load_hf("org/tiny-gtp2.5-0.5B")
+    with pytest.raises(ModelNotFoundError, match="no model directory at"):
+        load_hf("./org/tiny-gpt2.5-0.5B")  # a path stays a path

@@ -106,7 +106,7 @@ def sweeps(forward: Forward, pair, donor, metric):
             forward, tokens, donor, metric, progress=False
         ),
         "position_head_sweep": lambda: fast.position_head_sweep(forward, tokens, donor, metric, positions=[1, -1]),
-        "position_sweep": lambda: fast.position_sweep(forward, tokens, donor, "resid_post", metric, positions=[1]),
+        "position_sweep": lambda: fast.position_sweep(forward, tokens, donor, metric, "resid_post", positions=[1]),
         "path_patch to logits": lambda: path_patching.path_patch(forward, tokens, pair.donor_tokens, metric),
         "path_patch to values": lambda: path_patching.path_patch(
             forward, tokens, pair.donor_tokens, metric, senders=[(0, 0)], receivers=[(1, 0, "v")]

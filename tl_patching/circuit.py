@@ -21,19 +21,23 @@ one receiver at a time; an edge is drawn if its |effect| ≥ ``edge_min`` nats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from plotly.colors import sample_colorscale
 from torch import Tensor
 
 from tl_patching import lens
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
+from tl_patching.graph_layout import FONT, LABEL_BORDER, LABEL_PAD, Canvas, Edge, Node, layout
 from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.path_patching import all_heads, clean_names, path_patch
+from tl_patching.plotting import DIVERGING, NEGATIVE_COLOUR, POSITIVE_COLOUR, WIDTH, titled
 from tl_patching.prompts import IOIBatch, run_info
 from tl_patching.results import Result
 
@@ -199,50 +203,79 @@ def run(
     )
 
 
+# --- the figure: a layered graph, every edge and label readable (`tl_patching.graph_layout` has the geometry) ---
+
+NODE_DIAMETER = {"other": 8, "level": 18, "logits": 20}  # marker sizes (px)
+
+
+def _colour_position(v: float) -> float:
+    """Where on `plotting.DIVERGING` an effect of ``v`` × the largest one sits: the faint middle of the scale is
+    skipped (|v| → 0.15 … 0.5 from the centre), so the weakest edge drawn is still visible on white."""
+    return 0.5 + math.copysign(0.15 + 0.35 * min(abs(v), 1.0), v) if v else 0.5
+
+
+def edge_colour(effect: float, scale: float) -> str:
+    """The page's convention (E5's heatmap): negative = blue = lowers the logit difference, positive = red."""
+    return sample_colorscale(DIVERGING, [_colour_position(effect / scale)])[0]
+
+
 def circuit_figure(result: CircuitResult) -> go.Figure:
-    """The circuit as a layered graph: heads placed by layer (x) and head index (y), the logits on the right;
-    edges coloured by their path-patching effect (nats), labelled with it."""
+    """The circuit as a layered graph: heads placed by layer (x) and head index (y), the logits on the right; each
+    edge a curve coloured by its path-patching effect (nats; blue = lowers the logit difference, as E5's heatmap),
+    as wide as its size, labelled beside it. Fixed size (1000 px wide), so the layout holds in pixels."""
     L, H = result.info.n_layers, result.info.n_heads
     effects = [e["effect"] for e in result.edges] or [1.0]
     scale = max(abs(min(effects)), abs(max(effects)), 1e-6)
-    colorscale = "RdBu"
-    fig = go.Figure()
-    pos = lambda node: (L, (H - 1) / 2) if node == "logits" else (node[0], node[1])  # noqa: E731
-    dash = {"direct": "solid", "q": "solid", "k": "dot", "v": "dash"}
-    from plotly.colors import sample_colorscale
+    canvas = Canvas(
+        WIDTH, 230 + min(max(400, 64 * H), 900), dict(l=60, r=150, t=110, b=120), (-0.5, L + 0.5), (-0.8, H - 0.2)
+    )
+    level_of = {tuple(h): level for level in LEVELS for h in result.heads.get(level, [])}
+    nodes = {
+        (l, h): Node(
+            canvas.px(l, h),
+            NODE_DIAMETER["level" if (l, h) in level_of else "other"] / 2,
+            f"{l}.{h}" if (l, h) in level_of else "",
+        )
+        for l in range(L)
+        for h in range(H)
+    }
+    nodes["logits"] = Node(canvas.px(L, (H - 1) / 2), NODE_DIAMETER["logits"] / 2, "logits")
+    key = lambda node: node if node == "logits" else tuple(node)  # noqa: E731
+    edges = [
+        Edge(
+            (key(e["sender"]), key(e["receiver"])),
+            width=1.5 + 4 * abs(e["effect"]) / scale,
+            text=f"{e['effect']:+.2f}" + ("" if e["input"] == "direct" else f" ({e['input']})"),
+            strength=abs(e["effect"]),
+        )
+        for e in result.edges
+    ]
+    paths, labels, node_labels = layout(nodes, edges, canvas)
 
-    for i, e in enumerate(result.edges):
-        (x0, y0), (x1, y1) = pos(e["sender"]), pos(e["receiver"])
-        t = (0.3, 0.5, 0.7)[i % 3]  # labels spread along their edges, so crossing edges' labels do not overlap
-        color = sample_colorscale(colorscale, [(e["effect"] / scale + 1) / 2])[0]
+    fig = go.Figure()
+    dash = {"direct": "solid", "q": "solid", "k": "dot", "v": "dash"}
+    for e, edge, path in zip(result.edges, edges, paths):
+        x, y = canvas.data(path)
         fig.add_trace(
             go.Scatter(
-                x=[x0, x1],
-                y=[y0, y1],
+                x=x,
+                y=y,
                 mode="lines",
                 showlegend=False,
                 hoverinfo="text",
-                line=dict(color=color, width=1.5 + 4 * abs(e["effect"]) / scale, dash=dash[e["input"]]),
+                line=dict(color=edge_colour(e["effect"], scale), width=edge.width, dash=dash[e["input"]]),
                 text=f"{e['sender']} → {e['receiver']} ({e['input']}): {e['effect']:+.3f} nats",
+                meta="edge",  # what the tests measure
             )
         )
-        fig.add_annotation(
-            x=x0 + t * (x1 - x0),
-            y=y0 + t * (y1 - y0),
-            text=f"{e['effect']:+.2f}" + ("" if e["input"] == "direct" else f" ({e['input']})"),
-            showarrow=False,
-            font=dict(size=10),
-            bgcolor="rgba(255,255,255,0.7)",
-        )
-    in_circuit = {tuple(h) for hs in result.heads.values() for h in hs}
-    others = [(l, h) for l in range(L) for h in range(H) if (l, h) not in in_circuit]
+    others = [(l, h) for l in range(L) for h in range(H) if (l, h) not in level_of]
     fig.add_trace(
         go.Scatter(
             x=[l for l, _ in others],
             y=[h for _, h in others],
             mode="markers",
             name="other heads",
-            marker=dict(color="lightgrey", size=8),
+            marker=dict(color="lightgrey", size=NODE_DIAMETER["other"]),
             hoverinfo="skip",
         )
     )
@@ -254,25 +287,39 @@ def circuit_figure(result: CircuitResult) -> go.Figure:
                 go.Scatter(
                     x=[h[0] for h in hs],
                     y=[h[1] for h in hs],
-                    mode="markers+text",
+                    mode="markers",
                     name=level_name,
-                    text=[f"{h[0]}.{h[1]}" for h in hs],
-                    textposition="top center",
-                    marker=dict(size=16, symbol=symbols[level_name], line=dict(width=1, color="black")),
+                    hovertext=[f"layer {h[0]} head {h[1]}" for h in hs],
+                    hoverinfo="text",
+                    marker=dict(
+                        size=NODE_DIAMETER["level"],
+                        symbol=symbols[level_name],
+                        color="white",
+                        line=dict(width=2, color="black"),
+                    ),
                 )
             )
     fig.add_trace(
         go.Scatter(
             x=[L],
             y=[(H - 1) / 2],
-            mode="markers+text",
+            mode="markers",
             name="logits (IO − S)",
-            text=["logits"],
-            textposition="top center",
-            marker=dict(size=18, symbol="star", color="black"),
+            marker=dict(size=NODE_DIAMETER["logits"], symbol="star", color="black"),
         )
     )
-    # A colour bar for the edges (an invisible marker trace carries it).
+    # Labels are annotations: drawn above every line, on white. Edge labels framed in their edge's colour.
+    for k, (e, edge, centre) in enumerate(zip(result.edges, edges, labels)):
+        _label(fig, canvas, centre, edge.text, edge_colour(e["effect"], scale), f"edge {k}")
+    for node_key, centre in node_labels.items():
+        _label(fig, canvas, centre, nodes[node_key].text, None, f"node {nodes[node_key].text}")
+    # The colour bar for the edges (an invisible marker trace carries it): the edges' own mapping, which jumps over
+    # the faint middle at 0.
+    stops = [i / 20 for i in range(21)]
+    bar = [[p / 2, c] for p, c in zip(stops, sample_colorscale(DIVERGING, [_colour_position(p - 1) for p in stops]))]
+    bar[-1][1] = sample_colorscale(DIVERGING, [_colour_position(-1e-9)])[0]
+    bar += [[0.5 + p / 2, c] for p, c in zip(stops, sample_colorscale(DIVERGING, [_colour_position(p) for p in stops]))]
+    bar[21][1] = sample_colorscale(DIVERGING, [_colour_position(1e-9)])[0]
     fig.add_trace(
         go.Scatter(
             x=[None],
@@ -281,22 +328,63 @@ def circuit_figure(result: CircuitResult) -> go.Figure:
             showlegend=False,
             hoverinfo="skip",
             marker=dict(
-                colorscale=colorscale,
+                colorscale=bar,
                 cmin=-scale,
                 cmax=scale,
                 color=[0],
                 showscale=True,
-                colorbar=dict(title="path effect<br>(nats)"),
+                colorbar=dict(title="path effect<br>(nats)", x=1.02, len=0.9),
             ),
         )
     )
     fig.update_layout(
-        title=f"IOI circuit of {result.info.model_name}, found by exact path patching "
-        f"({len(result.clean)} prompts)<br><sup>"
-        "edge = change in logit difference (nats) when the donor's head output travels that path alone; "
-        "line: solid = to the logits or a query, dashed = to a value, dotted = to a key</sup>",
-        xaxis=dict(title="layer", tickvals=list(range(L)) + [L], ticktext=[str(l) for l in range(L)] + ["out"]),
-        yaxis=dict(title="head", tickvals=list(range(H))),
+        title=titled(
+            f"IOI circuit of {result.info.model_name}, found by exact path patching ({len(result.clean)} prompts)",
+            "edge = change in logit difference (nats) when the donor's head output travels that path alone: "
+            f"{NEGATIVE_COLOUR} = lowers it, {POSITIVE_COLOUR} = raises it<br>line: solid = to the logits or a "
+            "query, dashed = to a value, dotted = to a key; width ∝ |effect|",
+        ),
+        xaxis=dict(
+            title="layer",
+            tickvals=list(range(L)) + [L],
+            ticktext=[str(l) for l in range(L)] + ["out"],
+            range=list(canvas.xrange),
+            showgrid=False,
+            zeroline=False,
+        ),
+        yaxis=dict(title="head", tickvals=list(range(H)), range=list(canvas.yrange), showgrid=False, zeroline=False),
+        width=canvas.width,
+        height=canvas.height,
+        margin=dict(**canvas.margin, autoexpand=False),
+        legend=dict(orientation="h", x=0, y=-0.12, yanchor="top"),
         template="plotly_white",
     )
     return fig
+
+
+def _label(fig: go.Figure, canvas: Canvas, centre, text: str, frame: str | None, name: str) -> None:
+    (x,), (y,) = canvas.data(centre[None])
+    fig.add_annotation(
+        x=x,
+        y=y,
+        text=text,
+        name=name,
+        showarrow=False,
+        font=dict(size=FONT, color="black"),
+        bgcolor="white",
+        bordercolor=frame or "white",
+        borderwidth=LABEL_BORDER,
+        borderpad=LABEL_PAD,
+    )
+
+
+def canvas_of(fig: go.Figure) -> Canvas:
+    """The `Canvas` a figure drawn by `circuit_figure` is laid out on, read back from its layout."""
+    m = fig.layout.margin
+    return Canvas(
+        fig.layout.width,
+        fig.layout.height,
+        dict(l=m.l, r=m.r, t=m.t, b=m.b),
+        tuple(fig.layout.xaxis.range),
+        tuple(fig.layout.yaxis.range),
+    )

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 
@@ -112,6 +113,27 @@ def check_name(name: str, known: Iterable[str], n_layers: int, what: str = "hook
     raise HookNameError(f"unknown {what} {name!r}{hint}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_index_type(index: Index, what: str, name: str) -> None:
+    """`TypeError` unless ``index`` is None, an int, a slice, or ints in a list or an integer tensor: a float or a
+    boolean would otherwise be truncated to an int (``pos=[1.5]`` → 1, a mask → positions 0 and 1), silently."""
+    if index is None or isinstance(index, slice) or _is_int(index):
+        return
+    if isinstance(index, Tensor):
+        ok = not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
+    elif isinstance(index, (str, bytes, Iterator)) or not isinstance(index, Iterable):  # an iterator: read once
+        ok = False
+    else:
+        ok = all(_is_int(i) for i in index)
+    if not ok:
+        raise TypeError(
+            f"{what} of {name} must be an int, a list or integer tensor of ints, a slice or None, got {index!r}"
+        )
+
+
 def _check_in_range(index: Index, size: int, what: str, name: str, note: str = "") -> None:
     if index is None:
         return
@@ -120,7 +142,7 @@ def _check_in_range(index: Index, size: int, what: str, name: str, note: str = "
         if len(range(size)[index]) == 0:
             raise IndexError(f"{what} {index} selects nothing in {name}: size {size}{note}")
         return
-    values = [index] if isinstance(index, int) else [int(i) for i in torch.as_tensor(index).flatten()]
+    values = [int(index)] if _is_int(index) else [int(i) for i in torch.as_tensor(index).flatten()]
     if not values:
         raise IndexError(f"{what} index of {name} is empty")
     bad = [v for v in values if not -size <= v < size]
@@ -140,7 +162,7 @@ def _outer(values: list[Index], sizes: list[int]) -> tuple:
         if isinstance(value, slice):
             value = range(size)[value]
         as_tensors.append(
-            torch.as_tensor(value if isinstance(value, int) else list(value), dtype=torch.long)
+            torch.as_tensor(int(value) if _is_int(value) else list(value), dtype=torch.long)
             if not isinstance(value, Tensor)
             else value.long()
         )
@@ -173,6 +195,10 @@ class Edit:
     head: Index = None
     neurons: Index = None
     rows: slice | None = None
+
+    def __post_init__(self):
+        for what in ("pos", "head", "neurons"):
+            _check_index_type(getattr(self, what), what, self.name)
 
     def index(self, activation: Tensor) -> tuple:
         """The index tuple into ``activation`` (TL layout) that this edit selects."""

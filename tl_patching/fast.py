@@ -324,8 +324,8 @@ def position_sweep(
     forward: Forward,
     tokens: Int[Tensor, "batch pos"],
     donor_cache: dict[str, Tensor],
-    kind: str,
     metric: Metric,
+    kind: str,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     max_rows: int = 256,
@@ -334,6 +334,10 @@ def position_sweep(
 ) -> Float[Tensor, "layer pos batch"]:
     """Exact patching of the whole ``hook_{kind}`` vector (``kind`` in `POSITION_KINDS`) at one layer and one
     position, from the donor: TransformerLens's ``get_act_patch_{kind}`` per prompt, ``[layer, pos, batch]``."""
+    if not callable(metric):  # the order of every sweep: (forward, tokens, donor_cache, metric, …)
+        raise TypeError(
+            f"position_sweep(forward, tokens, donor_cache, metric, kind, …): metric {metric!r} is not callable"
+        )
     if kind not in POSITION_KINDS:
         raise ValueError(f"kind must be one of {POSITION_KINDS} (heads: position_head_sweep), got {kind!r}")
     out = _sweep(

@@ -97,7 +97,7 @@ def load_forward(
     device: str = "cpu",
     dtype: str | torch.dtype = "float32",
     n_devices: int = 1,
-):
+) -> Forward:
     """Load a model with raw weights in ``dtype``, on ``n_devices`` consecutive devices from ``device``, and bind it
     to ``backend`` ("tl" or "hf").
 

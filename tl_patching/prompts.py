@@ -13,10 +13,12 @@ of equal token length. Prompts of different lengths are batched per length.
 from __future__ import annotations
 
 import random
+import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 
 import torch
 from jaxtyping import Int
@@ -86,7 +88,9 @@ PLACES = (
     "market",
     "museum",
 )
-OBJECTS = ("gift", "book", "ring", "drink", "apple", "ball", "letter", "key", "bag", "flower")
+# "pizza" took the place of "apple" (in the shipped model's training objects, `tl_patching.recipe.training`): with its
+# article fixed, "an apple" needs " an", a word the shipped model's vocabulary does not have.
+OBJECTS = ("gift", "book", "ring", "drink", "pizza", "ball", "letter", "key", "bag", "flower")
 
 # {A} and {B} are the two names in first-clause order; {S} is the repeated name.
 TEMPLATES = (
@@ -139,13 +143,26 @@ class IOIPrompt:
 
     @property
     def text(self) -> str:
+        """The template filled in, its "a" before the object made "an" when the object starts with a vowel letter
+        ("gave an apple", never "gave a apple")."""
+        return (
+            re.sub(rf"\b([Aa]) (?={re.escape(self.obj)}\b)", r"\1n ", self.filled())
+            if _vowel(self.obj)
+            else self.filled()
+        )
+
+    def filled(self) -> str:
+        """The template filled in, its words as written."""
         a, b = (self.io, self.s) if self.order == "ABBA" else (self.s, self.io)
         return self.template.format(A=a, B=b, S=self.s, PLACE=self.place, OBJECT=self.obj)
 
     def donor(self) -> IOIPrompt:
         """Same first clause, the other name repeated: the answer flips, the token length does not."""
-        order = "BABA" if self.order == "ABBA" else "ABBA"
-        return IOIPrompt(self.template, io=self.s, s=self.io, place=self.place, obj=self.obj, order=order)
+        return dataclass_replace(self, io=self.s, s=self.io, order="BABA" if self.order == "ABBA" else "ABBA")
+
+
+def _vowel(word: str) -> bool:
+    return word[:1].lower() in ("a", "e", "i", "o", "u")
 
 
 def ioi_prompts(

@@ -103,8 +103,8 @@ def hooks(
     """Inside: ``edits`` applied, in order, and the (edited) activations at ``names`` recorded into ``cache``.
 
     As on TransformerLens: hooks at one place run in the order given, edits before readers; where several
-    TL names share one HF module they run in TL's order (`NETWORK_ORDER`). Raises on exit if an edit never
-    ran (its module was not called).
+    TL names share one HF module they run in TL's order (`NETWORK_ORDER`). Raises `NotImplementedError` on
+    exit if an edit never ran or a name was never recorded (its module was not called), as the TL backend does.
     """
     for edit in edits:
         resolve(hf_model, edit.name, write=True)
@@ -160,9 +160,9 @@ def hooks(
     finally:
         for handle in handles:
             handle.remove()
-    never = [e.name for i, e in enumerate(edits) if i not in ran]
+    never = [e.name for i, e in enumerate(edits) if i not in ran] + [n for n in readers if n not in cache]
     if never:
-        raise RuntimeError(f"the edit at {never[0]} never ran: its HF module was not called")
+        raise NotImplementedError(f"{never[0]} never ran: its HF module was not called")
 
 
 def _capture(captured: dict[int, Tensor], layer: int) -> Callable:

@@ -132,8 +132,9 @@ def hooks(
 ) -> Iterator[None]:
     """Inside: ``edits`` applied, in order, and the (edited) activations at ``names`` recorded into ``cache``.
 
-    Raises on exit if an edit never ran: TL creates some hook points (``hook_result``, ``hook_q_input``, …)
-    whose hooks fire only under a config flag, and an edit there would silently do nothing.
+    Raises `NotImplementedError` on exit if an edit never ran or a name was never recorded: TL creates some hook
+    points (``hook_result``, ``hook_q_input``, …) whose hooks fire only under a config flag, and an edit there
+    would silently do nothing (the HF backend refuses the same names with the same class: no HF counterpart).
     """
     readers = list(names) if cache is not None else []
     _check(model, [e.name for e in edits] + readers)
@@ -177,9 +178,10 @@ def hooks(
             raise NotImplementedError(f"{e} ({_FLAGGED})") from None
         yield
     never = [e.name for i, e in enumerate(edits) if i not in ran]
+    never += [n for n in readers if n not in cache]
     if never:
         raise NotImplementedError(
-            f"the edit at {never[0]} never ran: this model does not compute that hook point ({_FLAGGED})"
+            f"{never[0]} never ran: this model does not compute that hook point ({_FLAGGED})"
         )
 
 

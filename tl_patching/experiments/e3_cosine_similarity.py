@@ -155,9 +155,9 @@ def finding(r) -> tuple[str, list[Claim]]:
         f"On the sentence ({m} tokens) every pair of token vectors is compared: M(M−1)/2 = {r.n_pairs} pairs for M = "
         f"{m} tokens. The clean mean cosine similarity is {float(clean[0]):.2f} at layer 0, lowest "
         f"({float(clean[lo]):.2f}) at layer {lo}, and {float(clean[-1]):.2f} at the last layer ({L - 1}). Silencing "
-        f"head {r.head} of layer {r.layer} changes the mean similarity by at most {float(diff[big]):+.3f} (layer "
-        f"{big}); a paired t-test over the same pairs, significant below the Bonferroni threshold {alpha:g}/{L} = "
-        f"{r.threshold:.4g}, finds a difference {at_layers(sig)}"
+        f"head {r.head} of layer {r.layer} changes the mean similarity by up to {abs(float(diff[big])):.3f} (at layer "
+        f"{big}, {'lower' if float(diff[big]) < 0 else 'higher'}); a paired t-test over the same pairs, significant "
+        f"below the Bonferroni threshold {alpha:g}/{L} = {r.threshold:.4g}, finds a difference {at_layers(sig)}"
         + (f" and none {at_layers([l for l in range(L) if l not in sig])}" if sig and len(sig) < L else "")
         + "."
     )

@@ -86,7 +86,7 @@ class E4Result(Result):
         heads_move = max(abs(s.mean - self.clean_summary.mean) for s in self.heads_summary)
         c = self.clean_summary
         return (
-            f"clean logit diff {c.mean:.2f} nats (95% bootstrap CI [{c.ci_low:.2f}, {c.ci_high:.2f}]), donor "
+            f"clean logit diff {with_ci(c)}, donor "
             f"{self.donor_summary.mean:.2f}; hook_resid_post patched at S2 flips the mean "
             f"{flips(self.resid_s2_summary)}, at the final position {flips(self.resid_final_summary)}; patching all "
             f"heads of one layer moves it by at most {heads_move:.2f} nats and flips it {flips(self.heads_summary)}"
@@ -286,6 +286,7 @@ def figures(r: E4Result) -> dict[str, go.Figure]:
                     symmetric=False,
                     array=[s.ci_high - s.mean for s in summaries],
                     arrayminus=[s.mean - s.ci_low for s in summaries],
+                    visible=n > 1,  # one prompt has no interval
                 ),
             )
         )
@@ -296,7 +297,8 @@ def figures(r: E4Result) -> dict[str, go.Figure]:
         title=titled(
             f"E4 ({r.info.model_name}, {prompts}): logit difference correct − wrong (nats) after patching one layer "
             "from the donor",
-            "mean over prompts; bars: 95% bootstrap CI; below 0 = the answer flipped to the donor's",
+            ("mean over prompts; bars: 95% bootstrap CI" if n > 1 else "one prompt: no interval")
+            + "; below 0 = the answer flipped to the donor's",
         ),
         xaxis=index_axis(L, "patched layer"),
         yaxis_title="logit difference (nats)",
@@ -311,7 +313,7 @@ def figures(r: E4Result) -> dict[str, go.Figure]:
                 y=value,
                 name=label,
                 mode="lines+markers",
-                error_y=dict(type="data", symmetric=False, array=high - value, arrayminus=value - low),
+                error_y=dict(type="data", symmetric=False, array=high - value, arrayminus=value - low, visible=n > 1),
             )
         )
     clean, donor = float(r.prob_ratio("clean")), float(r.prob_ratio("donor"))
@@ -321,8 +323,9 @@ def figures(r: E4Result) -> dict[str, go.Figure]:
     ratio.update_layout(
         title=titled(
             f"E4 ({r.info.model_name}, {prompts}): probability ratio P(correct) / P(wrong) after patching one layer",
-            "exp(mean logit difference) = geometric mean of the per-prompt ratios; bars: 95% bootstrap CI; "
-            "log scale; below 1 = the answer flipped",
+            "exp(mean logit difference) = geometric mean of the per-prompt ratios; "
+            + ("bars: 95% bootstrap CI; " if n > 1 else "one prompt: no interval; ")
+            + "log scale; below 1 = the answer flipped",
         ),
         xaxis=index_axis(L, "patched layer"),
         yaxis=dict(title="P(correct) / P(wrong) (log scale)", type="log", exponentformat="power"),

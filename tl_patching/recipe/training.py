@@ -33,7 +33,6 @@ from tl_patching.metrics import logit_diff, summarize
 from tl_patching.prompts import (
     HELD_OUT_TEMPLATES,
     NAMES,
-    OBJECTS,
     PIZZA_SENTENCES,
     PLACES,
     TEMPLATES,
@@ -41,6 +40,28 @@ from tl_patching.prompts import (
     ioi_prompts,
 )
 from tl_patching.recipe.word_tokenizer import word_tokenizer
+
+# The objects and texts the shipped model was trained on. prompts.OBJECTS had "apple" then, and the templates' "a" was
+# written as it is ("gave a apple"); prompts now says "an apple" and has "pizza" instead (the shipped vocabulary has no
+# " an"). Kept here so that this recipe still makes the model that ships.
+TRAINED_OBJECTS = ("gift", "book", "ring", "drink", "apple", "ball", "letter", "key", "bag", "flower")
+
+
+@dataclass(frozen=True)
+class TrainedPrompt(IOIPrompt):
+    """An IOI prompt as the shipped model's corpus has it: the template's article as written."""
+
+    @property
+    def text(self) -> str:
+        return self.filled()
+
+
+def trained_prompts(n: int, seed: int, templates, pairs) -> list[TrainedPrompt]:
+    return [
+        TrainedPrompt(**asdict(p))
+        for p in ioi_prompts(n, seed=seed, templates=templates, pairs=pairs, objects=TRAINED_OBJECTS)
+    ]
+
 
 ADJECTIVES = ("old", "new", "big", "small", "quiet", "long", "hot", "sweet", "red", "happy")
 VERBS = ("liked", "found", "saw", "took", "threw", "had", "sent", "read", "passed", "handed")
@@ -143,7 +164,7 @@ def filler_sentences(n: int, rng: random.Random) -> list[str]:
                 N2=n2,
                 V=rng.choice(VERBS),
                 ADJ=rng.choice(ADJECTIVES),
-                OBJ=rng.choice(OBJECTS),
+                OBJ=rng.choice(TRAINED_OBJECTS),
                 PLACE=rng.choice(PLACES),
             )
         )
@@ -161,7 +182,7 @@ def make_corpus(cfg: TrainConfig) -> Corpus:
     train_pairs, held = held_out_pairs(cfg.n_held_out_pairs, cfg.seed)
     ioi = [
         (filler_sentences(1, rng)[0] + " " if rng.random() < cfg.prefix_fraction else "") + p.text + " " + p.io + "."
-        for p in ioi_prompts(cfg.n_ioi, seed=cfg.seed, templates=shuffled(composed_templates(), rng), pairs=train_pairs)
+        for p in trained_prompts(cfg.n_ioi, cfg.seed, shuffled(composed_templates(), rng), train_pairs)
     ]
     pizza = [rng.choice(PIZZA_SENTENCES) for _ in range(cfg.n_pizza)]
     train = ioi + pizza + filler_sentences(cfg.n_filler, rng)
@@ -169,10 +190,10 @@ def make_corpus(cfg: TrainConfig) -> Corpus:
     return Corpus(train, held, filler_sentences(500, random.Random(cfg.seed + 1)))
 
 
-def eval_prompts(held: list[tuple[str, str]], n: int = 200, seed: int = 1) -> list[IOIPrompt]:
+def eval_prompts(held: list[tuple[str, str]], n: int = 200, seed: int = 1) -> list[TrainedPrompt]:
     """``n`` prompts from held-out pairs only: half in the held-out template, half in training templates."""
-    return ioi_prompts(n // 2, seed=seed, templates=HELD_OUT_TEMPLATES, pairs=held) + ioi_prompts(
-        n - n // 2, seed=seed + 1, templates=TEMPLATES, pairs=held
+    return trained_prompts(n // 2, seed, HELD_OUT_TEMPLATES, held) + trained_prompts(
+        n - n // 2, seed + 1, TEMPLATES, held
     )
 
 
