@@ -180,9 +180,7 @@ def hooks(
     never = [e.name for i, e in enumerate(edits) if i not in ran]
     never += [n for n in readers if n not in cache]
     if never:
-        raise NotImplementedError(
-            f"{never[0]} never ran: this model does not compute that hook point ({_FLAGGED})"
-        )
+        raise NotImplementedError(f"{never[0]} never ran: this model does not compute that hook point ({_FLAGGED})")
 
 
 def run(
