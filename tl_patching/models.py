@@ -194,7 +194,7 @@ def hooked_from_hf(
         from tl_patching.prompts import adds_start_token
 
         model.cfg.default_prepend_bos = adds_start_token(tokenizer)
-    model = model.to(device).eval()
+    model = (model.to(device) if lens.is_bridge(model) else model.to(device, print_details=False)).eval()
     if verify:
         verify_against_hf(hf_model, model)
     return model
