@@ -3,9 +3,8 @@ the report's numbers are the definitions'."""
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching import attribution, patching, path_patching
+from tl_patching import attribution, lens, patching, path_patching
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
@@ -45,8 +44,18 @@ def test_attribution_shapes_and_donor_tokens(setup):
 
 def test_atp_star_shapes_and_agreement(setup):
     forward, tokens, donor_tokens, donor, correct, wrong, _ = setup
-    out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
     plain = attribution.attribution_patch(forward, tokens, donor, LogitDiff(correct, wrong))["z"]
+    if lens.is_bridge(forward.model):  # the QK fix recomputes scores with HookedTransformer's attention: refused
+        with pytest.raises(NotImplementedError, match=r"QK fix.*TransformerBridge.*qk_fix=False"):
+            attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
+        out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong), qk_fix=False)
+        assert torch.allclose(out.scores["atp"], plain, atol=1e-6)
+        assert torch.equal(out.scores["atp_qk"], out.scores["atp"]) and torch.equal(
+            out.scores["atp_star"], out.scores["atp_gd"]
+        )
+        assert out.scores["atp_gd"][:, :4].abs().max() == 0 and out.scores["atp_gd"][:, 4:].abs().max() > 1e-3
+        return
+    out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
     assert set(out.scores) == {"atp", "atp_qk", "atp_gd", "atp_star"}
     assert all(s.shape == (4, 10, 4, 3) and not s.requires_grad for s in out.scores.values())
     assert torch.allclose(out.scores["atp"], plain, atol=1e-6)  # AtP* starts from the same AtP
@@ -55,10 +64,12 @@ def test_atp_star_shapes_and_agreement(setup):
     assert all(p.grad is None and p.requires_grad for p in forward.model.parameters())
 
 
-def qk_only_model(rotary: bool) -> HookedTransformer:
+def qk_only_model(rotary: bool):
     """2 attention-only layers, no norms: layer 0 head 0 writes into dims 0..7 only, which layer 1's values
     never read. That head's effect on layer 1 is through queries and keys alone, and the logits are linear
     in layer 1's pattern: AtP with the QK fix must then be exact for its nodes."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     extra = dict(positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=1) if rotary else {}
     cfg = HookedTransformerConfig(
         n_layers=2,
@@ -84,6 +95,7 @@ def qk_only_model(rotary: bool) -> HookedTransformer:
     return model.eval()
 
 
+@pytest.mark.tl3
 @pytest.mark.parametrize("rotary", [False, True])
 def test_qk_fix_is_exact_when_the_pattern_is_the_only_nonlinearity(rotary):
     model = qk_only_model(rotary)
@@ -101,6 +113,7 @@ def test_qk_fix_is_exact_when_the_pattern_is_the_only_nonlinearity(rotary):
     assert (out.scores["atp_qk"][1] - exact[1]).abs().max() < 1e-3
 
 
+@pytest.mark.tl3
 def test_grad_drop_known_answer():
     """Two layers, no norms, attention only: dropping layer 1's writes leaves layer-0 nodes their direct path,
     so GradDrop of a layer-0 head = |its direct effect| = |path patching head → logits| at the last position."""
@@ -136,6 +149,23 @@ def test_refusals():
     tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
     with pytest.raises(NotImplementedError, match="tl backend"):
         attribution.atp_star(Forward(tl, hf), tokens, tokens, LogitDiff(correct, wrong))
+    if lens.is_bridge(tl):
+        with pytest.raises(NotImplementedError, match="TransformerBridge"):
+            attribution.atp_star(Forward(tl), tokens, tokens, LogitDiff(correct, wrong))
+        return
     tl.cfg.use_local_attn = True
     with pytest.raises(NotImplementedError, match="sliding-window"):
         attribution.atp_star(Forward(tl), tokens, tokens, LogitDiff(correct, wrong))
+
+
+def test_grad_drop_of_the_last_layer_is_the_magnitude_of_atp():
+    """No later layer to drop a gradient through: GradDrop of a last-layer node is |AtP| (any major, any backend
+    that runs AtP*); of a first-layer node it differs (two-layer model, gradients through layer 1 dropped)."""
+    _, tl = random_gpt2(n_layers=2, n_heads=2, d_head=4, seed=1)
+    g = torch.Generator().manual_seed(3)
+    tokens, donor_tokens = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (2, 6), generator=g)
+    out = attribution.atp_star(
+        Forward(tl), tokens, donor_tokens, LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4])), qk_fix=False
+    )
+    assert torch.allclose(out.scores["atp_gd"][1], out.scores["atp"][1].abs(), atol=1e-6)
+    assert (out.scores["atp_gd"][0] - out.scores["atp"][0].abs()).abs().max() > 1e-3
