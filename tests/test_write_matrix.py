@@ -17,7 +17,9 @@ import itertools
 import pytest
 import torch
 
+from tl_patching import lens
 from tl_patching.backends import hf_maps
+from tl_patching.backends.tl import hook_names, ht_layout, model_layout
 from tl_patching.edits import (
     HEAD_HOOKS,
     act_name,
@@ -63,11 +65,44 @@ def setup(family: str):
         g = torch.Generator().manual_seed(3)
         tokens = torch.randint(1, tl.cfg.d_vocab, (2, N_POS), generator=g)
         donor_tokens = torch.randint(1, tl.cfg.d_vocab, (2, N_POS), generator=g)
-        _, donor = tl.run_with_cache(donor_tokens)
+        _, donor = Forward(tl).run(donor_tokens, cache=_every_hook(tl))  # HookedTransformer's layout on a bridge too
         mask = torch.zeros(2, N_POS, dtype=torch.bool)
         mask[0, 2], mask[1, 5] = True, True
-        _MODELS[family] = (Forward(tl), Forward(tl, hf), tokens, dict(donor.cache_dict), mask)
+        _MODELS[family] = (Forward(tl), Forward(tl, hf), tokens, donor, mask)
     return _MODELS[family]
+
+
+def _every_hook(model) -> list[str]:
+    """Every hook point the model fires without a config flag (a bridge's silent ones excluded)."""
+    from tl_patching.backends.tl import _needs_flag, silent_hooks
+
+    if not lens.is_bridge(model):
+        return list(model.hook_dict)
+    return [n for n in hook_names(model) if n not in silent_hooks(model) and not _needs_flag(model, n)]
+
+
+def plain_run(model, tokens: torch.Tensor, name: str, fn, names: list[str]):
+    """``model`` with ``fn`` written at ``name`` as a plain TransformerLens hook; the logits and the activations at
+    ``names``, all in HookedTransformer's layout. A bridge's hook_resid_mid is the next norm's input (a write there
+    leaves the residual stream alone): the residual stream after attention is written as HookedTransformer's is, the
+    attention output made up to the edited value."""
+    if lens.is_bridge(model) and name.endswith(".hook_resid_mid"):
+        layer, seen = name.split(".")[1], {}
+        attn_out = f"blocks.{layer}.hook_attn_out"
+
+        def via_attn_out(a, hook):
+            seen[attn_out] = a.clone()  # HookedTransformer's attn_out, which a resid_mid write leaves alone
+            return fn(seen["resid_pre"] + a, hook) - seen["resid_pre"]
+
+        hooks = [
+            (f"blocks.{layer}.hook_resid_pre", lambda a, hook: seen.__setitem__("resid_pre", a)),
+            (attn_out, via_attn_out),
+        ]
+    else:
+        seen, hooks = {}, [(name, lambda a, hook: model_layout(model, name, fn(ht_layout(model, name, a), hook), a))]
+    with model.hooks(fwd_hooks=hooks):
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
+    return logits, {n: seen[n] if n in seen else ht_layout(model, n, cache[n]) for n in names}
 
 
 def forms(name: str, act: torch.Tensor) -> dict[str, dict]:
@@ -224,8 +259,7 @@ def test_write_matrix(family, name):
                 return expected(a, name, *_spec(cells[group[0]]), donor[name], mask)
             return torch.cat([expected(a[rows_of[i]], name, *_spec(cells[i]), donor[name], mask) for i in group])
 
-        with model.hooks(fwd_hooks=[(name, oracle)]):
-            plain_logits, plain_cache = model.run_with_cache(stacked, names_filter=names)
+        plain_logits, plain_cache = plain_run(model, stacked, name, oracle, names)
         for i in group:
             kind, form, _ = cells[i]
             rows = slice(None) if flat else rows_of[i]

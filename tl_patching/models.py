@@ -188,6 +188,8 @@ def hooked_from_hf(
             f"dtype {', '.join(sorted(map(str, dtypes)))}: tl_patching converts float32 models "
             "(load with dtype=torch.float32, cast the TransformerLens model afterwards)"
         )
+    if lens.MAJOR >= 4:
+        _check_bridgeable(hf_model)
     build = _bridge if lens.MAJOR >= 4 else _hooked_transformer
     model = build(hf_model, _tokenizer_for_tl(tokenizer), weights, name)
     if tokenizer is not None:  # the model's own start-token convention: what its tokenizer does
@@ -217,6 +219,28 @@ def _hooked_transformer(hf_model, tokenizer, weights: WeightMode, name: str | No
     return model
 
 
+# Config values TransformerLens 4's bridge computes differently from the HF model it wraps (its attention is its own),
+# found by tests/test_config_fields.py on transformer-lens 4.3: refused by name (the probe check would also catch
+# them, without the name). (architecture or None for every one, field, is the value refused?, what it means)
+BRIDGE_REFUSED = [
+    (None, "is_causal", lambda v: v is False, "bidirectional attention (is_causal=False): the bridge masks causally"),
+    ("GPT2LMHeadModel", "scale_attn_weights", lambda v: v is False, "unscaled scores (scale_attn_weights=False)"),
+    (
+        "Gemma3ForCausalLM",
+        "attn_logit_softcapping",
+        lambda v: v is not None,
+        "attn_logit_softcapping: transformers' Gemma 3 never applies it, the bridge does",
+    ),
+]
+
+
+def _check_bridgeable(hf_model) -> None:
+    architecture, config = type(hf_model).__name__, hf_model.config
+    for arch, field, refused, what in BRIDGE_REFUSED:
+        if arch in (None, architecture) and hasattr(config, field) and refused(getattr(config, field)):
+            raise NotImplementedError(f"{architecture}: {what}; TransformerLens {lens.TL_VERSION}'s bridge differs")
+
+
 def _bridge(hf_model, tokenizer, weights: WeightMode, name: str | None) -> HookedTransformer:
     """TransformerLens 4: a `TransformerBridge` around a copy of ``hf_model`` in compatibility mode (HookedTransformer's
     hook names and shapes), TL's folding and centring applied to the copy for ``"processed"``."""
@@ -229,11 +253,17 @@ def _bridge(hf_model, tokenizer, weights: WeightMode, name: str | None) -> Hooke
             f"{architecture}: TransformerLens {lens.TL_VERSION}'s bridge does not support it"
         )
     wrapped = copy.deepcopy(hf_model)  # the bridge replaces submodules of the model it wraps, in place
-    bridge = build_bridge_from_module(
-        wrapped, architecture, hf_config=wrapped.config, tokenizer=tokenizer, model_name=name or architecture
-    )
-    with torch.no_grad():
-        bridge.enable_compatibility_mode(no_processing=weights == "raw")
+    try:
+        bridge = build_bridge_from_module(
+            wrapped, architecture, hf_config=wrapped.config, tokenizer=tokenizer, model_name=name or architecture
+        )
+        with torch.no_grad():
+            bridge.enable_compatibility_mode(no_processing=weights == "raw")
+    except (RuntimeError, TypeError, AssertionError, IndexError) as e:  # measured: NeoX without attention biases
+        raise NotImplementedError(
+            f"{architecture}: TransformerLens {lens.TL_VERSION}'s TransformerBridge cannot run this config: "
+            f"{_first_words(e)}"
+        ) from e
     bridge.cfg.original_architecture = architecture  # HookedTransformer's field, left None by the bridge
     return bridge
 
@@ -244,15 +274,32 @@ def probe_tokens(d_vocab: int, n_ctx: int, length: int = PROBE_LENGTH) -> torch.
     return (torch.arange(n) * 7919 + 13).remainder(d_vocab)[None]
 
 
+def _first_words(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def verify_against_hf(hf_model: PreTrainedModel, model: HookedTransformer, tokens: torch.Tensor | None = None) -> float:
     """Max |TL − HF| on ``tokens`` (logits for a raw model, log-probs for a processed one), relative to
     max(1, max|HF logit|); raises `ModelMismatchError` above `PROBE_TOLERANCE`. Returns the measured value."""
     if tokens is None:
         tokens = probe_tokens(model.cfg.d_vocab, model.cfg.n_ctx)
     mode = weight_mode(model)
+    crashes = (RuntimeError, TypeError, AssertionError, IndexError, ValueError)
     with torch.no_grad():
-        hf_logits = hf_model(tokens.to(hf_model.device)).logits.float().cpu()
-        tl_logits = model(tokens.to(model.cfg.device)).float().cpu()
+        try:
+            hf_logits = hf_model(tokens.to(hf_model.device)).logits.float().cpu()
+        except crashes as e:
+            raise NotImplementedError(f"the HF model itself fails on the probe input: {_first_words(e)}") from e
+        try:
+            tl_logits = model(tokens.to(model.cfg.device)).float().cpu()
+        except crashes as e:
+            # Measured on a bridge (TL 4.3): NeoX with head_dim set, where HF's modules run: a refusal naming the
+            # TransformerLens model, not a traceback from inside it.
+            what = "TransformerBridge" if lens.is_bridge(model) else "HookedTransformer"
+            raise NotImplementedError(
+                f"{lens.architecture(model)}: TransformerLens {lens.TL_VERSION}'s {what} cannot run this config: "
+                f"{_first_words(e)}"
+            ) from e
     if mode == "raw":
         diff = (tl_logits - hf_logits).abs().max().item()
     else:
