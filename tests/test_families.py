@@ -152,7 +152,7 @@ def test_cache_shapes_from_the_config_are_every_hooks_shape(raw_pair, family):
     cfg, tokens = tl.cfg, torch.arange(5)[None].repeat(3, 1)
     if lens.is_bridge(tl):
         names = tl_backend.hook_names(tl)
-        readable = [n for n in names if n not in tl_backend.silent_hooks(tl) and not tl_backend._needs_flag(tl, n)]
+        readable = tl_backend.readable_hooks(tl)
         _, cache = Forward(tl).run(tokens, cache=readable)
         assert {n: tuple(a.shape) for n, a in cache.items()} == {n: hook_shape(cfg, n, 3, 5) for n in readable}
         assert len(readable) >= 14 * cfg.n_layers  # resid, attn (q k v z pattern scores), mlp, norms in every block

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from tl_patching import lens
 from tl_patching.checkpoints import ModelNotFoundError, load_hf
 from tl_patching.families import FAMILIES
 from tl_patching.forward import Forward
@@ -111,6 +112,11 @@ def probe_scale(hf):
         return max(1.0, hf(probe_tokens(hf.config.vocab_size, hf.config.n_positions)).logits.abs().max().item())
 
 
+def unembed_bias(model) -> torch.Tensor:
+    """The unembedding's bias, to shift logits in place (a bridge's b_U is a read-only view of its HF module's)."""
+    return model.unembed._original_component.bias if lens.is_bridge(model) else model.unembed.b_U
+
+
 def test_probe_boundary_and_message(pair):
     """Every logit shifted by the same amount: the measured relative difference is that amount over the
     scale (plus float32 noise, 0.4% of the tolerance on this model), just under the tolerance or just over."""
@@ -118,8 +124,8 @@ def test_probe_boundary_and_message(pair):
     scale = probe_scale(hf)
     under, over = hooked_from_hf(hf, name="probe-under"), hooked_from_hf(hf, name="probe-over")
     with torch.no_grad():
-        under.unembed.b_U += 0.98 * PROBE_TOLERANCE * scale
-        over.unembed.b_U += 1.02 * PROBE_TOLERANCE * scale
+        unembed_bias(under).add_(0.98 * PROBE_TOLERANCE * scale)
+        unembed_bias(over).add_(1.02 * PROBE_TOLERANCE * scale)
     assert 0.97 * PROBE_TOLERANCE < verify_against_hf(hf, under) <= PROBE_TOLERANCE
     with pytest.raises(
         ModelMismatchError,
@@ -138,13 +144,13 @@ def test_processed_model_is_compared_on_log_probs(pair):
     hf, _ = pair
     processed, raw = hooked_from_hf(hf, weights="processed"), hooked_from_hf(hf)
     with torch.no_grad():
-        processed.unembed.b_U += 1.0
-        raw.unembed.b_U += 1.0
+        unembed_bias(processed).add_(1.0)
+        unembed_bias(raw).add_(1.0)
     assert verify_against_hf(hf, processed) < 1e-5
     with pytest.raises(ModelMismatchError, match=r"raw\): TransformerLens logits differ from HF's by 1 "):
         verify_against_hf(hf, raw)
     with torch.no_grad():
-        processed.unembed.b_U[5] += 0.5
+        unembed_bias(processed)[5] += 0.5
     with pytest.raises(ModelMismatchError, match=r"processed\): TransformerLens log-probs differ from HF's by 0.\d+ "):
         verify_against_hf(hf, processed)
 
@@ -163,15 +169,28 @@ def test_nan_weight_fails_the_probe(pair):
 def test_hooked_from_hf_verifies_by_default(pair, monkeypatch):
     """A conversion that gets one weight wrong is refused at load time; verify=False is the only way past."""
     hf, _ = pair
-    family = FAMILIES["gpt2"]
+    if lens.is_bridge(_):  # TL 4: the bridge built around the HF model gets the weight wrong
+        import tl_patching.models as models
 
-    def nudged(hf_model, cfg):
-        state = family.convert_weights(hf_model, cfg)
-        state["blocks.2.attn.W_O"] = state["blocks.2.attn.W_O"].clone()
-        state["blocks.2.attn.W_O"][1, 2, 3] += 0.5
-        return state
+        build = models._bridge
 
-    monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(family, convert_weights=nudged))
+        def nudged_bridge(*args):
+            bridge = build(*args)
+            with torch.no_grad():
+                bridge.blocks[2].attn.W_O[1, 2, 3] += 0.5
+            return bridge
+
+        monkeypatch.setattr(models, "_bridge", nudged_bridge)
+    else:
+        family = FAMILIES["gpt2"]
+
+        def nudged(hf_model, cfg):
+            state = family.convert_weights(hf_model, cfg)
+            state["blocks.2.attn.W_O"] = state["blocks.2.attn.W_O"].clone()
+            state["blocks.2.attn.W_O"][1, 2, 3] += 0.5
+            return state
+
+        monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(family, convert_weights=nudged))
     for weights, what in (("raw", "logits"), ("processed", "log-probs")):
         with pytest.raises(
             ModelMismatchError, match=f"^wrong \\(GPT2LMHeadModel, {weights}\\): TransformerLens {what} differ"

@@ -112,7 +112,9 @@ def sweeps(forward: Forward, pair, donor, metric):
             forward, tokens, pair.donor_tokens, metric, senders=[(0, 0)], receivers=[(1, 0, "v")]
         ),
         "attribution_patch": lambda: attribution.attribution_patch(forward, tokens, pair.donor_tokens, metric),
-        "atp_star": lambda: attribution.atp_star(forward, tokens, pair.donor_tokens, metric),
+        "atp_star": lambda: attribution.atp_star(  # the QK fix is refused on a bridge: GradDrop there
+            forward, tokens, pair.donor_tokens, metric, qk_fix=not lens.is_bridge(forward.model)
+        ),
     }
 
 

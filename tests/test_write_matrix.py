@@ -19,7 +19,7 @@ import torch
 
 from tl_patching import lens
 from tl_patching.backends import hf_maps
-from tl_patching.backends.tl import hook_names, ht_layout, model_layout
+from tl_patching.backends.tl import ht_layout, model_layout, readable_hooks
 from tl_patching.edits import (
     HEAD_HOOKS,
     act_name,
@@ -65,20 +65,11 @@ def setup(family: str):
         g = torch.Generator().manual_seed(3)
         tokens = torch.randint(1, tl.cfg.d_vocab, (2, N_POS), generator=g)
         donor_tokens = torch.randint(1, tl.cfg.d_vocab, (2, N_POS), generator=g)
-        _, donor = Forward(tl).run(donor_tokens, cache=_every_hook(tl))  # HookedTransformer's layout on a bridge too
+        _, donor = Forward(tl).run(donor_tokens, cache=readable_hooks(tl))  # HookedTransformer's layout on a bridge too
         mask = torch.zeros(2, N_POS, dtype=torch.bool)
         mask[0, 2], mask[1, 5] = True, True
         _MODELS[family] = (Forward(tl), Forward(tl, hf), tokens, donor, mask)
     return _MODELS[family]
-
-
-def _every_hook(model) -> list[str]:
-    """Every hook point the model fires without a config flag (a bridge's silent ones excluded)."""
-    from tl_patching.backends.tl import _needs_flag, silent_hooks
-
-    if not lens.is_bridge(model):
-        return list(model.hook_dict)
-    return [n for n in hook_names(model) if n not in silent_hooks(model) and not _needs_flag(model, n)]
 
 
 def plain_run(model, tokens: torch.Tensor, name: str, fn, names: list[str]):

@@ -456,7 +456,10 @@ def hook_axes(cfg, name: str, batch: int, pos: int) -> tuple[tuple[str, int], ..
     name it does not know."""
     key = re.sub(r"^blocks\.\d+\.", "", name)
     if key not in _AXES:
-        raise ValueError(f"no known shape for the hook {name!r}")
+        raise ValueError(
+            f"no known shape for the hook {name!r}: tl_patching stores HookedTransformer's hook names (on a "
+            "TransformerBridge, read them with Forward(model).run(tokens, cache=names), not its own aliases)"
+        )
     axes = _AXES[key]
     flag = lambda name: getattr(cfg, name, False)  # noqa: E731  (a bridge's cfg (TL 4) lacks some of TL 3's flags)
     grouped = cfg.n_key_value_heads is not None and not flag("ungroup_grouped_query_attention")

@@ -25,6 +25,7 @@ soft-cap as ``HookedTransformer.forward`` applies them. Tested equal to the swee
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -466,13 +467,18 @@ def _hf_sweep(
     from tl_patching.backends import hf as hf_backend
     from tl_patching.edits import patch
 
-    hf = _hf_model(forward)
-    hf_backend.hook_map_of(hf)  # the HF hooks need the family's table: refused by name otherwise
-    base = hf.base_model
-    readout = _hf_readout(hf, tokens, metric)
     layers = check_layers(forward, layers)
     positions = _positions(tokens, positions)
     _check_donor(tokens, donor_cache, kind, layers)
+    if isinstance(metric, LogitDiff) and len(metric.correct) != len(tokens):
+        raise ValueError(f"tokens {tuple(tokens.shape)} need one correct and one wrong id per prompt")
+    hf = _hf_model(forward)
+    hf_backend.hook_map_of(hf)  # the HF hooks need the family's table: refused by name otherwise
+    base = hf.base_model
+    # transformers ≥ 5.2x names the key/value cache argument ``cache`` (``past_key_values`` deprecated), older ones
+    # ``past_key_values`` only
+    cache_kw = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    readout = _hf_readout(hf, tokens, metric)
     B, P = tokens.shape
     device = next(hf.parameters()).device
     tokens = tokens.to(device)
@@ -488,7 +494,7 @@ def _hf_sweep(
         for pos in sorted(set(p % P for p in positions)):
             prefix = DynamicCache(config=hf.config)
             if pos > 0:
-                base(input_ids=tokens[:, :pos], past_key_values=prefix, use_cache=True)
+                base(input_ids=tokens[:, :pos], **{cache_kw: prefix}, use_cache=True)
             suffix = tokens[:, pos:]
             for start in range(0, len(variants), per_pass):
                 chunk = variants[start : start + per_pass]
@@ -501,7 +507,7 @@ def _hf_sweep(
                 with hf_backend.hooks(hf, edits):
                     hidden = base(
                         input_ids=suffix.repeat(len(chunk), 1),
-                        past_key_values=_tiled(prefix, len(chunk)),
+                        **{cache_kw: _tiled(prefix, len(chunk))},
                         use_cache=True,
                     ).last_hidden_state
                 values = readout(hidden[:, -1]).detach().float().cpu()

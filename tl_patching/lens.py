@@ -168,6 +168,11 @@ def plain_hf(model) -> torch.nn.Module:
     key/value cache), so what needs HF's own modules — raw HF hooks, HF's key/value cache — runs on this twin."""
     if not is_bridge(model):
         raise TypeError("plain_hf takes a TransformerBridge")
+    # Rebuilt (and checked again) whenever a weight of the bridge was changed in place or replaced since: the twin
+    # reads HF's modules, which some of the bridge's own copies (GPT-2's split q/k/v) do not write back to.
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    if model in _PLAIN and _PLAIN[model][1] != stamp:
+        del _PLAIN[model]
     if model not in _PLAIN:
         from transformers import AutoModelForCausalLM
 
@@ -200,5 +205,5 @@ def plain_hf(model) -> torch.nn.Module:
                 f"this TransformerBridge's weights (processed) do not make a plain HF model that "
                 f"computes the same (logits differ by {gap:.3g}): load it with weights='raw'"
             )
-        _PLAIN[model] = plain
-    return _PLAIN[model]
+        _PLAIN[model] = (plain, stamp)
+    return _PLAIN[model][0]

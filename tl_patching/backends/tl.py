@@ -78,6 +78,18 @@ def silent_hooks(model) -> set[str]:
     return _SILENT[model]
 
 
+def readable_hooks(model: HookedTransformer) -> list[str]:
+    """The hook names of `hook_names` that ``model`` computes as it is configured now: without the flag-gated points
+    whose flag is off (``hook_result``, ``hook_q_input``, …) and a bridge's silent ones. What a full cache holds."""
+    names = hook_names(model)
+    if lens.is_bridge(model):
+        return [n for n in names if n not in silent_hooks(model) and not _needs_flag(model, n)]
+    fired: set[str] = set()
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, lambda act, hook: fired.add(hook.name)) for n in names]):
+        model(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device))
+    return [n for n in names if n in fired]
+
+
 def _needs_flag(model, name: str) -> bool:
     return _suffix(name) in (
         "attn.hook_result",
@@ -174,8 +186,13 @@ def hooks(
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))
-        except ValueError as e:  # a bridge refuses flag-gated hook points at registration
-            raise NotImplementedError(f"{e} ({_FLAGGED})") from None
+        except ValueError as e:  # a bridge refuses flag-gated hook points at registration: the error of TL 3's
+            gated = [point for point, _ in fwd_hooks if _needs_flag(model, point)]
+            if not gated:
+                raise
+            raise NotImplementedError(
+                f"{gated[0]} never ran: this model does not compute that hook point ({_FLAGGED}; the bridge: {e})"
+            ) from None
         yield
     never = [e.name for i, e in enumerate(edits) if i not in ran]
     never += [n for n in readers if n not in cache]

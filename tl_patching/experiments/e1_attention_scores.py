@@ -14,6 +14,7 @@ HF counterpart on GPT-2: the fused output of ``transformer.h[l].attn.c_attn`` sp
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import einops
@@ -113,14 +114,33 @@ def qk_names(cfg, layer: int) -> tuple[str, str]:
     )
 
 
+def rotated_by_hf(model, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Q and K ``[batch, pos, head, d_head]`` before rotation, rotated as the HF model rotates them: its own rotary
+    embedding and ``apply_rotary_pos_emb`` (partial rotary included), on the bridge's plain HF twin. For a bridge
+    that never fires hook_rot_q/hook_rot_k (NeoX: the rotation happens inside the HF module)."""
+    hf = lens.plain_hf(model)
+    apply = sys.modules[type(hf).__module__].apply_rotary_pos_emb
+    cos, sin = hf.base_model.rotary_emb(q, position_ids=torch.arange(q.shape[1])[None])
+    return apply(q, k, cos, sin, unsqueeze_dim=2)
+
+
 def raw_scores(forward: Forward, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(scores from Q·K, hook_attn_scores, hook_pattern), each ``[layer, batch, head, q, k]``."""
+    from tl_patching.backends.tl import silent_hooks
+
     L = forward.cfg.n_layers
     attention = lens.attention_config(forward.model)  # a bridge's cfg leaves the scale and windows unset
-    names = [n for l in range(L) for n in (*qk_names(attention, l), act_name("attn_scores", l), act_name("pattern", l))]
+    qk = [qk_names(attention, l) for l in range(L)]
+    rotate_here = forward.backend == "tl" and qk[0][0] in silent_hooks(forward.model)
+    if rotate_here:
+        qk = [(act_name("q", l), act_name("k", l)) for l in range(L)]
+    names = [n for l in range(L) for n in (*qk[l], act_name("attn_scores", l), act_name("pattern", l))]
     _, cache = forward.run(tokens, cache=names, cache_device="cpu")  # statistics on the CPU, in float32
     cache = {n: a.float() for n, a in cache.items()}
-    split = torch.stack([qk_scores(attention, *(cache[n] for n in qk_names(attention, l)), l) for l in range(L)])
+    pairs = [tuple(cache[n] for n in qk[l]) for l in range(L)]
+    if rotate_here:
+        pairs = [rotated_by_hf(forward.model, q, k) for q, k in pairs]
+    split = torch.stack([qk_scores(attention, *pairs[l], l) for l in range(L)])
     by = lambda kind: torch.stack([cache[act_name(kind, l)] for l in range(L)])  # noqa: E731
     return split, by("attn_scores"), by("pattern")
 
