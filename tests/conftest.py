@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True, params=[f"tl{lens.MAJOR}"])
+def transformer_lens_major(request):
+    """Every test ID ends with the TransformerLens major it ran on (``test_x[gpt2-tl4]``), so that a report from
+    one environment cannot be mistaken for the other's."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return word_tokenizer(TEXTS)

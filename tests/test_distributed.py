@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
-from tl_patching import distributed, prompts
+from tl_patching import distributed, fast, lens, patching, prompts
 from tl_patching.cache_store import load_cache, read_header, save_cache
 from tl_patching.edits import act_name
 from tl_patching.experiments import e4_ioi_patching as e4
 from tl_patching.experiments import e5_head_token_patching as e5
 from tl_patching.experiments import run_experiment
 from tl_patching.forward import Forward, load_forward
-from tl_patching.metrics import logit_diff
+from tl_patching.metrics import LogitDiff, logit_diff
 from tl_patching.prompts import ioi_batches, ioi_prompts
 from tl_patching.recipe.word_tokenizer import word_tokenizer
 from tl_patching.testing import random_gpt2
@@ -191,6 +191,12 @@ def test_dtypes_load_and_stay_close(tmp_path):
                 assert next(f.hf_model.parameters()).dtype == distributed.DTYPES[dtype]
             ld = logit_diff(f(batch.tokens), batch.correct, batch.wrong).float()
             assert (ld - clean).abs().max() <= tol, (dtype, backend)
+            # The fast path in that dtype (on a bridge: its HF twin, checked against it with a dtype's tolerance)
+            metric = LogitDiff(batch.correct, batch.wrong)
+            _, donor = f.run(batch.donor_tokens, cache=[act_name("z", l) for l in range(f.cfg.n_layers)])
+            quick = fast.final_position_head_sweep(f, batch.tokens, donor, metric, progress=False)
+            driver = patching.head_sweep(f, batch.tokens, donor, metric, pos=-1)
+            assert (quick - driver).abs().max() <= tol / 4, (dtype, backend)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
         load_forward("shipped", dtype="float64")
 
@@ -237,3 +243,12 @@ def test_one_device_placement_runs_the_experiments():
     f = load_forward("shipped", device="cpu", n_devices=1)
     assert f.model.cfg.n_devices == 1 and {p.device.type for p in f.model.parameters()} == {"cpu"}
     assert run_experiment("e5", f, 1, progress=False).effect.shape == (f.cfg.n_layers, f.cfg.n_heads, 1)
+
+
+@pytest.mark.skipif(lens.MAJOR < 4, reason="HookedTransformer's blocks are placed over devices (TransformerLens 3)")
+def test_a_bridge_over_several_devices_is_refused_by_name():
+    """TL 4: the bridge runs the HF model's forward, which tl_patching does not split (no GPU here: meta stands in)."""
+    _, bridge = random_gpt2(n_layers=2)
+    with pytest.raises(NotImplementedError, match="over 2 devices on TransformerLens 4.*one device per process"):
+        distributed.place(bridge, [torch.device("cpu"), torch.device("meta")])
+    assert distributed.place(bridge, [torch.device("cpu")]) is bridge

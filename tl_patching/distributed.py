@@ -287,6 +287,15 @@ def place(model, devices: Sequence[torch.device]):
     (TL 3.9's own ``move_model_modules_to_device`` puts each module on whichever device has the most free
     memory at that moment, which need not match the device its forward moves the residual stream to.)
     """
+    from tl_patching import lens
+
+    if lens.is_bridge(model):
+        if len(devices) > 1:  # the bridge's forward runs the HF model's; splitting that is HF's device_map, not this
+            raise NotImplementedError(
+                f"a model over {len(devices)} devices on TransformerLens {lens.TL_VERSION} (a TransformerBridge): "
+                "tl_patching places HookedTransformer's blocks (TransformerLens 3); use one device per process"
+            )
+        return model.to(devices[0])
     model.cfg.device = str(devices[0])
     model.cfg.n_devices = len(devices)
     if len(devices) == 1:
