@@ -33,16 +33,25 @@ from harness import (  # noqa: E402
     tl_get_act_patch_sample,
 )
 
-from tl_patching import fast  # noqa: E402
+from tl_patching import fast, lens  # noqa: E402
 from tl_patching.edits import act_name  # noqa: E402
 from tl_patching.forward import Forward  # noqa: E402
 from tl_patching.metrics import LogitDiff  # noqa: E402
 
 
+def blocks_of(model) -> list[torch.nn.Module]:
+    """The blocks the fast paths run: TL's own (TransformerLens 3), or the decoder layers of a bridge's plain HF twin
+    (TransformerLens 4: the HF engine)."""
+    if not lens.is_bridge(model):
+        return list(model.blocks)
+    base = lens.plain_hf(model).base_model
+    return list(next(m for m in base.children() if isinstance(m, torch.nn.ModuleList)))
+
+
 def time_in_blocks(model, fn):
-    """(wall seconds of ``fn``, seconds spent inside TL's ``model.blocks[j]`` calls, result)."""
+    """(wall seconds of ``fn``, seconds spent inside the blocks it runs (`blocks_of`), result)."""
     spent, starts, handles = [0.0], {}, []
-    for j, block in enumerate(model.blocks):
+    for j, block in enumerate(blocks_of(model)):
         handles.append(block.register_forward_pre_hook(lambda m, a, j=j: starts.__setitem__(j, time.perf_counter())))
         handles.append(
             block.register_forward_hook(
@@ -63,6 +72,12 @@ def bench(
     out = []
     say = lambda s: (print(s, flush=True), out.append(s))  # noqa: E731
     hf, model = build(size)
+    # TransformerLens 4: the lines name the bridge, the TL loop is the bridge's own run_with_hooks
+    tag, tl_loop = (
+        (" (bridge)", "plain Bridge run_with_hooks loop")
+        if lens.is_bridge(model)
+        else ("", "plain TL run_with_hooks loop")
+    )
     L, H = model.cfg.n_layers, model.cfg.n_heads
     tokens, donor_tokens, correct, wrong = ioi_like_batch(model.cfg.d_vocab, batch, pos)
     forward = Forward(model)
@@ -100,10 +115,10 @@ def bench(
     say(
         f"note: {size}: plain loops timed on {len(pairs)} of {L * H} heads, scaled x{scale:.1f}: "
         f"TL {t_tl * scale:.1f} s, HF {t_hf * scale:.1f} s; fast final-position sweep {t_fast:.2f} s, of which "
-        f"{t_blocks / t_fast:.0%} inside TL's own blocks (largest |effect| {fast_out.abs().max():.2e})"
+        f"{t_blocks / t_fast:.0%} inside the blocks it runs (largest |effect| {fast_out.abs().max():.2e})"
     )
-    say(str(Line(f"{size} final-position head sweep", t_tl * scale / t_fast, "plain TL run_with_hooks loop", diff_tl)))
-    say(str(Line(f"{size} final-position head sweep", t_hf * scale / t_fast, hf_ref, diff_hf)))
+    say(str(Line(f"{size} final-position head sweep{tag}", t_tl * scale / t_fast, tl_loop, diff_tl)))
+    say(str(Line(f"{size} final-position head sweep{tag}", t_hf * scale / t_fast, hf_ref, diff_hf)))
 
     # --- any-position head sweep (layer x position x head) ---
     if not any_positions:
@@ -111,7 +126,7 @@ def bench(
         say(
             str(
                 Line(
-                    f"{size} final-position head sweep peak memory",
+                    f"{size} final-position head sweep{tag} peak memory",
                     m_final / m_cache,
                     f"one run_with_cache ({m_final / 2**20:.0f} MB vs {m_cache / 2**20:.0f} MB)",
                     diff_tl,
@@ -138,7 +153,7 @@ def bench(
     say(
         str(
             Line(
-                f"{size} any-position head sweep",
+                f"{size} any-position head sweep{tag}",
                 t_tlfn * tl_scale / (t_any * any_scale),
                 "TL get_act_patch_attn_head_out_by_pos",
                 diff_any,
@@ -154,7 +169,7 @@ def bench(
     say(
         str(
             Line(
-                f"{size} final-position head sweep peak memory",
+                f"{size} final-position head sweep{tag} peak memory",
                 m_final / m_cache,
                 f"one run_with_cache ({mb(m_final)} vs {mb(m_cache)})",
                 diff_tl,
@@ -164,7 +179,7 @@ def bench(
     say(
         str(
             Line(
-                f"{size} any-position head sweep peak memory (widest pass, position 0)",
+                f"{size} any-position head sweep{tag} peak memory (widest pass, position 0)",
                 m_any / m_cache,
                 f"one run_with_cache ({mb(m_any)} vs {mb(m_cache)})",
                 diff_any,

@@ -2,9 +2,11 @@
 
 Models: random-weight HF models built from their configs — GPT-2 small (12 × 12 heads, d_model 768, vocab 50257)
 and SmolLM2-135M (Llama: 30 × 9 heads, 3 KV heads, d_model 576, d_mlp 1536, vocab 49152) — and the same weights
-in a `HookedTransformer`, converted with TransformerLens's own ``convert_gpt2_weights`` / ``convert_llama_weights``
-under a `HookedTransformerConfig` built here (raw weights: no folding, no centring). Speed does not depend on the
-weights. Prompts: batch × pos random token ids; each donor differs from its recipient at one position (as IOI's S2).
+in TransformerLens's model: on TransformerLens 3 a `HookedTransformer`, converted with TL's own
+``convert_gpt2_weights`` / ``convert_llama_weights`` under a `HookedTransformerConfig` built here; on TransformerLens 4
+a `TransformerBridge` around a copy of the HF model (`tl_patching.models.hooked_from_hf`); raw weights either way.
+Speed does not depend on the weights. Prompts: batch × pos random token ids; each donor differs from its recipient
+at one position (as IOI's S2).
 
 Peak memory: the process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) above its
 size at the start, measured in a fresh process after the same setup (model, prompts, donor cache), so every
@@ -21,11 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tl_patching import fast
+from tl_patching import fast, lens
 from tl_patching.edits import act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
@@ -33,11 +33,21 @@ from tl_patching.metrics import LogitDiff, logit_diff
 SIZES = ("gpt2-small-sized", "smollm2-135m-sized")
 
 
+HookedTransformer = lens.TLModel
+
+
 def build(size: str, seed: int = 0) -> tuple[torch.nn.Module, HookedTransformer]:
-    """(HF model, HookedTransformer) with the same random weights, raw."""
+    """(HF model, TransformerLens model) with the same random weights, raw."""
     torch.manual_seed(seed)
+    hf = _hf(size)
+    if lens.MAJOR >= 4:
+        from tl_patching.models import hooked_from_hf
+
+        return hf, hooked_from_hf(hf, weights="raw", name=size)
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
     if size == "gpt2-small-sized":
-        hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
         cfg = HookedTransformerConfig(
             d_model=768,
             d_head=64,
@@ -52,22 +62,7 @@ def build(size: str, seed: int = 0) -> tuple[torch.nn.Module, HookedTransformer]
             original_architecture="GPT2LMHeadModel",
         )
         state = convert_gpt2_weights(hf, cfg)
-    elif size == "smollm2-135m-sized":
-        hf = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=576,
-                num_hidden_layers=30,
-                num_attention_heads=9,
-                num_key_value_heads=3,
-                intermediate_size=1536,
-                vocab_size=49152,
-                rms_norm_eps=1e-5,
-                rope_theta=100000.0,
-                max_position_embeddings=2048,
-                tie_word_embeddings=True,
-                hidden_act="silu",
-            )
-        ).eval()
+    else:
         cfg = HookedTransformerConfig(
             d_model=576,
             d_head=64,
@@ -89,13 +84,33 @@ def build(size: str, seed: int = 0) -> tuple[torch.nn.Module, HookedTransformer]
             original_architecture="LlamaForCausalLM",
         )
         state = convert_llama_weights(hf, cfg)
-    else:
-        raise ValueError(f"size must be one of {SIZES}")
     model = HookedTransformer(cfg).eval()
     model.load_and_process_state_dict(
         state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
     return hf, model
+
+
+def _hf(size: str) -> torch.nn.Module:
+    if size == "gpt2-small-sized":
+        config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+        return GPT2LMHeadModel(config).eval()
+    if size == "smollm2-135m-sized":
+        config = LlamaConfig(
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            vocab_size=49152,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            hidden_act="silu",
+        )
+        return LlamaForCausalLM(config).eval()
+    raise ValueError(f"size must be one of {SIZES}")
 
 
 def ioi_like_batch(d_vocab: int, batch: int, pos: int, seed: int = 0):

@@ -173,7 +173,7 @@ def test_arguments_and_paths_are_checked_before_torch_is_imported(no_torch, tmp_
     # the control: valid arguments get as far as torch, which this environment refuses
     out = subprocess.run(ENTRY + ["e1", "--no-png"], capture_output=True, text=True, env=no_torch, cwd=tmp_path)
     assert out.stderr == "error: torch imported before the arguments were checked\n"
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "figures").exists()
 
 
 def test_help_shows_defaults_and_every_model_form():
@@ -185,7 +185,7 @@ def test_help_shows_defaults_and_every_model_form():
     assert "(default: None)" not in text and "(default: False)" not in text
     for form in ("'shipped'", "'smollm2-135m'", "a hub name", "a local HF-format directory", "a .gguf file"):
         assert form in re.search(r"--model MODEL (.*?) --backend", text).group(1), form
-    assert "(default: out/, a folder that git ignores" in text
+    assert "(default: figures/, a folder that git ignores" in text
 
 
 def test_model_folders_are_unambiguous(tmp_path, monkeypatch):

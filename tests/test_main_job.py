@@ -60,17 +60,17 @@ def two_runs(tmp_path_factory):
 
 def test_the_main_job_leaves_git_status_clean(two_runs):
     repo, *_ = two_runs
-    assert (repo / "out" / "shipped" / "index.html").exists()
+    assert (repo / "figures" / "shipped" / "index.html").exists()
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True)
-    assert status.stdout == b""  # out/ ignores itself
+    assert status.stdout == b""  # figures/ ignores itself
     ignored = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=repo, capture_output=True, text=True)
-    assert ignored.stdout.split() == ["!!", "out/"]  # the control: there is output, and git sees it as ignored
+    assert ignored.stdout.split() == ["!!", "figures/"]  # the control: there is output, and git sees it as ignored
 
 
 def test_this_checkout_ignores_the_default_output_folder():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for path, ignored in (("out/shipped/index.html", True), ("docs/figures/e4_logit_diff_by_layer.png", False)):
+    for path, ignored in (("figures/shipped/index.html", True), ("docs/figures/e4_logit_diff_by_layer.png", False)):
         found = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
         assert found == ignored, path
 
@@ -82,7 +82,7 @@ def test_the_readme_shows_committed_figures():
 
 def test_same_machine_same_bytes(two_runs):
     repo, *_ = two_runs
-    first, second = files(repo / "out" / "shipped"), files(repo.parent / "second" / "shipped")
+    first, second = files(repo / "figures" / "shipped"), files(repo.parent / "second" / "shipped")
     assert len(first) == 21 and "index.html" in first  # 6 results, 14 figures, plotly.min.js, the index
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
@@ -118,7 +118,7 @@ def test_the_log_is_one_plain_line_per_step(two_runs):
         f"donor cache {cache}: the donor run of 3 of 3 batches computed and saved",
         f"donor cache {cache}: the donor run of 3 batches loaded",
     ]
-    assert lines[-1] == "wrote out/shipped/index.html and the results of e1, e2, e3, e4, e5, circuit beside it"
+    assert lines[-1] == "wrote figures/shipped/index.html and the results of e1, e2, e3, e4, e5, circuit beside it"
     assert len(lines) == 1 + len(keys) + 2 + 1
 
 

@@ -1,14 +1,14 @@
 """``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and one command per
 experiment.
 
-    tl-patching reproduce                           # every experiment on the shipped model, offline, into out/shipped/
+    tl-patching reproduce                           # every experiment on the shipped model, offline, into figures/shipped/
     tl-patching reproduce --model gpt2-large --experiments KEY,KEY --device cuda
     tl-patching reproduce --model /path/to/hf-dir   # a local HF-format directory
     tl-patching KEY --model gpt2-medium --text "…"  # one experiment (commands below), its own settings
     tl-patching KEY --backend hf                    # the same experiment through raw HF hooks
     torchrun --nproc_per_node=4 -m tl_patching.cli KEY --n-prompts 1000   # IOI prompts split over 4 processes
 
-Output goes to OUT/<model>/ (OUT: out/ by default, a folder git ignores; <model>: shipped, smollm2-135m or a hub name
+Output goes to OUT/<model>/ (OUT: figures/ by default, a folder git ignores; <model>: shipped, smollm2-135m or a hub name
 as given, anything else its name plus 8 hex digits of its resolved path). Every command rebuilds OUT/<model>/index.html
 from every result in that folder, so the page always matches the files beside it; a run that stops early leaves
 INCOMPLETE.txt there, saying what it wrote.
@@ -37,7 +37,7 @@ from tl_patching.experiments import spec  # light: reads the experiments' declar
 
 SHIPPED_MODEL_NAME = "shipped"  # = tl_patching.checkpoints.SHIPPED_MODEL_NAME (not imported: keeps --help light)
 SMOLLM2_NAME = "smollm2-135m"  # = tl_patching.checkpoints.SMOLLM2_NAME
-DEFAULT_OUT = Path("out")
+DEFAULT_OUT = Path("figures")
 
 
 def model_folder(name: str) -> str:

@@ -5,7 +5,7 @@ Built only from the ``<key>_result.json`` files in the output folder, every one 
 (each experiment's own ``finding``, ``figures`` and ``conclusion`` read its result), so the page always matches the
 folder and can be rebuilt without rerunning anything::
 
-    python -m tl_patching.report out/shipped
+    python -m tl_patching.report figures/shipped
 
 The page holds nothing that changes between identical runs (no timings, no dates).
 """
