@@ -2,9 +2,9 @@
 
     python scripts/make_docs_figures.py
 
-The main job itself writes to figures/ (git ignores what is in it), so running it never changes the checkout; these committed copies
-change only when this script is run on purpose. PNG export needs a Chromium (Debian: apt-get install -y chromium);
-without one this script stops with an error rather than commit nothing.
+The main job itself writes to figures/ (git ignores what is in it), so running it never changes the checkout; these
+committed copies change only when this script is run on purpose. PNG export needs a Chromium (Debian: apt-get
+install -y chromium); without one this script stops with an error rather than commit nothing.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tl_patching import lens
 from tl_patching.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, family_of
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -81,15 +82,38 @@ def _check_loading_info(info: dict, source: str) -> None:
         raise IncompleteCheckpointError(f"{source}: the checkpoint does not fill the model exactly: {detail}")
 
 
+def check_architecture(hf_config) -> None:
+    """Refuse by name what tl_patching cannot load: a family of `tl_patching.families` loads on both TransformerLens
+    majors (the HF mirror, E1 and the fast paths have its tables); on TransformerLens 4 also any other architecture
+    its bridge boots, for the TransformerLens side (the HF backend and E1 refuse it by name)."""
+    try:
+        family_of(hf_config)
+    except UnsupportedArchitectureError as e:
+        architectures = list(getattr(hf_config, "architectures", None) or [])
+        if architectures[:1] and architectures[0] in lens.bridged_architectures():
+            return
+        if lens.MAJOR >= 4:
+            raise UnsupportedArchitectureError(
+                f"{e}; or, on TransformerLens {lens.TL_VERSION}, an architecture its TransformerBridge boots "
+                f"({len(lens.bridged_architectures())}, e.g. OPTForCausalLM, PhiForCausalLM)"
+            ) from None
+        raise
+
+
 def _from_pretrained(source: str, **kwargs) -> PreTrainedModel:
     hf_model, info = AutoModelForCausalLM.from_pretrained(
         source, attn_implementation="eager", dtype=torch.float32, output_loading_info=True, **kwargs
     )
     _check_loading_info(info, source)
-    family = family_of(hf_model.config)
-    if type(hf_model).__name__ != family.architecture:
+    check_architecture(hf_model.config)
+    try:
+        expected = family_of(hf_model.config).architecture
+    except UnsupportedArchitectureError:  # one the bridge boots: its config names it
+        expected = hf_model.config.architectures[0]
+    loaded = type(hf_model).__name__
+    if loaded != expected:
         raise UnsupportedArchitectureError(
-            f"{source} loads as {type(hf_model).__name__}; supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{source} loads as {loaded}; supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return hf_model.eval()
 
@@ -173,7 +197,7 @@ def load_hf(
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory but has no config.json: not an HF-format model")
         # Refuse from the JSON itself, even for a model_type this transformers version does not know.
-        family_of(
+        check_architecture(
             SimpleNamespace(
                 **{
                     k: v
@@ -190,7 +214,7 @@ def load_hf(
     errors = []
     for kwargs in attempts:
         try:
-            family_of(AutoConfig.from_pretrained(str(source), **kwargs))  # refuse before reading weights
+            check_architecture(AutoConfig.from_pretrained(str(source), **kwargs))  # refuse before reading weights
             hf_model = _from_pretrained(str(source), **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
             return hf_model.to(device), tokenizer

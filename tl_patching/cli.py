@@ -1,17 +1,17 @@
 """``tl-patching``: the main job (every experiment, figures, results JSON, an index page) and one command per
 experiment.
 
-    tl-patching reproduce                           # every experiment on the shipped model, offline, into figures/shipped/
+    tl-patching reproduce                           # every experiment, the shipped model, offline: figures/shipped/
     tl-patching reproduce --model gpt2-large --experiments KEY,KEY --device cuda
     tl-patching reproduce --model /path/to/hf-dir   # a local HF-format directory
     tl-patching KEY --model gpt2-medium --text "…"  # one experiment (commands below), its own settings
     tl-patching KEY --backend hf                    # the same experiment through raw HF hooks
     torchrun --nproc_per_node=4 -m tl_patching.cli KEY --n-prompts 1000   # IOI prompts split over 4 processes
 
-Output goes to OUT/<model>/ (OUT: figures/ by default, a folder git ignores; <model>: shipped, smollm2-135m or a hub name
-as given, anything else its name plus 8 hex digits of its resolved path). Every command rebuilds OUT/<model>/index.html
-from every result in that folder, so the page always matches the files beside it; a run that stops early leaves
-INCOMPLETE.txt there, saying what it wrote.
+Output goes to OUT/<model>/ (OUT: figures/ by default, a folder git ignores; <model>: shipped, smollm2-135m or a hub
+name as given, anything else its name plus 8 hex digits of its resolved path). Every command rebuilds
+OUT/<model>/index.html from every result in that folder, so the page always matches the files beside it; a run that
+stops early leaves INCOMPLETE.txt there, saying what it wrote.
 
 Output is one line per finished step (results on stdout, the rest on stderr); progress bars only on a terminal.
 Errors are one line (``error: …``, exit status 1); ``--debug`` shows the traceback. Arguments and paths are checked
@@ -170,6 +170,7 @@ class OutputFolder:
     def __init__(self, path: Path, png, command: str, planned: list[str]):
         self.path, self.png, self.command, self.planned = path, png, command, planned
         self.written: list[str] = []
+        self.not_run: list[str] = []  # refused on this model (reproduce goes on with the others)
         self.touched = False
 
     @property
@@ -185,6 +186,7 @@ class OutputFolder:
     def save(self, key: str, result) -> list[Path]:
         from tl_patching import plotting
         from tl_patching.experiments import load
+        from tl_patching.report.page import REFUSED
 
         if not self.touched:
             self._mark(
@@ -194,6 +196,7 @@ class OutputFolder:
             self.touched = True
         results = self.path / f"{key}_result.json"
         results.unlink(missing_ok=True)
+        (self.path / f"{key}_{REFUSED}").unlink(missing_ok=True)  # it runs now
         figures = load(key).figures(result)
         files = [f for name, fig in figures.items() for f in plotting.save(fig, self.path, name, png=self.png)]
         others = [k for k in spec.keys() if k != key and k.startswith(key + "_")]  # keys this prefix also matches
@@ -209,6 +212,15 @@ class OutputFolder:
         os.replace(tmp, results)
         self.written.append(key)
         return [*files, results]
+
+    def refused(self, key: str, reason: str) -> None:
+        """``key`` cannot run on this model: its results of an earlier run go, the reason is kept for the page."""
+        from tl_patching.report.page import REFUSED
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"{key}_result.json").unlink(missing_ok=True)
+        (self.path / f"{key}_{REFUSED}").write_text(reason + "\n")
+        self.not_run.append(key)
 
     def index(self, model_name: str, model=None, incomplete: str | None = None) -> Path:
         from tl_patching.report import write_report
@@ -280,6 +292,7 @@ def run(args: dict, argv: list[str] | None = None) -> None:
     from tl_patching import distributed
     from tl_patching.cache_store import CacheMismatchError, CorruptCacheError
     from tl_patching.experiments import run_experiment
+    from tl_patching.families import UnsupportedArchitectureError
     from tl_patching.forward import load_forward
     from tl_patching.plotting import PngExport
 
@@ -314,6 +327,14 @@ def run(args: dict, argv: list[str] | None = None) -> None:
                 result = run_experiment(
                     key, forward, n_prompts, donor_cache=donor_cache, progress=log.bars, log=log.step, **args
                 )
+            except (UnsupportedArchitectureError, NotImplementedError) as e:
+                if len(experiments) == 1:
+                    raise
+                # reproduce: what this model cannot run is said (here and on the page), the rest runs
+                if main:
+                    folder.refused(key, str(e))
+                    log.result(f"{key}: not run on this model: {e}")
+                continue
             except (CacheMismatchError, CorruptCacheError) as e:  # only --donor-cache is read here
                 raise ArgumentError(
                     f"--donor-cache does not fit: {e} (delete the file, or give another name, to compute the donor "
@@ -326,7 +347,10 @@ def run(args: dict, argv: list[str] | None = None) -> None:
                 bar.update()
         if main:
             index = folder.finish(model_name, forward.model)
-            log.step(f"wrote {index} and the results of {', '.join(experiments)} beside it")
+            log.step(
+                f"wrote {index} and the results of {', '.join(folder.written)} beside it"
+                + (f"; not run on this model: {', '.join(folder.not_run)}" if folder.not_run else "")
+            )
     except BaseException as e:
         if main:
             why = (

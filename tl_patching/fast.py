@@ -93,6 +93,22 @@ def _hf_engine(forward: Forward) -> bool:
     return forward.backend == "hf" or lens.is_bridge(forward.model)
 
 
+def unavailable(forward: Forward) -> str | None:
+    """Why the fast paths cannot run on ``forward`` (None: they can). On a bridge they need tl_patching's HF table
+    for its architecture and a plain HF twin computing what the bridge computes (`lens.plain_hf`)."""
+    if not lens.is_bridge(forward.model) or forward.backend != "tl":
+        return None
+    from tl_patching.backends import hf_maps
+
+    if lens.architecture(forward.model) not in hf_maps.FAMILIES:
+        return f"no HF hook map for {lens.architecture(forward.model)}"
+    try:
+        hf_maps.hook_map_of(lens.plain_hf(forward.model))
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
 def clean_run(forward: Forward, tokens: Int[Tensor, "batch pos"]) -> CleanRun | HFCleanRun:
     """One clean forward through ``model.blocks``, each with a fresh key/value cache entry that it fills (the HF
     engine: `HFCleanRun`)."""

@@ -48,6 +48,15 @@ def architecture(model) -> str:
     return model.cfg.architecture if is_bridge(model) else model.cfg.original_architecture
 
 
+def bridged_architectures() -> frozenset[str]:
+    """The HF architectures TransformerLens 4's bridge boots (its adapter registry); none on TransformerLens 3."""
+    if MAJOR < 4:
+        return frozenset()
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    return frozenset(SUPPORTED_ARCHITECTURES)
+
+
 def hf_config(model):
     """The HF config of the checkpoint behind a TransformerLens model (a bridge wraps the HF model; a
     `HookedTransformer` loaded by tl_patching keeps it as ``cfg.hf_config``), or None."""
@@ -66,7 +75,7 @@ def attention_config(model):
         return model.cfg
     from types import SimpleNamespace
 
-    from tl_patching.families import family_of
+    from tl_patching.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, family_of
 
     config = hf_config(model)
     fields = dict(
@@ -79,7 +88,14 @@ def attention_config(model):
         use_attn_scale=True,
         positional_embedding_type="standard",
     )
-    fields.update(family_of(config).hooked_config(config), original_architecture=architecture(model))
+    try:
+        family = family_of(config)
+    except UnsupportedArchitectureError:
+        raise UnsupportedArchitectureError(
+            f"{architecture(model)}: tl_patching has no attention settings for it (the families it has: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}); what reads them (E1's scores) cannot run"
+        ) from None
+    fields.update(family.hooked_config(config), original_architecture=architecture(model))
     if fields.get("use_attn_scale", True) and fields.get("attn_scale") is None:
         fields["attn_scale"] = fields["d_head"] ** 0.5
     if not fields.get("use_attn_scale", True):

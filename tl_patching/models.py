@@ -2,7 +2,8 @@
 exactly or not at all.
 
 Families (see `tl_patching.families`): GPT-2, GPT-NeoX (Pythia), Llama (SmolLM2, Llama 3), Mistral,
-Qwen2, Qwen3, Gemma 2, Gemma 3 (text). Anything else raises `UnsupportedArchitectureError` naming it.
+Qwen2, Qwen3, Gemma 2, Gemma 3 (text). On TransformerLens 4 also any other architecture its bridge boots (the
+TransformerLens side only: docs/transformerlens4.md); anything else raises `UnsupportedArchitectureError` naming it.
 
 Two weight modes (`tl_patching.provenance`), named for what they hold:
 

@@ -78,6 +78,38 @@ def silent_hooks(model) -> set[str]:
     return _SILENT[model]
 
 
+_SUM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge -> resid_mid = resid_pre + attn_out?
+
+
+def resid_mid_is_sum(model) -> bool:
+    """Whether a bridge's blocks give ``hook_resid_mid = hook_resid_pre + hook_attn_out`` (every layer, on a probe
+    input): what writing resid_mid through attn_out assumes. Measured once per bridge; true on every family of
+    `tl_patching.families`, unknown for other architectures until measured."""
+    if model not in _SUM:
+        L = model.cfg.n_layers
+        names = [f"blocks.{l}.{h}" for l in range(L) for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid")]
+        if not set(names) <= set(model.hook_dict):
+            _SUM[model] = False
+        else:
+            tokens = torch.arange(6, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(tokens, names_filter=names)
+            gaps = [
+                (
+                    cache[f"blocks.{l}.hook_resid_pre"]
+                    + cache[f"blocks.{l}.hook_attn_out"]
+                    - cache[f"blocks.{l}.hook_resid_mid"]
+                )
+                .abs()
+                .max()
+                .item()
+                / max(1.0, cache[f"blocks.{l}.hook_resid_mid"].abs().max().item())
+                for l in range(L)
+            ]
+            _SUM[model] = max(gaps) <= 1e-5
+    return _SUM[model]
+
+
 def readable_hooks(model: HookedTransformer) -> list[str]:
     """The hook names of `hook_names` that ``model`` computes as it is configured now: without the flag-gated points
     whose flag is off (``hook_result``, ``hook_q_input``, …) and a bridge's silent ones. What a full cache holds."""
@@ -159,6 +191,12 @@ def hooks(
         layer = re.match(r"blocks\.(\d+)\.hook_resid_mid$", edit.name)
         if bridge and layer:  # the bridge's hook_resid_mid is the next norm's input: write through attn_out
             l = int(layer[1])
+            if not resid_mid_is_sum(model):
+                raise NotImplementedError(
+                    f"{edit.name}: on this TransformerBridge ({lens.architecture(model)}) hook_resid_mid is not "
+                    "hook_resid_pre + hook_attn_out, so it cannot be written as HookedTransformer's (the bridge's "
+                    "own hook_resid_mid is only the MLP's input)"
+                )
 
             def capture(act: Tensor, hook, l=l) -> None:
                 captured[l] = act

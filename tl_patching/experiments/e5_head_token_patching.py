@@ -82,11 +82,13 @@ def run(
 ) -> E5Result:
     """Single-head, final-position patching sweep over all layers × heads.
 
-    ``method``: "fast" (tl backend only) or "sweep" (either backend); default "fast" on tl, "sweep" on hf.
+    ``method``: "fast" (tl backend only) or "sweep" (either backend); default "fast" on tl where it can run
+    (`fast.unavailable`: a bridge of an architecture without an HF table, a processed GPT-2 or NeoX bridge),
+    else "sweep".
     ``donor_cache``: the donor's ``hook_z`` for every layer (e.g. loaded from disk), one dict per batch (a list; a
     dict alone for one batch).
     """
-    method = method or ("fast" if forward.backend == "tl" else "sweep")
+    method = method or ("fast" if forward.backend == "tl" and fast.unavailable(forward) is None else "sweep")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     batches = as_batches(forward.model, data, donor_cache)

@@ -123,6 +123,7 @@ def load_result(out_dir: Path, experiment: spec.Experiment):
 
 
 INCOMPLETE = "INCOMPLETE.txt"  # written by the command line while a run into the folder has not finished
+REFUSED = "refused.txt"  # <key>_refused.txt: why an experiment cannot run on the folder's model
 
 
 def _runs(results: dict) -> str:
@@ -181,9 +182,14 @@ def write_report(out_dir: Path, model_name: str, model=None, incomplete: str | N
         "and the figures (click one for the interactive version). Intervals are 95% bootstrap confidence intervals of "
         "the mean over prompts; logit differences are in nats.</p>"
     )
-    absent = [k for k in spec.keys() if k not in results]
+    notes = {k: out_dir / f"{k}_{REFUSED}" for k in spec.keys() if k not in results}
+    refused = {k: note.read_text().strip() for k, note in notes.items() if note.exists()}
+    absent = [k for k in spec.keys() if k not in results and k not in refused]
     status = (
         (f'<p class="incomplete"><b>Incomplete.</b> {html.escape(incomplete)}</p>\n' if incomplete else "")
+        + "".join(
+            f"<p>Not run on this model: {html.escape(k)} ({html.escape(why)}).</p>\n" for k, why in refused.items()
+        )
         + (
             f"<p>Not in this folder: {html.escape(', '.join(absent))} (<code>tl-patching reproduce</code> runs them "
             "all).</p>\n"
