@@ -82,16 +82,16 @@ def _check_loading_info(info: dict, source: str) -> None:
         raise IncompleteCheckpointError(f"{source}: the checkpoint does not fill the model exactly: {detail}")
 
 
-def check_architecture(hf_config) -> None:
-    """Refuse by name what tl_patching cannot load: a family of `tl_patching.families` loads on both TransformerLens
-    majors (the HF mirror, E1 and the fast paths have its tables); on TransformerLens 4 also any other architecture
-    its bridge boots, for the TransformerLens side (the HF backend and E1 refuse it by name)."""
+def check_architecture(hf_config) -> str:
+    """The HF class ``hf_config`` must load as, or a refusal by name: a family of `tl_patching.families` loads on
+    both TransformerLens majors (the HF mirror, E1 and the fast paths have its tables); on TransformerLens 4 also any
+    other architecture its bridge boots, for the TransformerLens side (the HF backend and E1 refuse it by name)."""
     try:
-        family_of(hf_config)
+        return family_of(hf_config).architecture
     except UnsupportedArchitectureError as e:
         architectures = list(getattr(hf_config, "architectures", None) or [])
         if architectures[:1] and architectures[0] in lens.bridged_architectures():
-            return
+            return architectures[0]
         if lens.MAJOR >= 4:
             raise UnsupportedArchitectureError(
                 f"{e}; or, on TransformerLens {lens.TL_VERSION}, an architecture its TransformerBridge boots "
@@ -105,13 +105,8 @@ def _from_pretrained(source: str, **kwargs) -> PreTrainedModel:
         source, attn_implementation="eager", dtype=torch.float32, output_loading_info=True, **kwargs
     )
     _check_loading_info(info, source)
-    check_architecture(hf_model.config)
-    try:
-        expected = family_of(hf_model.config).architecture
-    except UnsupportedArchitectureError:  # one the bridge boots: its config names it
-        expected = hf_model.config.architectures[0]
     loaded = type(hf_model).__name__
-    if loaded != expected:
+    if loaded != check_architecture(hf_model.config):
         raise UnsupportedArchitectureError(
             f"{source} loads as {loaded}; supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
         )

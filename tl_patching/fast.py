@@ -100,10 +100,9 @@ def unavailable(forward: Forward) -> str | None:
         return None
     from tl_patching.backends import hf_maps
 
-    if lens.architecture(forward.model) not in hf_maps.FAMILIES:
-        return f"no HF hook map for {lens.architecture(forward.model)}"
     try:
-        hf_maps.hook_map_of(lens.plain_hf(forward.model))
+        hf_maps.hook_map_of(forward.model.original_model)  # the HF model the bridge wraps: its class and config
+        lens.plain_hf(forward.model)
     except NotImplementedError as e:
         return str(e)
     return None

@@ -86,27 +86,20 @@ def resid_mid_is_sum(model) -> bool:
     input): what writing resid_mid through attn_out assumes. Measured once per bridge; true on every family of
     `tl_patching.families`, unknown for other architectures until measured."""
     if model not in _SUM:
-        L = model.cfg.n_layers
-        names = [f"blocks.{l}.{h}" for l in range(L) for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid")]
+        parts = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid")
+        names = [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers) for h in parts]
         if not set(names) <= set(model.hook_dict):
             _SUM[model] = False
         else:
             tokens = torch.arange(6, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
             with torch.no_grad():
                 _, cache = model.run_with_cache(tokens, names_filter=names)
-            gaps = [
-                (
-                    cache[f"blocks.{l}.hook_resid_pre"]
-                    + cache[f"blocks.{l}.hook_attn_out"]
-                    - cache[f"blocks.{l}.hook_resid_mid"]
-                )
-                .abs()
-                .max()
-                .item()
-                / max(1.0, cache[f"blocks.{l}.hook_resid_mid"].abs().max().item())
-                for l in range(L)
-            ]
-            _SUM[model] = max(gaps) <= 1e-5
+
+            def gap(l: int) -> float:  # relative to the residual's size, as the probe check measures
+                pre, attn_out, mid = (cache[f"blocks.{l}.{h}"] for h in parts)
+                return (pre + attn_out - mid).abs().max().item() / max(1.0, mid.abs().max().item())
+
+            _SUM[model] = max(map(gap, range(model.cfg.n_layers))) <= 1e-5
     return _SUM[model]
 
 
