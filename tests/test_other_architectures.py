@@ -7,6 +7,8 @@ The config is facebook/opt-125m's published config.json (the hub file, as quoted
 with widths, depth and vocabulary shrunk; the tokenizer is the GPT-2 fixture's byte-level BPE (OPT uses GPT-2's BPE).
 """
 
+import json
+
 import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
@@ -20,7 +22,8 @@ from tl_patching.families import UnsupportedArchitectureError
 from tl_patching.forward import Forward
 from tl_patching.models import load_pair, verify_against_hf
 from tl_patching.prompts import ioi_dataset
-from tl_patching.testing import tiny_tokenizer
+from tl_patching.results import RunInfo
+from tl_patching.testing import random_pair, tiny_tokenizer
 
 OPT_125M = {
     "_name_or_path": "facebook/opt-125m",
@@ -214,7 +217,11 @@ def test_reproduce_runs_the_rest_and_says_what_it_did_not(opt_dir, tmp_path, cap
     assert "no attention settings" in (folder / "e1_refused.txt").read_text()
     page = (folder / "index.html").read_text()
     assert "Not run on this model: e1 (OPTForCausalLM: tl_patching has no attention settings" in page
-    assert "e1: not run on this model: OPTForCausalLM" in capsys.readouterr().out
+    assert "<b>Not cross-checked.</b> tl_patching has no raw-HF hook table" in page
+    assert json.loads((folder / "e4_result.json").read_text())["info"]["hf_cross_checked"] is False
+    out, err = capsys.readouterr()
+    assert "e1: not run on this model: OPTForCausalLM" in out
+    assert "note: OPTForCausalLM has no raw-HF hook table in tl_patching" in err
     # A single experiment that cannot run is an error, as before
     with pytest.raises(SystemExit) as stop:
         cli.main(["e1", "--model", str(opt_dir), "--out", str(tmp_path), "--no-png"])
@@ -222,3 +229,12 @@ def test_reproduce_runs_the_rest_and_says_what_it_did_not(opt_dir, tmp_path, cap
         stop.value.code != 0
         and "error: OPTForCausalLM: tl_patching has no attention settings" in capsys.readouterr().err
     )
+
+
+def test_run_info_says_whether_the_hf_cross_check_covers_the_architecture(opt_dir):
+    _, llama = random_pair("llama")
+    tokens = torch.tensor([[1, 2, 3]])
+    assert RunInfo.of(Forward(llama), tokens, prepend_bos=False).hf_cross_checked is True
+    if lens.MAJOR >= 4:
+        _, model = load_pair(opt_dir)
+        assert RunInfo.of(Forward(model), tokens, prepend_bos=False).hf_cross_checked is False

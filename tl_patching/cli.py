@@ -307,6 +307,14 @@ def run(args: dict, argv: list[str] | None = None) -> None:
         f"loaded {model_name} in {time.perf_counter() - start:.1f} s ({backend} backend, {device}, {dtype}, "
         f"{forward.cfg.n_layers} layers × {forward.cfg.n_heads} heads)"
     )
+    from tl_patching import lens
+    from tl_patching.backends import hf_maps
+
+    if lens.architecture(forward.model) not in hf_maps.FAMILIES:
+        log.step(
+            f"note: {lens.architecture(forward.model)} has no raw-HF hook table in tl_patching: its hook points are "
+            "the TransformerBridge's own, not cross-checked against raw HF hooks"
+        )
     main = distributed.is_main()
     if main and default_out and not DEFAULT_OUT.exists():
         DEFAULT_OUT.mkdir()

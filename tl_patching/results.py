@@ -31,6 +31,9 @@ class RunInfo:
     settings: dict[str, Any] = field(default_factory=dict)
     start_token: str | None = None  # the start token's text when one was prepended ("<|endoftext|>", "<bos>", …)
     start_token_convention: bool | None = None  # whether the model's own tokenizer prepends one (None: not recorded)
+    # whether tl_patching's cross-check against raw HF hooks covers this architecture (a table in backends.hf_maps);
+    # False for an architecture a TransformerBridge boots without one (None: not recorded)
+    hf_cross_checked: bool | None = None
 
     def start_token_words(self) -> str:
         """In words: which start token led the prompts, and whether that is the model's own convention."""
@@ -53,6 +56,9 @@ class RunInfo:
     def of(cls, forward, tokens: Tensor | list[list[int]], prepend_bos: bool, seed: int = 0, **settings) -> RunInfo:
         """``forward``: the `tl_patching.forward.Forward` that ran; ``tokens``: ``[batch, pos]`` ids, or a list of
         rows of any lengths (a dataset of several batches)."""
+        from tl_patching import lens
+        from tl_patching.backends import hf_maps
+
         tokenizer = forward.model.tokenizer
         return cls(
             model_name=forward.cfg.model_name,
@@ -66,6 +72,7 @@ class RunInfo:
             settings=settings,
             start_token=tokenizer.bos_token if prepend_bos and tokenizer is not None else None,
             start_token_convention=bool(forward.cfg.default_prepend_bos) if tokenizer is not None else None,
+            hf_cross_checked=lens.architecture(forward.model) in hf_maps.FAMILIES,
         )
 
 

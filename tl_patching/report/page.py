@@ -191,6 +191,13 @@ def write_report(out_dir: Path, model_name: str, model=None, incomplete: str | N
             f"<p>Not run on this model: {html.escape(k)} ({html.escape(why)}).</p>\n" for k, why in refused.items()
         )
         + (
+            "<p><b>Not cross-checked.</b> tl_patching has no raw-HF hook table for this model's architecture: its hook "
+            "points are TransformerLens's bridge's own, checked at load on the logits and for hooks that never fire, "
+            "not against raw HF hooks (docs/transformerlens4.md).</p>\n"
+            if any(r.info.hf_cross_checked is False for r in results.values())
+            else ""
+        )
+        + (
             f"<p>Not in this folder: {html.escape(', '.join(absent))} (<code>tl-patching reproduce</code> runs them "
             "all).</p>\n"
             if absent
