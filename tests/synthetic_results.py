@@ -11,7 +11,6 @@ from tl_patching.experiments.e2_activation_editing import E2Result, Intervention
 from tl_patching.experiments.e3_cosine_similarity import E3Result
 from tl_patching.experiments.e4_ioi_patching import E4Result
 from tl_patching.experiments.e5_head_token_patching import E5Result
-from tl_patching.metrics import summarize
 from tl_patching.results import RunInfo
 
 L, H, N = 4, 4, 24  # layers, heads, prompts
@@ -104,19 +103,8 @@ def e4(model_name: str = "shipped", n: int = N) -> E4Result:
     heads[2, :3] = 12.0
     s2 = torch.tensor([4.5, 4.5, 9.0, 9.0])[:, None] + torch.randn(L, n, generator=gen(7))
     final = torch.tensor([10.0, 5.0, -4.0, -9.0])[:, None] + torch.randn(L, n, generator=gen(8))
-    return E4Result(
-        info=info(model_name, n_prompts=n, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
-        clean=clean,
-        donor=donor,
-        heads_patched=heads,
-        resid_s2_patched=s2,
-        resid_final_patched=final,
-        clean_summary=summarize(clean),
-        donor_summary=summarize(donor),
-        heads_summary=[summarize(x) for x in heads],
-        resid_s2_summary=[summarize(x) for x in s2],
-        resid_final_summary=[summarize(x) for x in final],
-    )
+    texts = ["Sam and Sally went to the park. Sam gave a gift to"]
+    return E4Result.of(info(model_name, n_prompts=n, texts=texts), clean, donor, heads, s2, final)
 
 
 def e5(model_name: str = "shipped", n_layers: int = L, n_heads: int = H) -> E5Result:

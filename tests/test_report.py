@@ -335,19 +335,8 @@ def e4_result(
     final = row(4.5, 1.0, final_layer2, 0.0)
     final[1] = torch.tensor(final_layer1 or [-1.0, -1.0, -1.0, -1.0, 5.0, 5.0])  # mean +1.0, yet 4 of 6 prompts flipped
     final[3] = -clean
-    return E4Result(
-        info=synth.info(n_prompts=6, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
-        clean=clean,
-        donor=-clean,
-        heads_patched=heads,
-        resid_s2_patched=s2,
-        resid_final_patched=final,
-        clean_summary=summarize(clean),
-        donor_summary=summarize(-clean),
-        heads_summary=[summarize(x) for x in heads],
-        resid_s2_summary=[summarize(x) for x in s2],
-        resid_final_summary=[summarize(x) for x in final],
-    )
+    texts = ["Sam and Sally went to the park. Sam gave a gift to"]
+    return E4Result.of(synth.info(n_prompts=6, texts=texts), clean, -clean, heads, s2, final)
 
 
 def test_e4_finding_numbers_by_hand():

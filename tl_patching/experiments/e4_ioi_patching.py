@@ -65,6 +65,23 @@ class E4Result(Result):
     resid_s2_summary: list[Summary]
     resid_final_summary: list[Summary]
 
+    @classmethod
+    def of(cls, info, clean: Tensor, donor: Tensor, heads: Tensor, resid_s2: Tensor, resid_final: Tensor) -> E4Result:
+        """The result of these per-prompt logit differences, with their summaries (mean, 95% bootstrap CI) computed."""
+        return cls(
+            info=info,
+            clean=clean,
+            donor=donor,
+            heads_patched=heads,
+            resid_s2_patched=resid_s2,
+            resid_final_patched=resid_final,
+            clean_summary=summarize(clean),
+            donor_summary=summarize(donor),
+            heads_summary=[summarize(x) for x in heads],
+            resid_s2_summary=[summarize(x) for x in resid_s2],
+            resid_final_summary=[summarize(x) for x in resid_final],
+        )
+
     def prob_ratio(self, which: str = "heads_patched", with_ci: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """P(correct)/P(wrong) per layer as exp(mean logit difference): the geometric mean of the per-prompt
         ratios (an arithmetic mean of exp(·) lets a few confident prompts dominate). ``which``: a per-layer
@@ -158,19 +175,7 @@ def run(
     clean, donor, heads, resid_s2, resid_final = map_batches(  # under torchrun: this rank's prompts, then all gathered
         lambda b, d: patch_layer_sweep(forward, b, d, progress), batches, donor_cache
     )
-    return E4Result(
-        info=run_info(forward, batches, n_batches=len(batches)),
-        clean=clean,
-        donor=donor,
-        heads_patched=heads,
-        resid_s2_patched=resid_s2,
-        resid_final_patched=resid_final,
-        clean_summary=summarize(clean),
-        donor_summary=summarize(donor),
-        heads_summary=[summarize(x) for x in heads],
-        resid_s2_summary=[summarize(x) for x in resid_s2],
-        resid_final_summary=[summarize(x) for x in resid_final],
-    )
+    return E4Result.of(run_info(forward, batches, n_batches=len(batches)), clean, donor, heads, resid_s2, resid_final)
 
 
 def conclusion(r: E4Result) -> str:
