@@ -179,9 +179,12 @@ _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge -> its
 
 
 def plain_hf(model) -> torch.nn.Module:
-    """A plain HF model computing with a bridge's very weights (shared tensors, nothing copied): the bridge wraps and
-    changes its HF model in place (its attention is TransformerLens's own, and with transformers 5.24 it keeps no
-    key/value cache), so what needs HF's own modules — raw HF hooks, HF's key/value cache — runs on this twin."""
+    """A plain HF model computing what a bridge computes: the bridge wraps and changes its HF model in place (its
+    attention is TransformerLens's own, and with transformers 5.2x it keeps no key/value cache), so what needs HF's own
+    modules — raw HF hooks, the HF layer engine — runs on this twin. Usually it shares the bridge's very tensors;
+    a processed GPT-2 or NeoX bridge keeps its folded weights in copies of its own (split q/k/v) that HF's fused
+    modules cannot hold, and its twin is built from them instead (`_FROM_TL`). Either way the twin's logits are
+    checked equal to the bridge's on a probe input, or `NotImplementedError`."""
     if not is_bridge(model):
         raise TypeError("plain_hf takes a TransformerBridge")
     # Rebuilt (and checked again) whenever a weight of the bridge was changed in place or replaced since: the twin
@@ -190,44 +193,135 @@ def plain_hf(model) -> torch.nn.Module:
     if model in _PLAIN and _PLAIN[model][1] != stamp:
         del _PLAIN[model]
     if model not in _PLAIN:
-        from transformers import AutoModelForCausalLM
-
-        wrapped = model.original_model
-        strip = lambda name: name.replace("._original_component", "")  # noqa: E731
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(copy.deepcopy(wrapped.config), attn_implementation="eager")
-        # The bridge's components are also reachable under TransformerLens's names (ln1, attn.q, …): keep HF's.
-        wanted = set(plain.state_dict())
-        state = {strip(k): v for k, v in wrapped.state_dict(keep_vars=True).items() if strip(k) in wanted}
-        missing, unexpected = plain.load_state_dict(state, assign=True, strict=False)
-        buffers = {strip(k): v for k, v in wrapped.named_buffers()}
-        for name, buffer in list(plain.named_buffers()):  # non-persistent buffers (rotary frequencies) stay on meta
-            if buffer.is_meta:
-                owner, _, attr = name.rpartition(".")
-                plain.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
-        still_meta = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
-        if still_meta or missing:
-            raise RuntimeError(
-                f"the bridge's weights do not fill a plain {type(plain).__name__}: left {(still_meta or missing)[:3]}"
-            )
-        plain.eval()
-        # A processed bridge keeps folded weights in its own copies (GPT-2's split q/k/v), which HF's modules do not
-        # read: then the twin is not the bridge, and what would run on it is refused. In half precision the two
-        # differ by rounding (bf16: 0.06 on logits of 10, measured): the tolerance follows the dtype.
-        tokens = torch.arange(8, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
-        with torch.no_grad():
-            logits = model(tokens).float()
-            gap = (plain(tokens).logits.float() - logits).abs().max().item()
-        dtype = next(model.parameters()).dtype
-        tolerance = max(1e-4, 16 * torch.finfo(dtype).eps) * max(1.0, logits.abs().max().item())
+        plain = _sharing_twin(model)
+        gap, tolerance = _twin_gap(model, plain)
+        if not gap <= tolerance and architecture(model) in _FROM_TL:
+            plain = _twin_from_params(model)
+            gap, tolerance = _twin_gap(model, plain)
         if not gap <= tolerance:
             from tl_patching.provenance import weight_mode
 
-            mode = weight_mode(model)
             raise NotImplementedError(
-                f"this TransformerBridge's weights ({mode}) do not make a plain HF model that computes the same "
-                f"(logits differ by {gap:.3g} > {tolerance:.3g})"
-                + (": load it with weights='raw'" if mode == "processed" else "")
+                f"this TransformerBridge's weights ({weight_mode(model)}, {architecture(model)}) do not make a plain "
+                f"HF model that computes the same (logits differ by {gap:.3g} > {tolerance:.3g})"
             )
         _PLAIN[model] = (plain, stamp)
     return _PLAIN[model][0]
+
+
+def _meta_model(config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def _fill_buffers(plain: torch.nn.Module, wrapped: torch.nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) are left on meta by a state dict: take the wrapped model's."""
+    buffers = {k.replace("._original_component", ""): v for k, v in wrapped.named_buffers()}
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
+    still_meta = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"the bridge's weights do not fill a plain {type(plain).__name__}: left {still_meta[:3]}")
+    plain.eval()
+
+
+def _sharing_twin(model) -> torch.nn.Module:
+    """The twin over the bridge's own tensors (nothing copied)."""
+    wrapped = model.original_model
+    strip = lambda name: name.replace("._original_component", "")  # noqa: E731
+    plain = _meta_model(copy.deepcopy(wrapped.config))
+    # The bridge's components are also reachable under TransformerLens's names (ln1, attn.q, …): keep HF's.
+    wanted = set(plain.state_dict())
+    state = {strip(k): v for k, v in wrapped.state_dict(keep_vars=True).items() if strip(k) in wanted}
+    missing, _ = plain.load_state_dict(state, assign=True, strict=False)
+    if missing:
+        raise RuntimeError(f"the bridge's weights do not fill a plain {type(plain).__name__}: left {missing[:3]}")
+    _fill_buffers(plain, wrapped)
+    return plain
+
+
+def _twin_from_params(model) -> torch.nn.Module:
+    """The twin built from the bridge's HookedTransformer-layout weights (``get_params``, folded where processed), with
+    its own unembedding bias (processing folds the final norm's bias into one) and untied embeddings."""
+    wrapped = model.original_model
+    config = copy.deepcopy(wrapped.config)
+    config.tie_word_embeddings = False  # processing centres W_U and W_E differently
+    plain = _meta_model(config)
+    d_model, d_vocab = model.cfg.d_model, model.cfg.d_vocab_out
+    with torch.device("meta"):
+        plain.set_output_embeddings(torch.nn.Linear(d_model, d_vocab, bias=True))
+    with torch.no_grad():
+        params = {k: v.detach().clone() for k, v in model.get_params().items()}
+    head = next(n for n, m in plain.named_modules() if m is plain.get_output_embeddings())  # lm_head, embed_out, …
+    state = {
+        k.replace("HEAD.", f"{head}."): v for k, v in _FROM_TL[architecture(model)](params, model.cfg.n_layers).items()
+    }
+    plain.load_state_dict(state, assign=True, strict=True)
+    _fill_buffers(plain, wrapped)
+    return plain
+
+
+def _twin_gap(model, plain: torch.nn.Module) -> tuple[float, float]:
+    """Max |twin − bridge| logits on a probe input, and the tolerance: in half precision the two differ by rounding
+    (bf16: 0.06 on logits of 10, measured), so it follows the dtype."""
+    tokens = torch.arange(8, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
+    with torch.no_grad():
+        logits = model(tokens).float()
+        gap = (plain(tokens).logits.float() - logits).abs().max().item()
+    dtype = next(model.parameters()).dtype
+    return gap, max(1e-4, 16 * torch.finfo(dtype).eps) * max(1.0, logits.abs().max().item())
+
+
+def _norms(p: dict, tl: str, hf: str) -> dict[str, Tensor]:
+    """A norm's weight and bias (1 and 0 where processing folded them away)."""
+    d = p["embed.W_E"].shape[1]
+    return {f"{hf}.weight": p.get(f"{tl}.w", torch.ones(d)), f"{hf}.bias": p.get(f"{tl}.b", torch.zeros(d))}
+
+
+def _gpt2_from_tl(p: dict, n_layers: int) -> dict[str, Tensor]:
+    """HookedTransformer-layout weights as a GPT2LMHeadModel's (``Conv1D`` stores ``[in, out]``; ``HEAD``: the output
+    embedding's name)."""
+    s = {"transformer.wte.weight": p["embed.W_E"], "transformer.wpe.weight": p["pos_embed.W_pos"]}
+    s |= _norms(p, "ln_final", "transformer.ln_f") | {
+        "lm_head.weight": p["unembed.W_U"].T,
+        "lm_head.bias": p["unembed.b_U"],
+    }
+    for l in range(n_layers):
+        a, h = f"blocks.{l}.", f"transformer.h.{l}."
+        s |= _norms(p, a + "ln1", h + "ln_1") | _norms(p, a + "ln2", h + "ln_2")
+        s[h + "attn.c_attn.weight"] = torch.cat(
+            [einops.rearrange(p[a + f"attn.W_{x}"], "h d dh -> d (h dh)") for x in "QKV"], dim=1
+        )
+        s[h + "attn.c_attn.bias"] = torch.cat([p[a + f"attn.b_{x}"].flatten() for x in "QKV"])
+        s[h + "attn.c_proj.weight"] = einops.rearrange(p[a + "attn.W_O"], "h dh d -> (h dh) d")
+        s[h + "attn.c_proj.bias"] = p[a + "attn.b_O"]
+        s[h + "mlp.c_fc.weight"], s[h + "mlp.c_fc.bias"] = p[a + "mlp.W_in"], p[a + "mlp.b_in"]
+        s[h + "mlp.c_proj.weight"], s[h + "mlp.c_proj.bias"] = p[a + "mlp.W_out"], p[a + "mlp.b_out"]
+    return s
+
+
+def _neox_from_tl(p: dict, n_layers: int) -> dict[str, Tensor]:
+    """HookedTransformer-layout weights as a GPTNeoXForCausalLM's (q, k, v interleaved per head)."""
+    s = {"gpt_neox.embed_in.weight": p["embed.W_E"], "HEAD.weight": p["unembed.W_U"].T, "HEAD.bias": p["unembed.b_U"]}
+    s |= _norms(p, "ln_final", "gpt_neox.final_layer_norm")
+    for l in range(n_layers):
+        a, h = f"blocks.{l}.", f"gpt_neox.layers.{l}."
+        s |= _norms(p, a + "ln1", h + "input_layernorm") | _norms(p, a + "ln2", h + "post_attention_layernorm")
+        qkv = torch.stack([p[a + f"attn.W_{x}"] for x in "QKV"])
+        s[h + "attention.query_key_value.weight"] = einops.rearrange(qkv, "three h d dh -> (h three dh) d")
+        qkv_bias = torch.stack([p[a + f"attn.b_{x}"] for x in "QKV"])
+        s[h + "attention.query_key_value.bias"] = einops.rearrange(qkv_bias, "three h dh -> (h three dh)")
+        s[h + "attention.dense.weight"] = einops.rearrange(p[a + "attn.W_O"], "h dh d -> d (h dh)")
+        s[h + "attention.dense.bias"] = p[a + "attn.b_O"]
+        s[h + "mlp.dense_h_to_4h.weight"], s[h + "mlp.dense_h_to_4h.bias"] = p[a + "mlp.W_in"].T, p[a + "mlp.b_in"]
+        s[h + "mlp.dense_4h_to_h.weight"], s[h + "mlp.dense_4h_to_h.bias"] = p[a + "mlp.W_out"].T, p[a + "mlp.b_out"]
+    return s
+
+
+# The architectures whose processed bridges keep folded weights their HF modules cannot hold: their twins are built
+# from the bridge's HookedTransformer-layout weights by these.
+_FROM_TL = {"GPT2LMHeadModel": _gpt2_from_tl, "GPTNeoXForCausalLM": _neox_from_tl}

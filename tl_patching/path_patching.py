@@ -18,34 +18,38 @@ Definition used here (the common one, Wang et al. / ARENA):
 
 The metric is any metric of the final position's logits (`tl_patching.metrics.Metric`); a `LogitDiff` goes through
 two columns of the unembedding, like `tl_patching.fast`. The reference is that recipe with hand-written TL hooks, two
-passes per sender (tests/test_path_patching.py); `path_patch` computes the same numbers with much less work, many sender
-variants at once on the batch axis:
+passes per sender (tests/test_path_patching.py); `path_patch` computes the same numbers with much less work, many
+sender variants at once on the batch axis, on the layer engine of the backend (`tl_patching.engine`: TransformerLens
+3's blocks, or the HF model's decoder layers — the HF backend, and a TransformerBridge through its plain HF twin):
 
-- in the frozen run no attention is recomputed: a layer's output is the clean one plus the senders'
-  ``(z_donor − z_clean) · W_O``; only the normalisations and (``"recompute"``) the MLPs run again, and
-  only from the sender's layer on (below it the clean cache is the answer);
-- with logits as receivers nothing mixes positions, so only the final position is computed;
-- for q/k/v receivers the clean run restarts at the first receiver layer (``start_at_layer``), through
-  TransformerLens's own blocks, with the receivers' ``hook_q``/``hook_k``/``hook_v`` set to the projection
-  of the frozen run's residual (equal to TL's ``use_split_qkv_input`` inputs, which the reference uses).
+- in the frozen run no attention pattern is needed: a layer's heads' outputs are given (`Engine.layer_with_z`: the
+  clean z, the senders' from the donor), only the norms and (``"recompute"``) the MLPs run again, and only from the
+  sender's layer on (below it the clean run is the answer);
+- with logits as receivers nothing mixes positions, so only the final position is computed, and only the two
+  unembedding columns of a `LogitDiff`;
+- for q/k/v receivers the frozen run records the receivers' ``hook_q``/``hook_k``/``hook_v`` (the projections of
+  its residual stream, equal to TL's ``use_split_qkv_input`` inputs, which the reference uses), and the clean run
+  restarts at the first receiver layer with those inputs written there.
+
+An architecture the engines do not cover (a bridge without tl_patching's HF table) runs the definition itself
+through hook points, full forwards in passes of `HOOK_ROWS` rows.
 
 TransformerLens hooks used: ``blocks.{l}.attn.hook_z``, ``hook_resid_pre``, ``hook_mlp_out``, ``hook_q/k/v``.
-No HF counterpart: this runs TL's blocks (the HF backend is refused).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import einops
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+from tl_patching import engine as engines
 from tl_patching import lens
-from tl_patching.edits import act_name, check_donor
+from tl_patching.edits import act_name, check_donor, replace
+from tl_patching.engine import Engine, Run
 from tl_patching.forward import Forward
 from tl_patching.lens import HookedTransformer
 from tl_patching.metrics import LogitDiff, Metric
@@ -123,52 +127,6 @@ def clean_names(model: HookedTransformer) -> list[str]:
     ]
 
 
-def _readout(model: HookedTransformer, metric: Metric, resid: Float[Tensor, "variant batch d_model"]) -> Tensor:
-    """``metric`` of the logits from the final position's residual stream (before ``ln_final``) of every variant,
-    ``[variant, batch]``: through two unembedding columns for a `LogitDiff`, the whole unembedding otherwise."""
-    V, B = resid.shape[:2]
-    rows = resid.reshape(V * B, -1)
-    if isinstance(metric, LogitDiff):
-        logits = lens.final_logits(model, rows, metric.columns.to(model.W_U.device).repeat(V, 1))
-        return (logits[:, 0] - logits[:, 1]).reshape(V, B)
-    logits = lens.final_logits(model, rows).reshape(V, B, -1)
-    return torch.stack([metric(l) for l in logits])
-
-
-def _attn_out(model: HookedTransformer, layer: int, raw: Tensor) -> Tensor:
-    """The block's attention output from the pre-norm sum of head outputs (post-attention norm where the family has
-    one)."""
-    block = model.blocks[layer]
-    return block.ln1_post(raw) if model.cfg.use_normalization_before_and_after else raw
-
-
-def _rest_of_block(model: HookedTransformer, layer: int, x: Tensor, attn_out: Tensor, mlp_out: Tensor | None) -> Tensor:
-    """resid_post from resid_pre ``x`` and the attention output; the MLP recomputed unless ``mlp_out`` is given."""
-    block, cfg = model.blocks[layer], model.cfg
-    if cfg.attn_only:
-        return x + attn_out
-    if cfg.parallel_attn_mlp:
-        mlp = block.apply_mlp(block.ln2(x)) if mlp_out is None else mlp_out
-        return x + attn_out + mlp
-    mid = x + attn_out
-    mlp = block.apply_mlp(block.ln2(mid)) if mlp_out is None else mlp_out
-    return mid + mlp
-
-
-def _project(model: HookedTransformer, layer: int, x: Tensor, kind: str, head: int) -> Tensor:
-    """``hook_{kind}`` of one head computed from residual ``x`` [rows, pos, d_model] (what TL computes from
-    ``ln1(x)``)."""
-    attn = model.blocks[layer].attn
-    normed = model.blocks[layer].ln1(x)
-    if kind == "q":
-        W, b = attn.W_Q, attn.b_Q
-    elif lens.kv_heads(model.cfg) != model.cfg.n_heads:
-        W, b = (attn._W_K, attn._b_K) if kind == "k" else (attn._W_V, attn._b_V)
-    else:
-        W, b = (attn.W_K, attn.b_K) if kind == "k" else (attn.W_V, attn.b_V)
-    return normed @ W[head] + b[head]
-
-
 def path_patch(
     forward: Forward,
     tokens: Int[Tensor, "batch pos"],
@@ -191,8 +149,8 @@ def path_patch(
     activations, reused if given. Subtract the clean metric for the effect.
     """
     model = forward.model
-    hooks_only = forward.backend == "hf" or lens.is_bridge(model)
-    if not hooks_only:
+    engine = None if unavailable(forward) else engines.engine_of(forward)
+    if engine is not None and engine.name == "tl":
         check_family(model)
     if mlps not in MLP_MODES:
         raise ValueError(f"mlps must be one of {MLP_MODES}, got {mlps!r}")
@@ -216,114 +174,109 @@ def path_patch(
     order = sorted(range(len(groups)), key=lambda i: min(l for l, _ in groups[i]))
     # Through hook points every layer's frozen z of every row is held at once: fewer rows per pass (SmolLM2 at 4096
     # rows took 20 GB).
-    per_pass = max(1, (min(max_rows, HOOK_ROWS) if hooks_only else max_rows) // B)
+    per_pass = max(1, (max_rows if engine is not None else min(max_rows, HOOK_ROWS)) // B)
     out = torch.empty(len(groups), B)
     with torch.no_grad():
+        run = None if engine is None else engine.clean_run(tokens, verify_from=-1 if recv is None else 0)
         for start in range(0, len(order), per_pass):
             idx = order[start : start + per_pass]
             chunk = [groups[i] for i in idx]
-            if hooks_only:
+            if engine is None:
                 out[idx] = _by_hooks(forward, tokens, chunk, recv, recipient_run, donor, metric, mlps)
             elif recv is None:
-                out[idx] = _to_logits(model, chunk, recipient_run, donor, metric, mlps)
+                out[idx] = _to_logits(engine, run, chunk, recipient_run, donor, metric, mlps)
             else:
-                out[idx] = _to_heads(model, tokens, chunk, recv, recipient_run, donor, metric, mlps)
+                out[idx] = _to_heads(engine, run, chunk, recv, recipient_run, donor, metric, mlps)
     return out
 
 
+def unavailable(forward: Forward) -> str | None:
+    """Why path patching cannot run on a layer engine (None: it can): it then runs through hook points."""
+    from tl_patching import fast
+
+    return fast.unavailable(forward)
+
+
 def _frozen_run(
-    model: HookedTransformer,
+    engine: Engine,
+    run: Run,
     groups: list[list[Head]],
     clean: dict,
     donor: dict,
     mlps: str,
-    pos: slice,
-    record: Sequence[int],
-) -> dict[int, Tensor]:
-    """The frozen run of each variant (its senders' z from the donor, every other head's z clean) at positions
-    ``pos``: resid_pre of each layer in ``record`` (``n_layers``: the final residual stream), [variant, batch,
-    pos, d_model]. Rows join the computation at their lowest sender layer (``groups`` are sorted by it)."""
-    H, L = model.cfg.n_heads, model.cfg.n_layers
+    start: int,
+    stop: int,
+    record: dict[int, list[str]] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The frozen run of each variant (its senders' z from the donor, every other head's z clean; MLP outputs clean
+    too with ``mlps="frozen"``) at positions ``start`` …, up to layer ``stop``: resid_pre of layer ``stop`` of every
+    variant ``[variant·batch, pos, d_model]``, and the hook points ``record[j]`` read at layers j < ``stop`` (layer
+    j run then as it is, from the frozen run's residual stream). Rows join the computation at their lowest sender
+    layer (``groups`` are sorted by it); below it their stream is the clean one."""
+    H, B = engine.n_heads, len(run.tokens)
+    record = record or {}
     first = [min(l for l, _ in g) for g in groups]
-    mask = torch.zeros(len(groups), L, H)
+    senders = torch.zeros(len(groups), engine.n_layers, H, dtype=torch.bool)
     for v, g in enumerate(groups):
         for l, h in g:
-            mask[v, l, h] = 1.0
-    x: Tensor | None = None  # [active variants, batch, pos, d_model]
+            senders[v, l, h] = True
+    x: Tensor | None = None  # [active variants · batch, pos, d_model]
+    recorded: dict[str, Tensor] = {}
 
     def all_rows(layer: int) -> Tensor:
         """resid_pre of ``layer`` for every variant: the active rows, then the clean stream for the rest."""
-        n_active = 0 if x is None else len(x)
-        if n_active == len(groups):
-            return x
-        clean_x = clean[act_name("resid_pre", layer)][:, pos]
-        rest = clean_x.expand(len(groups) - n_active, *clean_x.shape)
-        return rest if x is None else torch.cat([x, rest])
+        n_active = 0 if x is None else len(x) // B
+        clean_x = run.resid[layer][:, start:]
+        rest = clean_x.repeat(len(groups) - n_active, 1, 1)
+        return rest if x is None else torch.cat([x, rest.to(x)])
 
-    recorded = {}
-    for j in range(L):
+    for j in range(min(first), stop):
         if j in record:
-            recorded[j] = all_rows(j)
-        if j >= max(record) or j < min(first):
-            continue
+            _, recorded_j = engine.layer(run, j, all_rows(j), start, record=record[j])
+            recorded |= recorded_j
         n_active = sum(f <= j for f in first)
-        x = all_rows(j)[:n_active]
-        block = model.blocks[j]
-        z_clean, z_donor = clean[act_name("z", j)][:, pos], donor[act_name("z", j)][:, pos].to(x)
-        w = einops.rearrange(block.attn.W_O, "head d_head d_model -> d_model (head d_head)")
-        raw = F.linear(z_clean.reshape(*z_clean.shape[:2], -1), w, block.attn.b_O)  # the clean sum, as TL computes it
-        delta = einops.einsum(z_donor - z_clean, block.attn.W_O, "b p head d, head d m -> head b p m")
-        raw = raw + einops.einsum(mask[:n_active, j].to(x), delta, "v head, head b p m -> v b p m")
-        mlp_out = clean[act_name("mlp_out", j)][:, pos] if mlps == "frozen" and not model.cfg.attn_only else None
-        x = _rest_of_block(model, j, x, _attn_out(model, j, raw), mlp_out)
-    if L in record:
-        recorded[L] = x
-    return recorded
+        x = all_rows(j)[: n_active * B]
+        z_clean, z_donor = clean[act_name("z", j)][:, start:], donor[act_name("z", j)][:, start:].to(x)
+        mask = senders[:n_active, j].repeat_interleave(B, dim=0)[:, None, :, None].to(x.device)  # [V·B, 1, H, 1]
+        z = torch.where(mask, z_donor.expand_as(z_clean).repeat(n_active, 1, 1, 1), z_clean.repeat(n_active, 1, 1, 1))
+        mlp_out = None
+        if mlps == "frozen" and act_name("mlp_out", j) in clean:
+            mlp_out = clean[act_name("mlp_out", j)][:, start:].repeat(n_active, 1, 1)
+        x = engine.layer_with_z(run, j, x, start, z, mlp_out)
+    return all_rows(stop), recorded
 
 
-def _to_logits(model, groups, clean, donor, metric, mlps) -> Tensor:
-    L = model.cfg.n_layers
-    x = _frozen_run(model, groups, clean, donor, mlps, pos=slice(-1, None), record=[L])[L]
-    return _readout(model, metric, x[:, :, 0]).float().cpu()
+def _to_logits(engine: Engine, run: Run, groups, clean, donor, metric, mlps) -> Tensor:
+    P = run.tokens.shape[1]
+    x, _ = _frozen_run(engine, run, groups, clean, donor, mlps, start=P - 1, stop=engine.n_layers)
+    return engines.readout(engine, metric, len(run.tokens))(x[:, -1]).float().cpu()
 
 
-def _to_heads(model, tokens, groups, receivers, clean, donor, metric, mlps) -> Tensor:
+def _to_heads(engine: Engine, run: Run, groups, receivers, clean, donor, metric, mlps) -> Tensor:
     layers = sorted({l for l, _, _ in receivers})
-    recorded = _frozen_run(model, groups, clean, donor, mlps, pos=slice(None), record=layers)
-    V, B, P = len(groups), *tokens.shape
-    new = {(l, h, kind): _project(model, l, recorded[l].reshape(V * B, P, -1), kind, h) for l, h, kind in receivers}
-
-    def setter(l: int, kind: str):
-        def hook(act: Tensor, hook) -> Tensor:
-            act = act.clone()
-            for (rl, rh, rk), value in new.items():
-                if rl == l and rk == kind:
-                    act[:, :, rh] = value
-            return act
-
-        return hook
-
-    names = sorted({(l, kind) for l, _, kind in receivers})
-    start = layers[0]
-    x = clean[act_name("resid_pre", start)].repeat(V, 1, 1)
-    with model.hooks(fwd_hooks=[(act_name(kind, l), setter(l, kind)) for l, kind in names]):
-        resid = model(x, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
-    return _readout(model, metric, resid[:, -1].reshape(V, B, -1)).float().cpu()
+    names = {l: sorted({act_name(kind, l) for rl, _, kind in receivers if rl == l}) for l in layers}
+    _, recorded = _frozen_run(engine, run, groups, clean, donor, mlps, start=0, stop=layers[-1] + 1, record=names)
+    x = run.resid[layers[0]].repeat(len(groups), 1, 1)
+    for j in range(layers[0], engine.n_layers):
+        edits = [
+            replace(act_name(kind, l), recorded[act_name(kind, l)][:, :, [h]], head=[h])
+            for l, h, kind in receivers
+            if l == j
+        ]
+        x, _ = engine.layer(run, j, x, 0, edits)
+    return engines.readout(engine, metric, len(run.tokens))(x[:, -1]).float().cpu()
 
 
-# --- the same definition through hook points only: TransformerBridge and the HF backend ---------------------------
+# --- the same definition through hook points only: an architecture the layer engines do not cover ---------------
 #
-# Where TransformerLens's own blocks are not at hand (a TransformerBridge computes with the HF modules; the HF backend
-# has only module boundaries), path patching is the definition itself, run with edits at hook points and many sender
-# variants stacked on the batch axis: the frozen run (every head's hook_z clean, the variant's senders' from the
-# donor, MLP outputs clean too with mlps="frozen") read at the final position for logits receivers; for q/k/v
-# receivers, the receivers' hook_q/k/v recorded in the frozen run and written into a clean run.
+# Path patching is the definition itself, run with edits at hook points and many sender variants stacked on the
+# batch axis: the frozen run (every head's hook_z clean, the variant's senders' from the donor, MLP outputs clean too
+# with mlps="frozen") read at the final position for logits receivers; for q/k/v receivers, the receivers'
+# hook_q/k/v recorded in the frozen run and written into a clean run.
 
 
 def _frozen_edits(forward: Forward, groups: list[list[Head]], clean: dict, donor: dict, mlps: str, B: int) -> list:
     """One edit per layer: rows of variant v get every head's clean z but for v's senders, taken from the donor."""
-    from tl_patching.edits import replace
-
     L, H = forward.cfg.n_layers, forward.cfg.n_heads
     V = len(groups)
     senders = torch.zeros(V, L, H, dtype=torch.bool)
@@ -342,8 +295,6 @@ def _frozen_edits(forward: Forward, groups: list[list[Head]], clean: dict, donor
 
 
 def _by_hooks(forward: Forward, tokens: Tensor, groups, receivers, clean: dict, donor: dict, metric, mlps) -> Tensor:
-    from tl_patching.edits import replace
-
     V, B = len(groups), len(tokens)
     rows = tokens.repeat(V, 1)
     frozen = _frozen_edits(forward, groups, clean, donor, mlps, B)

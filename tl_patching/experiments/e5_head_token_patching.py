@@ -9,9 +9,9 @@ one position is one of n_heads terms of one summand at one of the positions that
 so each patch moves the residual stream by a 1/n_heads share of one term. Seed (GPT-2 large):
 effects tiny, larger in late layers, some heads raise the score and some lower it.
 
-``method="fast"`` (default on the tl backend) runs `tl_patching.fast.final_position_head_sweep` (exact,
-recomputes only the final position); ``method="sweep"`` runs the reference driver
-`tl_patching.patching.head_sweep` on either backend. The result says which ran.
+``method="fast"`` (default where it runs, on either backend) runs `tl_patching.fast.final_position_head_sweep`
+(exact, recomputes only the final position); ``method="sweep"`` runs the reference driver
+`tl_patching.patching.head_sweep`. The result says which ran.
 """
 
 from __future__ import annotations
@@ -82,13 +82,12 @@ def run(
 ) -> E5Result:
     """Single-head, final-position patching sweep over all layers × heads.
 
-    ``method``: "fast" (tl backend only) or "sweep" (either backend); default "fast" on tl where it can run
-    (`fast.unavailable`: a bridge of an architecture without an HF table, a processed GPT-2 or NeoX bridge),
-    else "sweep".
+    ``method``: "fast" or "sweep" (either backend); default "fast" where it can run (`fast.unavailable`: not on an
+    architecture without tl_patching's HF table, on a bridge or the HF backend), else "sweep".
     ``donor_cache``: the donor's ``hook_z`` for every layer (e.g. loaded from disk), one dict per batch (a list; a
     dict alone for one batch).
     """
-    method = method or ("fast" if forward.backend == "tl" and fast.unavailable(forward) is None else "sweep")
+    method = method or ("fast" if fast.unavailable(forward) is None else "sweep")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     batches = as_batches(forward.model, data, donor_cache)
