@@ -117,13 +117,10 @@ class _GradGate(torch.autograd.Function):
 
 
 def check_qk_family(model: HookedTransformer) -> None:
-    """Raise `NotImplementedError` naming each attention feature the QK fix does not recompute."""
+    """Raise `NotImplementedError` naming each attention feature the closed-form QK fix (`_qk_terms`, TransformerLens
+    3's attention modules) does not recompute; the engine's QK fix (`_qk_fix_on_engine`) runs those models instead."""
     if lens.is_bridge(model):
-        raise NotImplementedError(
-            "the AtP* QK fix recomputes attention scores with HookedTransformer's attention modules; a "
-            "TransformerBridge computes attention inside the HF module: use atp_star(..., qk_fix=False) (GradDrop) "
-            "or attribution_patch"
-        )
+        raise NotImplementedError("the closed-form QK fix needs HookedTransformer's attention modules")
     cfg = model.cfg
     lens.refuse(
         "the AtP* QK fix (use attribution_patch, AtP)",
@@ -141,6 +138,14 @@ def check_qk_family(model: HookedTransformer) -> None:
             f"post-norm blocks ({cfg.original_architecture})": cfg.original_architecture in POST_NORM_ARCHITECTURES,
         },
     )
+
+
+def _closed_form_applies(model: HookedTransformer) -> bool:
+    try:
+        check_qk_family(model)
+    except NotImplementedError:
+        return False
+    return True
 
 
 @dataclass
@@ -172,8 +177,20 @@ def atp_star(
     """
     model = lens.tl_model(forward, "AtP*")
     _check_metric(model, tokens, metric)
-    if qk_fix:
-        check_qk_family(model)
+    # The QK fix: in closed form on TransformerLens 3's attention where it applies, else on the layer engine (every
+    # family tl_patching's engines run, a TransformerBridge included), which refuses what it cannot do by name.
+    closed_form = qk_fix and _closed_form_applies(model)
+    engine = None
+    if qk_fix and not closed_form:
+        from tl_patching import engine as engines
+
+        engine = engines.engine_of(forward)
+        if not engine.head_writes_are_linear():
+            raise NotImplementedError(
+                f"the AtP* QK fix on {lens.architecture(model)}: a norm after the attention makes a head's write into "
+                "the residual stream non-linear in its z, so AtP's linear term for the path is not δ·∇; use "
+                "qk_fix=False (GradDrop) or attribution_patch"
+            )
     cfg = model.cfg
     L = cfg.n_layers
     if grad_drop and L < 2:
@@ -212,6 +229,7 @@ def atp_star(
     fwd_hooks = [("hook_embed", start_grad)] + [on(n, keep) for n in z_names]
     if qk_fix:
         fwd_hooks += [on(act_name("pattern", l), keep) for l in range(L)]
+    if closed_form:
         fwd_hooks += [on(act_name(k, l), save) for l in range(L) for k in ("resid_pre", q_kind, k_kind, "attn_scores")]
     if grad_drop:
         fwd_hooks += [on(act_name("attn_out", l), gate, layer=l) for l in range(L)]
@@ -244,10 +262,15 @@ def atp_star(
     corr = {drop: torch.zeros_like(atp[None]) for drop in grads}
     t0 = time.perf_counter()
     with torch.no_grad():
-        for l, lp in [(s, r) for s in range(L - 1) for r in range(s + 1, L)] if qk_fix else []:
+        for l, lp in [(s, r) for s in range(L - 1) for r in range(s + 1, L)] if closed_form else []:
             D_row, D_col = _qk_terms(model, l, lp, dz[l], saved, q_kind, k_kind)
             for drop, g in grads.items():
                 corr[drop][l] += _contract(g[L + lp].double(), D_row, D_col).float()
+    if engine is not None:
+        patterns = {
+            drop: [None if g[L + lp] is None else g[L + lp].detach() for lp in range(L)] for drop, g in grads.items()
+        }
+        corr = _qk_fix_on_engine(engine, tokens, dz, patterns)
     seconds["qk_fix"] = time.perf_counter() - t0
     scores = {"atp": atp[None], "atp_qk": atp[None] + corr[None]}
     if grad_drop:
@@ -268,39 +291,43 @@ def _qk_terms(model: HookedTransformer, l: int, lp: int, dz: Tensor, saved: dict
     block, attn = model.blocks[l], model.blocks[lp].attn
     B, P, Hs, _ = dz.shape
     delta = einops.einsum(dz, block.attn.W_O[:], "b p h d, h d m -> b h p m").reshape(B * Hs, P, -1)
-    x = saved[act_name("resid_pre", lp)].repeat_interleave(Hs, dim=0) + delta
-    normed = model.blocks[lp].ln1(x)
     grouped = lens.kv_heads(model.cfg) != model.cfg.n_heads
-    q_new = simple_attn_linear(normed, attn.W_Q, attn.b_Q)
-    k_new = (
-        simple_attn_linear(normed, attn._W_K, attn._b_K) if grouped else simple_attn_linear(normed, attn.W_K, attn.b_K)
-    )
-    if model.cfg.positional_embedding_type == "rotary":
-        q_new, k_new = attn.apply_rotary(q_new), attn.apply_rotary(k_new)
+
+    def queries_keys(x: Tensor) -> tuple[Tensor, Tensor]:  # as TransformerLens's attention computes them from x
+        normed = model.blocks[lp].ln1(x)
+        q = simple_attn_linear(normed, attn.W_Q, attn.b_Q)
+        k = simple_attn_linear(normed, *((attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)))
+        if model.cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+        return q, k
+
+    x = saved[act_name("resid_pre", lp)].repeat_interleave(Hs, dim=0)
+    q_new, k_new = queries_keys(x + delta)
+    # AtP's own linear term for this path is first order in δ through ln1 too: q and k moved along δ (a
+    # Jacobian-vector product), not the exact moves (which differ where ln1 normalises).
+    _, (q_lin, k_lin) = torch.func.jvp(queries_keys, (x,), (delta,))
     q, k = (saved[act_name(kind, lp)].repeat_interleave(Hs, dim=0) for kind in (q_kind, k_kind))
     S = saved[act_name("attn_scores", lp)].double().repeat_interleave(Hs, dim=0)  # [n, head', t, s], -inf above
     causal = torch.isfinite(S)
     eye = torch.eye(P, dtype=torch.bool)
+    scores = lambda a, b: attn.calculate_attention_scores(a, b).double()  # noqa: E731
     # Row p: the node's query at p against the clean keys, and its own new key at s = p.
-    S_row = attn.calculate_attention_scores(q_new, k).double()
-    S_self = attn.calculate_attention_scores(q_new, k_new).double()
-    S_row = torch.where(eye, S_self, S_row).masked_fill(~causal, -torch.inf)
+    S_row = torch.where(eye, scores(q_new, k_new), scores(q_new, k)).masked_fill(~causal, -torch.inf)
     A = S.softmax(-1)
-    dS_row = torch.where(causal, S_row - S, 0.0)
     exact = S_row.softmax(-1) - A
-    # AtP's linear term has the first-order score change only: without Δq·Δk at s = p (both changed there).
-    dS_lin = dS_row - torch.where(eye, attn.calculate_attention_scores(q_new - q, k_new - k).double(), 0.0)
+    # The first-order score change: the query's move against every key, and at s = p the key's move too.
+    dS_lin = torch.where(causal, scores(q_lin, k) + torch.where(eye, scores(q, k_lin), 0.0), 0.0)
     lin = A * (dS_lin - (A * dS_lin).sum(-1, keepdim=True))
     D_row = exact - lin  # row t belongs to the node at position t
     # Rows t > p: only the score at key p changes (the clean query of t against the node's new key at p).
     # The softmax of each such row is recomputed in full (a closed form through 1 − A[t, p] loses the mass of
     # a saturated row): D_col [n, head', p, t, s].
-    S_col = attn.calculate_attention_scores(q, k_new).double()  # [n, head', t, p]
+    S_col = scores(q, k_new)  # [n, head', t, p]
     below = torch.tril(torch.ones(P, P, dtype=torch.bool), diagonal=-1)  # [t, p]: t > p
     S_new = S[:, :, None].expand(-1, -1, P, -1, -1).clone()  # [n, head', p, t, s]
     at_p = below.T[:, :, None] & eye[:, None, :]  # [p, t, s]: t > p and s = p
     S_new[:, :, at_p] = einops.rearrange(S_col, "n h t p -> n h p t")[:, :, below.T]
-    dS = torch.where(below, S_col - S.masked_fill(~causal, 0.0), 0.0)  # [n, head', t, p]
+    dS = torch.where(below, scores(q, k_lin), 0.0)  # [n, head', t, p], first order
     A_tp = A * below
     lin_col = (
         A[:, :, None]
@@ -318,6 +345,64 @@ def _contract(G: Tensor, D_row: Tensor, D_col: Tensor) -> Tensor:
     row = einops.einsum(Gn, D_row, "n h p s, n h p s -> n p")  # row p of each node
     col = einops.einsum(Gn, D_col, "n h t s, n h p t s -> n p")
     return einops.rearrange(row + col, "(b h) p -> p h b", b=B)
+
+
+def _qk_fix_on_engine(engine, tokens: Tensor, dz: list[Tensor], G: dict) -> dict:
+    """The QK fix through the model's own attention (the layer engine), for every node (l, p, h) and later layer lp:
+    ⟨G_lp, A_lp(x + δ e_p) − A_lp(x)⟩ − δ·∇_{x_p}⟨G_lp, A_lp(x)⟩, with x the clean resid_pre of lp, δ the node's write
+    into the residual stream at its position p (layer l's ``hook_attn_out`` with head h's z from the donor, minus the
+    clean one) and G_lp ∂metric/∂pattern of lp (one per GradDrop variant, ``G[drop][lp]`` ``[batch, head', t, s]``).
+
+    The exact pattern of a node at p is one engine call of layer lp on positions p … last with x[p] + δ against the
+    clean prefix: row p sees the new query and key at p, rows t > p their clean queries and the new key at p — the
+    changes the QK fix makes exact. The linear term is one backward per layer lp. Returns ``{drop: [layer, pos, head,
+    batch]}``."""
+    from tl_patching.edits import Edit
+
+    run = engine.clean_run(tokens, verify_from=0)
+    B, P = tokens.shape
+    L, H = engine.n_layers, engine.n_heads
+    corr = {drop: torch.zeros(L, P, H, B, dtype=torch.float64) for drop in G}
+    with torch.no_grad():
+        # δ[l]: [head, batch, pos, d_model], each head's write with its z from the donor at every position (a head's
+        # write at p depends on its z at p only).
+        clean_out = [engine.layer(run, l, run.resid[l], 0, record=[act_name("attn_out", l)])[1] for l in range(L - 1)]
+        delta = []
+        for l in range(L - 1):
+            d = dz[l].detach()
+
+            def rewrite(act: Tensor, index: tuple, d=d) -> Tensor:  # rows (h, b): head h moved by the donor difference
+                out = act[index].clone().view(H, B, P, H, -1)
+                out[torch.arange(H), :, :, torch.arange(H)] += d.to(out).permute(2, 0, 1, 3)
+                return out.view(H * B, P, H, -1)
+
+            name = act_name("attn_out", l)
+            moved = engine.layer(run, l, run.resid[l].repeat(H, 1, 1), 0, [Edit(act_name("z", l), rewrite)], [name])
+            delta.append((moved[1][name] - clean_out[l][name].repeat(H, 1, 1)).view(H, B, P, -1))
+        clean_pattern = [engine.attention_pattern(run, lp, run.resid[lp], 0) for lp in range(L)]
+        for lp in range(1, L):
+            for p in range(P):
+                # rows (l, h, b) for every l < lp: layer lp at positions p … with x[p] moved by the node's write
+                x = run.resid[lp][:, p:].repeat(lp * H, 1, 1)
+                x[:, 0] += torch.cat([delta[l][:, :, p] for l in range(lp)]).reshape(lp * H * B, -1).to(x)
+                changed = engine.attention_pattern(run, lp, x, p) - clean_pattern[lp][:, :, p:].repeat(lp * H, 1, 1, 1)
+                changed = changed.view(lp, H, B, *changed.shape[1:]).double()
+                for drop, g in G.items():
+                    if g[lp] is not None:
+                        exact = einops.einsum(changed, g[lp][:, :, p:].double(), "l h b k t s, b k t s -> l h b")
+                        corr[drop][:lp, p] += exact
+    for lp in range(1, L):
+        x = run.resid[lp].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            pattern = engine.attention_pattern(run, lp, x, 0)
+            for drop, g in G.items():
+                if g[lp] is None:
+                    continue
+                (grad,) = torch.autograd.grad((pattern * g[lp].to(pattern)).sum(), x, retain_graph=True)
+                for l in range(lp):
+                    linear = einops.einsum(delta[l].double(), grad.double(), "h b p d, b p d -> p h b")
+                    corr[drop][l] -= linear
+    return {drop: c.float() for drop, c in corr.items()}
 
 
 def atp_report(

@@ -68,8 +68,9 @@ class Engine(Protocol):
     n_heads: int
     d_vocab: int
 
-    def clean_run(self, tokens: Int[Tensor, "batch pos"]) -> Run:
-        """One clean forward, keeping every layer's input and its keys/values (and `verify`-ing the engine on it)."""
+    def clean_run(self, tokens: Int[Tensor, "batch pos"], verify_from: int = -1) -> Run:
+        """One clean forward, keeping every layer's input and its keys/values; the engine is then `verify`-ed on it
+        from position ``verify_from`` on (default: the last position only)."""
 
     def layer(
         self,
@@ -84,6 +85,16 @@ class Engine(Protocol):
         ``start … start+length−1``, attending to the clean keys/values of positions < ``start``; ``edits`` applied at
         their hook points (TL names, positions relative to ``start``), the hook points in ``record`` read. Returns
         the layer's output and the recorded activations (TL layout)."""
+
+    def attention_pattern(
+        self, run: Run, j: int, x: Float[Tensor, "rows length d_model"], start: int
+    ) -> Float[Tensor, "rows head length key"]:
+        """Layer ``j``'s attention probabilities (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys
+        0 … start+length−1, in the graph of ``x`` (gradients flow to it)."""
+
+    def head_writes_are_linear(self) -> bool:
+        """Whether a head's write into the residual stream (``hook_attn_out``) is linear in its ``hook_z`` (no norm
+        after the attention)."""
 
     def layer_with_z(
         self,

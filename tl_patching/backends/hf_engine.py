@@ -244,6 +244,28 @@ class Engine:
             out = _hidden(layer(*bound.args, **bound.kwargs))
         return out, recorded
 
+    def attention_pattern(
+        self, run: Run, j: int, x: Float[Tensor, "rows length d_model"], start: int
+    ) -> Float[Tensor, "rows head length key"]:
+        """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys 0 … end−1,
+        in the graph of ``x`` (gradients flow): the attention module's own probabilities (eager attention)."""
+        module = self.hf.get_submodule(self.map.sites["attn.hook_pattern"].module.format(l=j))
+        element = self.map.sites["attn.hook_pattern"].element
+        seen: list[Tensor] = []
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(out[element]))
+        try:
+            self.layer(run, j, x, start)
+        finally:
+            handle.remove()
+        if not seen or seen[0] is None:
+            raise NotImplementedError(f"{type(self.hf).__name__}'s attention returned no probabilities")
+        return seen[0]
+
+    def head_writes_are_linear(self) -> bool:
+        """Whether ``hook_attn_out`` is the output projection of ``hook_z`` itself (no norm after attention), so a
+        head's write into the residual stream is linear in its z."""
+        return self.map.sites["hook_attn_out"].module == self.map.sites["attn.hook_z"].module
+
     def layer_with_z(
         self,
         run: Run,

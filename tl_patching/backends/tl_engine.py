@@ -118,6 +118,20 @@ class Engine:
             out = block(x.to(device), shortformer_pos_embed=shortformer, past_kv_cache_entry=entry, attention_mask=mask)
         return out, recorded
 
+    def attention_pattern(
+        self, run: Run, j: int, x: Float[Tensor, "rows length d_model"], start: int
+    ) -> Float[Tensor, "rows head length key"]:
+        """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys 0 … end−1,
+        in the graph of ``x`` (gradients flow)."""
+        seen: list[Tensor] = []
+        with self.model.hooks(fwd_hooks=[(f"blocks.{j}.attn.hook_pattern", lambda act, hook: seen.append(act))]):
+            self.layer(run, j, x, start)
+        return seen[0]
+
+    def head_writes_are_linear(self) -> bool:
+        """Whether ``hook_attn_out`` is ``hook_z`` through W_O alone (no norm after attention)."""
+        return not self.model.cfg.use_normalization_before_and_after
+
     def layer_with_z(
         self,
         run: Run,
