@@ -66,6 +66,36 @@ def time_in_blocks(model, fn):
     return seconds, spent[0], result
 
 
+def bench_depth(size: str, batch: int, pos: int, head_sample: int) -> list[str]:
+    """The final-position head sweep against the plain TL loop at one more depth (GPT-2 medium / large sizes)."""
+    hf, model = build(size)
+    del hf
+    tag, tl_loop = (
+        (" (bridge)", "plain Bridge run_with_hooks loop")
+        if lens.is_bridge(model)
+        else ("", "plain TL run_with_hooks loop")
+    )
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    tokens, donor_tokens, correct, wrong = ioi_like_batch(model.cfg.d_vocab, batch, pos)
+    forward = Forward(model)
+    _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(L)])
+    run_fast = lambda: fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False)  # noqa: E731
+    timed(run_fast)  # warm-up
+    t_fast, fast_out = timed(run_fast, repeats=2)
+    pairs = spread([(l, h) for l in range(L) for h in range(H)], head_sample)
+    scale = L * H / len(pairs)
+    t_tl, tl_out = timed(lambda: plain_tl_loop(model, tokens, donor, correct, wrong, pairs))
+    diff = max(float((fast_out[l, h] - tl_out[l, h]).abs().max()) for l, h in pairs)
+    lines = [
+        f"note: {size}: plain loop timed on {len(pairs)} of {L * H} heads, scaled x{scale:.1f}: {t_tl * scale:.1f} s; "
+        f"fast final-position sweep {t_fast:.2f} s",
+        str(Line(f"{size} ({L} layers) final-position head sweep{tag}", t_tl * scale / t_fast, tl_loop, diff)),
+    ]
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
 def bench(
     size: str, batch: int, pos: int, head_sample: int, tl_sample: int, any_positions: list[int] | None
 ) -> list[str]:
@@ -120,6 +150,17 @@ def bench(
     say(str(Line(f"{size} final-position head sweep{tag}", t_tl * scale / t_fast, tl_loop, diff_tl)))
     say(str(Line(f"{size} final-position head sweep{tag}", t_hf * scale / t_fast, hf_ref, diff_hf)))
 
+    # --- the same sweep on the HF backend (raw HF hooks, the HF layer engine): what a raw-HF cross-check costs ---
+    hf_forward = Forward(model, hf)
+    _, hf_donor = hf_forward.run(donor_tokens, cache=z_names)
+    run_hf_fast = lambda: fast.final_position_head_sweep(  # noqa: E731
+        hf_forward, tokens, hf_donor, LogitDiff(correct, wrong), progress=False
+    )
+    timed(run_hf_fast)  # warm-up
+    t_hf_fast, hf_fast_out = timed(run_hf_fast, repeats=2)
+    diff_hf_fast = max(float((hf_fast_out[l, h] - hf_out[l, h]).abs().max()) for l, h in pairs)
+    say(str(Line(f"{size} final-position head sweep (HF backend)", t_hf * scale / t_hf_fast, hf_ref, diff_hf_fast)))
+
     # --- any-position head sweep (layer x position x head) ---
     if not any_positions:
         m_cache, m_final = (peak_bytes(size, batch, pos, what) for what in ("run_with_cache", "final"))
@@ -165,7 +206,19 @@ def bench(
     m_cache = peak_bytes(size, batch, pos, "run_with_cache")
     m_final = peak_bytes(size, batch, pos, "final")
     m_any = peak_bytes(size, batch, pos, "any")
+    m_final_hf, m_any_hf = peak_bytes(size, batch, pos, "final-hf"), peak_bytes(size, batch, pos, "any-hf")
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
+    for what, m in (("final-position head sweep", m_final_hf), ("any-position head sweep", m_any_hf)):
+        say(
+            str(
+                Line(
+                    f"{size} {what} (HF backend) peak memory" + (" (widest pass)" if what.startswith("any") else ""),
+                    m / m_cache,
+                    f"one run_with_cache ({mb(m)} vs {mb(m_cache)})",
+                    diff_hf_fast if what.startswith("final") else diff_any,
+                )
+            )
+        )
     say(
         str(
             Line(
@@ -206,6 +259,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     parser.add_argument("--any-sizes", default="gpt2-small-sized", help="sizes to run the any-position sweep on")
+    parser.add_argument(
+        "--depth-sizes",
+        default="gpt2-medium-sized,gpt2-large-sized",
+        help="deeper sizes for the depth lines (final-position sweep vs the plain TL loop; gpt2-small-sized is in the "
+        "main lines)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     P = args.pos
@@ -231,4 +290,6 @@ if __name__ == "__main__":
             args.tl_sample,
             positions if size in args.any_sizes.split(",") else None,
         )
+    for size in filter(None, args.depth_sizes.split(",")):
+        lines += bench_depth(size, args.batch, P, args.head_sample)
     print("\n" + "\n".join(line for line in lines if not line.startswith("note:")))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from tl_patching import fast, lens
 from tl_patching.edits import act_name, patch
@@ -31,6 +31,12 @@ from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
 
 SIZES = ("gpt2-small-sized", "smollm2-135m-sized")
+# GPT-2 small, medium and large: 12, 24 and 36 layers (the seeds' E5 runs on GPT-2 large)
+GPT2_SIZES = {
+    "gpt2-small-sized": (12, 12, 768),
+    "gpt2-medium-sized": (24, 16, 1024),
+    "gpt2-large-sized": (36, 20, 1280),
+}
 
 
 HookedTransformer = lens.TLModel
@@ -47,13 +53,14 @@ def build(size: str, seed: int = 0) -> tuple[torch.nn.Module, HookedTransformer]
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
-    if size == "gpt2-small-sized":
+    if size in GPT2_SIZES:
+        n_layers, n_heads, d_model = GPT2_SIZES[size]
         cfg = HookedTransformerConfig(
-            d_model=768,
+            d_model=d_model,
             d_head=64,
-            n_heads=12,
-            d_mlp=3072,
-            n_layers=12,
+            n_heads=n_heads,
+            d_mlp=4 * d_model,
+            n_layers=n_layers,
             n_ctx=1024,
             eps=1e-5,
             d_vocab=50257,
@@ -92,9 +99,11 @@ def build(size: str, seed: int = 0) -> tuple[torch.nn.Module, HookedTransformer]
 
 
 def _hf(size: str) -> torch.nn.Module:
-    if size == "gpt2-small-sized":
-        config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
-        return GPT2LMHeadModel(config).eval()
+    """The HF model, with eager attention (what tl_patching loads, and what a bridge runs)."""
+    if size in GPT2_SIZES:
+        n_layers, n_heads, d_model = GPT2_SIZES[size]
+        config = GPT2Config(n_layer=n_layers, n_head=n_heads, n_embd=d_model, vocab_size=50257, n_positions=1024)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     if size == "smollm2-135m-sized":
         config = LlamaConfig(
             hidden_size=576,
@@ -109,8 +118,8 @@ def _hf(size: str) -> torch.nn.Module:
             tie_word_embeddings=True,
             hidden_act="silu",
         )
-        return LlamaForCausalLM(config).eval()
-    raise ValueError(f"size must be one of {SIZES}")
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    raise ValueError(f"size must be one of {SIZES + tuple(GPT2_SIZES)}")
 
 
 def ioi_like_batch(d_vocab: int, batch: int, pos: int, seed: int = 0):
@@ -145,9 +154,11 @@ def _peak_child(size: str, batch: int, pos: int, what: str, threads: int, queue)
     """In a fresh process: build the model and prompts, then measure the peak of one call of ``what``."""
     torch.set_num_threads(threads)
     hf, model = build(size)
-    del hf
+    backend = what.endswith("-hf")
+    if not backend:
+        del hf
     tokens, donor_tokens, correct, wrong = ioi_like_batch(model.cfg.d_vocab, batch, pos)
-    forward = Forward(model)
+    forward = Forward(model, hf) if backend else Forward(model)
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(model.cfg.n_layers)])
     calls = {
         "run_with_cache": lambda: model.run_with_cache(tokens),
@@ -156,6 +167,7 @@ def _peak_child(size: str, batch: int, pos: int, what: str, threads: int, queue)
         ),
         "any": lambda: fast.position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), positions=[0]),
     }
+    calls["final-hf"], calls["any-hf"] = calls["final"], calls["any"]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set size to the current one
     start = _status_kb("VmRSS")
@@ -165,9 +177,10 @@ def _peak_child(size: str, batch: int, pos: int, what: str, threads: int, queue)
 
 
 def peak_bytes(size: str, batch: int, pos: int, what: str) -> int:
-    """Peak resident bytes above the start while ``what`` ("run_with_cache", "final": the final-position sweep,
-    "any": the any-position sweep's widest pass, position 0) runs, in a fresh (spawned) process after the same setup.
-    Not forked: a fork of a process that has used torch's thread pool can deadlock."""
+    """Peak resident bytes above the start while ``what`` runs ("run_with_cache"; "final": the final-position sweep;
+    "any": the any-position sweep's widest pass, position 0; "final-hf", "any-hf": the same on the HF backend), in a
+    fresh (spawned) process after the same setup. Not forked: a fork of a process that has used torch's thread pool
+    can deadlock."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_peak_child, args=(size, batch, pos, what, torch.get_num_threads(), queue))

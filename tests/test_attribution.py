@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from tl_patching import attribution, lens, patching, path_patching
-from tl_patching.edits import act_name, patch
+from tl_patching.edits import Edit, act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
-from tl_patching.testing import random_gpt2
+from tl_patching.testing import random_gpt2, random_pair
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,6 @@ def test_attribution_shapes_and_donor_tokens(setup):
 def test_atp_star_shapes_and_agreement(setup):
     forward, tokens, donor_tokens, donor, correct, wrong, _ = setup
     plain = attribution.attribution_patch(forward, tokens, donor, LogitDiff(correct, wrong))["z"]
-    if lens.is_bridge(forward.model):  # the QK fix recomputes scores with HookedTransformer's attention: refused
-        with pytest.raises(NotImplementedError, match=r"QK fix.*TransformerBridge.*qk_fix=False"):
-            attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
-        out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong), qk_fix=False)
-        assert torch.allclose(out.scores["atp"], plain, atol=1e-6)
-        assert torch.equal(out.scores["atp_qk"], out.scores["atp"]) and torch.equal(
-            out.scores["atp_star"], out.scores["atp_gd"]
-        )
-        assert out.scores["atp_gd"][:, :4].abs().max() == 0 and out.scores["atp_gd"][:, 4:].abs().max() > 1e-3
-        return
     out = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong))
     assert set(out.scores) == {"atp", "atp_qk", "atp_gd", "atp_star"}
     assert all(s.shape == (4, 10, 4, 3) and not s.requires_grad for s in out.scores.values())
@@ -62,6 +52,83 @@ def test_atp_star_shapes_and_agreement(setup):
     assert out.scores["atp_star"][:, :4].abs().max() == 0 and out.scores["atp_star"].min() >= 0
     assert (out.scores["atp_qk"] - out.scores["atp"]).abs().max() > 1e-4  # the QK fix does something here
     assert all(p.grad is None and p.requires_grad for p in forward.model.parameters())
+    without = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong), qk_fix=False)
+    assert torch.equal(without.scores["atp_qk"], without.scores["atp"])
+    assert torch.equal(without.scores["atp_star"], without.scores["atp_gd"])
+    assert torch.allclose(without.scores["atp_gd"], out.scores["atp_gd"], atol=1e-6)
+
+
+def qk_correction_by_hand(model, tokens, donor, metric, l: int, p: int, h: int) -> torch.Tensor:
+    """The QK fix of node (l, p, h), per prompt, through the model's own hook points (not the engine, not the closed
+    form): Σ over later layers lp of ⟨G, A(x + δ at p) − A(x)⟩ − d/dε ⟨G, A(x + εδ at p)⟩|₀, with A lp's pattern, x
+    its resid_pre, G = ∂metric/∂A and δ layer l's attn_out with head h's z from the donor, minus the clean one."""
+    forward = Forward(model)
+    attn_out = act_name("attn_out", l)
+    _, clean = forward.run(tokens, cache=[attn_out])
+    _, moved = forward.run(tokens, [patch(act_name("z", l), donor, head=h)], cache=[attn_out])
+    delta = (moved[attn_out] - clean[attn_out])[:, p]  # [batch, d_model]
+    total = torch.zeros(len(tokens), dtype=torch.float64)
+    for lp in range(l + 1, model.cfg.n_layers):
+        pattern, resid = act_name("pattern", lp), act_name("resid_pre", lp)
+        kept, eps = {}, torch.zeros(len(tokens), requires_grad=True)
+
+        def keep(act, hook):
+            act.retain_grad()
+            kept["A"] = act
+            return act
+
+        def nudge(act, hook):  # x + ε δ at position p, one ε per prompt (prompts don't interact)
+            act = act.clone()
+            act[:, p] = act[:, p] + eps[:, None] * delta
+            return act
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(resid, nudge), (pattern, keep)]):
+            metric(model(tokens)[:, -1]).sum().backward()  # ε = 0: the clean run
+            G = kept["A"].grad.detach()
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(resid, nudge), (pattern, keep)]):
+            model(tokens)
+            (linear,) = torch.autograd.grad((kept["A"] * G).sum(), [eps])
+        at = lambda edits: forward.run(tokens, edits, cache=[pattern])[1][pattern]  # noqa: E731
+        moved_A = at([Edit(resid, lambda act, i: act[i] + delta, pos=p)])
+        exact = ((moved_A - at([])) * G).sum(dim=(1, 2, 3))
+        total += exact.double() - linear.double()
+        model.zero_grad(set_to_none=True)
+    return total
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qk_fix_equals_the_definition_through_hook_points(family):
+    """On every engine (TL 3's closed form, the HF engine under a bridge): the QK fix of single nodes equals the
+    definition computed with nothing but the model's own hook points."""
+    _, model = random_pair(family, n_layers=3, seed=1, weight_std=0.3)
+    g = torch.Generator().manual_seed(2)
+    tokens, donor_tokens = torch.randint(0, 64, (2, 7), generator=g), torch.randint(0, 64, (2, 7), generator=g)
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    _, donor = Forward(model).run(donor_tokens, cache=[act_name("z", l) for l in range(3)])
+    out = attribution.atp_star(Forward(model), tokens, donor, metric, grad_drop=False)
+    fix = out.scores["atp_qk"] - out.scores["atp"]
+    for l, p, h in [(0, 2, 1), (0, 6, 3), (1, 4, 0), (1, 0, 2)]:
+        by_hand = qk_correction_by_hand(model, tokens, donor, metric, l, p, h)
+        assert (fix[l, p, h] - by_hand).abs().max() < 1e-4, (l, p, h)
+    assert fix[:2].abs().max() > 1e-2  # the fix is not nothing here
+    assert fix[2].abs().max() == 0  # the last layer has no later pattern
+
+
+@pytest.mark.tl3
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_qk_fix_closed_form_equals_the_engine(family, monkeypatch):
+    """TransformerLens 3: the closed form (TL's attention, in scores) and the engine's (the blocks themselves, one call
+    per later layer and position) are two computations of the same numbers, GradDrop's variants included."""
+    _, model = random_pair(family, n_layers=3, seed=0, weight_std=0.3)
+    g = torch.Generator().manual_seed(2)
+    tokens, donor_tokens = torch.randint(0, 64, (2, 7), generator=g), torch.randint(0, 64, (2, 7), generator=g)
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    closed = attribution.atp_star(Forward(model), tokens, donor_tokens, metric)
+    monkeypatch.setattr(attribution, "_closed_form_applies", lambda model: False)
+    engine = attribution.atp_star(Forward(model), tokens, donor_tokens, metric)
+    for key in ("atp_qk", "atp_star"):
+        assert (closed.scores[key] - engine.scores[key]).abs().max() < 1e-5, key
+    assert (closed.scores["atp_qk"] - closed.scores["atp"]).abs().max() > 0.1
 
 
 def qk_only_model(rotary: bool):
@@ -149,13 +216,12 @@ def test_refusals():
     tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
     with pytest.raises(NotImplementedError, match="tl backend"):
         attribution.atp_star(Forward(tl, hf), tokens, tokens, LogitDiff(correct, wrong))
-    if lens.is_bridge(tl):
-        with pytest.raises(NotImplementedError, match="TransformerBridge"):
-            attribution.atp_star(Forward(tl), tokens, tokens, LogitDiff(correct, wrong))
-        return
-    tl.cfg.use_local_attn = True
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        attribution.atp_star(Forward(tl), tokens, tokens, LogitDiff(correct, wrong))
+    # A norm after the attention (Gemma 2/3) makes a head's write non-linear in its z: refused by name on every major
+    for family in ("gemma2", "gemma3"):
+        _, gemma = random_pair(family, n_layers=2, seed=0)
+        with pytest.raises(NotImplementedError, match="norm after the attention"):
+            attribution.atp_star(Forward(gemma), tokens, tokens, LogitDiff(correct, wrong))
+        attribution.atp_star(Forward(gemma), tokens, tokens, LogitDiff(correct, wrong), qk_fix=False)  # GradDrop
 
 
 def test_grad_drop_of_the_last_layer_is_the_magnitude_of_atp():

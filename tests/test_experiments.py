@@ -409,12 +409,12 @@ def test_e4_probability_ratio_is_exp_of_the_mean_logit_difference_with_its_inter
 def test_e5_fast_equals_the_driver_equals_hf(both):
     fast = e5.run(both[0], progress=False)
     swept = e5.run(both[0], method="sweep", progress=False)
-    hf_r = e5.run(both[1], progress=False)
+    hf_r = e5.run(both[1], progress=False)  # the HF backend: the HF layer engine by default
     assert fast.effect.shape == (4, 4, 1)
     assert close(fast.effect, swept.effect) and close(fast.effect, hf_r.effect)
-    assert (fast.method, swept.method, hf_r.method) == ("fast", "sweep", "sweep")
-    hf_fast = e5.run(both[1], method="fast", progress=False)  # the HF engine: HF's own key/value cache
-    assert hf_fast.method == "fast" and close(hf_fast.effect, fast.effect)
+    assert (fast.method, swept.method, hf_r.method) == ("fast", "sweep", "fast")
+    hf_swept = e5.run(both[1], method="sweep", progress=False)  # raw HF hooks, one variant per head
+    assert hf_swept.method == "sweep" and close(hf_swept.effect, fast.effect)
 
 
 def test_e5_effect_by_hand(both):

@@ -106,24 +106,26 @@ def one_thread():
 
 
 BRIDGED = [f for f in FAMILIES if f != "gptj"] if lens.MAJOR >= 4 else list(FAMILIES)
-# A processed bridge of a LayerNorm family computes with folded biases its HF modules cannot hold: the HF engine
-# has no plain HF model to run and refuses (test_processed_layer_norm_bridges_are_refused).
-TWINLESS = {"gpt2", "neox"} if lens.MAJOR >= 4 else set()
-CASES = [(f, "raw") for f in BRIDGED] + [(f, "processed") for f in PROCESSED if f not in TWINLESS]
+# A processed GPT-2 or NeoX bridge keeps folded weights its HF modules cannot hold: the HF engine runs a twin built
+# from the bridge's own weights (lens.plain_hf), checked against the bridge.
+# The HF backend (raw HF hooks, the HF layer engine) on every family of tl_patching, on both majors.
+HF_FAMILIES = ["gpt2", "neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+CASES = [(f, "raw") for f in BRIDGED] + [(f, "processed") for f in PROCESSED] + [(f, "hf") for f in HF_FAMILIES]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def case(request):
     family, mode = request.param
-    model = tiny(family)
-    if mode == "processed":
-        model = processed(model)
-    forward = Forward(model)
+    if mode == "hf":
+        forward = Forward(*reversed(random_pair(family, n_layers=3, d_vocab=VOCAB, d_mlp=48, seed=0, weight_std=0.3)))
+    else:
+        forward = Forward(processed(tiny(family)) if mode == "processed" else tiny(family))
+    model = forward.model
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (B, P), generator=g)
     donor_tokens = torch.randint(0, VOCAB, (B, P), generator=g)
     correct, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
-    kinds = [k for k in fast.KINDS if act_name(k, 0) in model.hook_dict]
+    kinds = [k for k in fast.KINDS if act_name(k, 0) in forward.hook_names()]
     _, donor = forward.run(donor_tokens, cache=[act_name(k, l) for l in range(3) for k in kinds])
     return forward, tokens, donor, correct, wrong, LogitDiff(correct, wrong), kinds
 
@@ -205,16 +207,6 @@ def test_equal_to_transformer_lens_get_act_patch(gpt2, kind):
         assert (out.mean(-1) - expected).abs().max() > 0.1
         return
     assert (out.mean(-1) - expected).abs().max() < ATOL
-
-
-@pytest.mark.skipif(not TWINLESS, reason="HookedTransformer (TL 3) runs the fast paths on its own blocks")
-@pytest.mark.parametrize("family", sorted(TWINLESS))
-def test_processed_layer_norm_bridges_are_refused(family):
-    forward = Forward(processed(tiny(family)))
-    tokens = torch.randint(0, VOCAB, (B, P), generator=torch.Generator().manual_seed(1))
-    _, donor = forward.run(tokens, cache=[act_name("z", l) for l in range(3)])
-    with pytest.raises(NotImplementedError, match=r"weights \(processed\) do not make a plain HF model.*weights='raw'"):
-        fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(*torch.tensor([[1, 2, 3], [4, 5, 6]])))
 
 
 def test_options_and_refusals(gpt2):

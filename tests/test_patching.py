@@ -62,19 +62,9 @@ def test_head_sweep_same_on_hf():
     assert (out["tl"] - out["hf"]).abs().max() < ATOL
 
 
-def twinless(forward) -> bool:
-    """TL 4: a processed GPT-2 bridge holds folded weights its HF modules do not: the fast paths, which run HF's
-    modules, refuse it (tests/test_fast.py); the driver runs it."""
-    return lens.is_bridge(forward.model) and forward.weight_mode == "processed"
-
-
 @pytest.mark.parametrize("layers, max_rows", [(None, 8192), (None, 12), ([3, 0], 8192), ([2], 1)])
 def test_final_position_fast_path_equals_the_driver(setup, layers, max_rows):
     forward, tokens, _, donor, correct, wrong, _, reference = setup
-    if twinless(forward):
-        with pytest.raises(NotImplementedError, match=r"\(processed\).*load it with weights='raw'"):
-            fast.final_position_head_sweep(forward, tokens, donor, LogitDiff(correct, wrong), progress=False)
-        return
     out = fast.final_position_head_sweep(
         forward, tokens, donor, LogitDiff(correct, wrong), layers=layers, max_rows=max_rows, progress=False
     )
@@ -84,16 +74,14 @@ def test_final_position_fast_path_equals_the_driver(setup, layers, max_rows):
 
 def test_donor_equal_to_recipient_has_no_effect(setup):
     forward, tokens, _, _, correct, wrong, metric, _ = setup
-    if twinless(forward):
-        return  # refused: test_final_position_fast_path_equals_the_driver
     _, same = forward.run(tokens, cache=[act_name("z", l) for l in range(4)])
     out = fast.final_position_head_sweep(forward, tokens, same, LogitDiff(correct, wrong), progress=False)
     assert (out - metric(forward(tokens)[:, -1])).abs().max() < ATOL
 
 
 def test_fast_path_on_the_hf_backend_and_refused_blocks(setup):
-    """On the HF backend the fast path runs through HF's own key/value cache (the same numbers); a model whose patches
-    reach earlier positions is refused by name."""
+    """On the HF backend the fast path runs the HF model's own layers (the same numbers); a model whose patches reach
+    earlier positions is refused by name."""
     forward, tokens, _, donor, correct, wrong, _, reference = setup
     hf, tl = random_gpt2(n_layers=4, n_heads=4, d_head=8, seed=7)
     if forward.weight_mode == "raw":  # the HF model holds raw weights: compare against the raw reference only

@@ -205,10 +205,31 @@ def test_chunking_and_cached_runs_change_nothing(family):
     assert torch.allclose(whole, split, atol=1e-5)
 
 
+@pytest.mark.parametrize("hf_family", list(FAMILIES))
+def test_the_hf_backend_gives_the_same_paths(hf_family):
+    """On the HF backend path patching runs the HF model's own layers (the HF layer engine): the same numbers as the
+    TL backend, for both receiver kinds and both MLP modes."""
+    hf, tl = random_pair(hf_family, n_layers=3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 64, (2, 7), generator=g)
+    donor_tokens = tokens.clone()
+    donor_tokens[:, 2:5] = torch.randint(0, 64, (2, 3), generator=g)
+    metric = LogitDiff(torch.tensor([3, 9]), torch.tensor([5, 1]))
+    senders = [(0, 1), (2, 0), [(0, 2), (1, 0)], (1, 3)]
+    for receivers in ("logits", RECEIVERS):
+        for mlps in path_patching.MLP_MODES:
+            a, b = (
+                path_patching.path_patch(f, tokens, donor_tokens, metric, senders, receivers, mlps)
+                for f in (Forward(tl), Forward(tl, hf))
+            )
+            assert (a - b).abs().max() < ATOL, (receivers, mlps)
+            assert (a - logit_diff(tl(tokens), *metric.columns.T)).abs().max() > 1e-3
+
+
 def test_refusals():
     hf, tl = random_gpt2(n_layers=2, n_heads=2, d_head=4, seed=0)
     tokens, correct, wrong = torch.zeros(1, 4, dtype=torch.long), torch.tensor([1]), torch.tensor([2])
-    # The HF backend runs path patching through hook points (tests/test_fast_paths.py): the same numbers.
+    # The HF backend runs path patching on the HF layer engine (test_the_hf_backend_gives_the_same_paths).
     hf_out = path_patching.path_patch(Forward(tl, hf), tokens, tokens + 1, LogitDiff(correct, wrong))
     assert (
         hf_out - path_patching.path_patch(Forward(tl), tokens, tokens + 1, LogitDiff(correct, wrong))

@@ -246,7 +246,10 @@ def _bridge(hf_model, tokenizer, weights: WeightMode, name: str | None) -> Hooke
     """TransformerLens 4: a `TransformerBridge` around a copy of ``hf_model`` in compatibility mode (HookedTransformer's
     hook names and shapes), TL's folding and centring applied to the copy for ``"processed"``."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES as BRIDGED
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    # TransformerLens 4's public way to wrap a model already loaded (``transformer_lens.model_bridge.sources``
+    # exports it); ``TransformerBridge.boot_transformers(hf_model=…)`` would fetch a tokenizer from the hub by name.
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     architecture = type(hf_model).__name__
     if architecture not in BRIDGED:
