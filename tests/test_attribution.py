@@ -4,7 +4,7 @@ the report's numbers are the definitions'."""
 import pytest
 import torch
 
-from tl_patching import attribution, lens, patching, path_patching
+from tl_patching import attribution, patching, path_patching
 from tl_patching.edits import Edit, act_name, patch
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
@@ -67,33 +67,35 @@ def qk_correction_by_hand(model, tokens, donor, metric, l: int, p: int, h: int) 
     _, clean = forward.run(tokens, cache=[attn_out])
     _, moved = forward.run(tokens, [patch(act_name("z", l), donor, head=h)], cache=[attn_out])
     delta = (moved[attn_out] - clean[attn_out])[:, p]  # [batch, d_model]
-    total = torch.zeros(len(tokens), dtype=torch.float64)
-    for lp in range(l + 1, model.cfg.n_layers):
-        pattern, resid = act_name("pattern", lp), act_name("resid_pre", lp)
-        kept, eps = {}, torch.zeros(len(tokens), requires_grad=True)
+    return sum(_qk_term(model, tokens, metric, lp, p, delta) for lp in range(l + 1, model.cfg.n_layers))
 
-        def keep(act, hook):
-            act.retain_grad()
-            kept["A"] = act
-            return act
 
-        def nudge(act, hook):  # x + ε δ at position p, one ε per prompt (prompts don't interact)
-            act = act.clone()
-            act[:, p] = act[:, p] + eps[:, None] * delta
-            return act
+def _qk_term(model, tokens, metric, lp: int, p: int, delta: torch.Tensor) -> torch.Tensor:
+    """⟨G, A(x + δ at p) − A(x)⟩ − d/dε ⟨G, A(x + εδ at p)⟩|₀ for layer lp, per prompt (see above)."""
+    pattern, resid = act_name("pattern", lp), act_name("resid_pre", lp)
+    kept, eps = {}, torch.zeros(len(tokens), requires_grad=True)
 
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(resid, nudge), (pattern, keep)]):
-            metric(model(tokens)[:, -1]).sum().backward()  # ε = 0: the clean run
-            G = kept["A"].grad.detach()
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(resid, nudge), (pattern, keep)]):
-            model(tokens)
-            (linear,) = torch.autograd.grad((kept["A"] * G).sum(), [eps])
-        at = lambda edits: forward.run(tokens, edits, cache=[pattern])[1][pattern]  # noqa: E731
-        moved_A = at([Edit(resid, lambda act, i: act[i] + delta, pos=p)])
-        exact = ((moved_A - at([])) * G).sum(dim=(1, 2, 3))
-        total += exact.double() - linear.double()
-        model.zero_grad(set_to_none=True)
-    return total
+    def keep(act, hook):
+        act.retain_grad()
+        kept["A"] = act
+        return act
+
+    def nudge(act, hook):  # x + ε δ at position p, one ε per prompt (prompts don't interact)
+        act = act.clone()
+        act[:, p] = act[:, p] + eps[:, None] * delta
+        return act
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(resid, nudge), (pattern, keep)]):
+        metric(model(tokens)[:, -1]).sum().backward()  # ε = 0: the clean run
+        G = kept["A"].grad.detach()
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(resid, nudge), (pattern, keep)]):
+        model(tokens)
+        (linear,) = torch.autograd.grad((kept["A"] * G).sum(), [eps])
+    model.zero_grad(set_to_none=True)
+    forward = Forward(model)
+    moved = forward.run(tokens, [Edit(resid, lambda act, i: act[i] + delta, pos=p)], cache=[pattern])[1][pattern]
+    clean = forward.run(tokens, cache=[pattern])[1][pattern]
+    return ((moved - clean) * G).sum(dim=(1, 2, 3)).double() - linear.double()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -120,7 +120,6 @@ def case(request):
         forward = Forward(*reversed(random_pair(family, n_layers=3, d_vocab=VOCAB, d_mlp=48, seed=0, weight_std=0.3)))
     else:
         forward = Forward(processed(tiny(family)) if mode == "processed" else tiny(family))
-    model = forward.model
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (B, P), generator=g)
     donor_tokens = torch.randint(0, VOCAB, (B, P), generator=g)

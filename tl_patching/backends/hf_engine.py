@@ -247,8 +247,8 @@ class Engine:
     def attention_pattern(
         self, run: Run, j: int, x: Float[Tensor, "rows length d_model"], start: int
     ) -> Float[Tensor, "rows head length key"]:
-        """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys 0 … end−1,
-        in the graph of ``x`` (gradients flow): the attention module's own probabilities (eager attention)."""
+        """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys
+        0 … end−1, in the graph of ``x`` (gradients flow): the attention module's own probabilities (eager)."""
         module = self.hf.get_submodule(self.map.sites["attn.hook_pattern"].module.format(l=j))
         element = self.map.sites["attn.hook_pattern"].element
         seen: list[Tensor] = []

@@ -121,8 +121,8 @@ class Engine:
     def attention_pattern(
         self, run: Run, j: int, x: Float[Tensor, "rows length d_model"], start: int
     ) -> Float[Tensor, "rows head length key"]:
-        """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys 0 … end−1,
-        in the graph of ``x`` (gradients flow)."""
+        """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys
+        0 … end−1, in the graph of ``x`` (gradients flow)."""
         seen: list[Tensor] = []
         with self.model.hooks(fwd_hooks=[(f"blocks.{j}.attn.hook_pattern", lambda act, hook: seen.append(act))]):
             self.layer(run, j, x, start)
