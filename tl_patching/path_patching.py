@@ -177,7 +177,8 @@ def path_patch(
     per_pass = max(1, (max_rows if engine is not None else min(max_rows, HOOK_ROWS)) // B)
     out = torch.empty(len(groups), B)
     with torch.no_grad():
-        run = None if engine is None else engine.clean_run(tokens, verify_from=-1 if recv is None else 0)
+        first = _first_difference(clean=recipient_run, donor=donor, n_layers=L)
+        run = None if engine is None else engine.clean_run(tokens, verify_from=-1 if recv is None else first)
         for start in range(0, len(order), per_pass):
             idx = order[start : start + per_pass]
             chunk = [groups[i] for i in idx]
@@ -186,8 +187,20 @@ def path_patch(
             elif recv is None:
                 out[idx] = _to_logits(engine, run, chunk, recipient_run, donor, metric, mlps)
             else:
-                out[idx] = _to_heads(engine, run, chunk, recv, recipient_run, donor, metric, mlps)
+                out[idx] = _to_heads(engine, run, chunk, recv, recipient_run, donor, metric, mlps, first)
     return out
+
+
+def _first_difference(clean: dict, donor: dict, n_layers: int) -> int:
+    """The first position where any head's donor z differs from the recipient's (the last if none): before it the
+    frozen run is the clean run at every layer (its z are the clean ones and nothing else mixes positions), so the
+    receivers' inputs there are clean too — the clean prefix the engine reuses."""
+    differs = torch.zeros(clean[act_name("z", 0)].shape[1], dtype=torch.bool)
+    for l in range(n_layers):
+        name = act_name("z", l)
+        z_donor = donor[name].to(clean[name].device).expand_as(clean[name])
+        differs |= (z_donor != clean[name]).flatten(2).any(-1).any(0).cpu()
+    return int(differs.nonzero()[0]) if differs.any() else len(differs) - 1
 
 
 def unavailable(forward: Forward) -> str | None:
@@ -252,18 +265,19 @@ def _to_logits(engine: Engine, run: Run, groups, clean, donor, metric, mlps) -> 
     return engines.readout(engine, metric, len(run.tokens))(x[:, -1]).float().cpu()
 
 
-def _to_heads(engine: Engine, run: Run, groups, receivers, clean, donor, metric, mlps) -> Tensor:
+def _to_heads(engine: Engine, run: Run, groups, receivers, clean, donor, metric, mlps, first: int) -> Tensor:
+    """Positions from ``first`` on (`_first_difference`): before it both runs are the clean run."""
     layers = sorted({l for l, _, _ in receivers})
     names = {l: sorted({act_name(kind, l) for rl, _, kind in receivers if rl == l}) for l in layers}
-    _, recorded = _frozen_run(engine, run, groups, clean, donor, mlps, start=0, stop=layers[-1] + 1, record=names)
-    x = run.resid[layers[0]].repeat(len(groups), 1, 1)
+    _, recorded = _frozen_run(engine, run, groups, clean, donor, mlps, start=first, stop=layers[-1] + 1, record=names)
+    x = run.resid[layers[0]][:, first:].repeat(len(groups), 1, 1)
     for j in range(layers[0], engine.n_layers):
         edits = [
             replace(act_name(kind, l), recorded[act_name(kind, l)][:, :, [h]], head=[h])
             for l, h, kind in receivers
             if l == j
         ]
-        x, _ = engine.layer(run, j, x, 0, edits)
+        x, _ = engine.layer(run, j, x, first, edits)
     return engines.readout(engine, metric, len(run.tokens))(x[:, -1]).float().cpu()
 
 
