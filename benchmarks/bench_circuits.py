@@ -3,6 +3,9 @@
     python benchmarks/bench_circuits.py speed     # random GPT-2-small- and SmolLM2-135M-sized models, batch 8 × 16
     python benchmarks/bench_circuits.py shipped   # shipped model: AtP/AtP* recall vs exact, TL's linear path patching
 
+``speed`` runs on either TransformerLens major (on 4, a bridge around a random HF model); ``shipped`` compares with
+TL 3.9's ``get_act_patch_direct_path``, which TransformerLens 4 does not ship.
+
 Speed does not depend on the weights, so the models are TL's random init of the architectures. Each donor
 differs from its recipient at one position (like IOI's S2). Lines:
 ``<name>: <ratio>x vs <reference>, max abs diff <d>``.
@@ -20,15 +23,15 @@ Timings are from one run on a shared 2-core machine: read the ratios, not the se
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_patching import attribution, patching, path_patching
+from tl_patching import attribution, lens, patching, path_patching
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
 from tl_patching.metrics import LogitDiff, logit_diff
@@ -118,7 +121,7 @@ def measure(fn: Callable[[], object]) -> tuple[float, int, object]:
     return seconds, peak_bytes(fn), result
 
 
-def reference_to_logits(model: HookedTransformer, tokens, donor_tokens, correct, wrong, senders) -> torch.Tensor:
+def reference_to_logits(model: lens.TLModel, tokens, donor_tokens, correct, wrong, senders) -> torch.Tensor:
     """The two-pass recipe: caches, then per sender one forward with every head's z frozen but the sender's."""
     _, clean = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
     _, donor = model.run_with_cache(donor_tokens, names_filter=lambda n: n.endswith("hook_z"))
@@ -139,9 +142,22 @@ def reference_to_logits(model: HookedTransformer, tokens, donor_tokens, correct,
     return torch.stack(out)
 
 
-def speed(name: str, batch: int = 8, pos: int = 16, sample: int = 24) -> None:
+def random_model(name: str) -> lens.TLModel:
+    """TransformerLens 3: TL's random init of the architecture. TransformerLens 4 (no HookedTransformer): a bridge
+    around a random HF model of the same size (`benchmarks/harness.py`)."""
     torch.manual_seed(0)
-    model = HookedTransformer(HookedTransformerConfig(**SIZES[name], seed=0)).eval()
+    if lens.MAJOR >= 4:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from harness import build
+
+        return build(name)[1]
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(**SIZES[name], seed=0)).eval()
+
+
+def speed(name: str, batch: int = 8, pos: int = 16, sample: int = 24) -> None:
+    model = random_model(name)
     L, H, V = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_vocab
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, V, (batch, pos), generator=g)

@@ -69,7 +69,6 @@ def time_in_blocks(model, fn):
 def bench_depth(size: str, batch: int, pos: int, head_sample: int) -> list[str]:
     """The final-position head sweep against the plain TL loop at one more depth (GPT-2 medium / large sizes)."""
     hf, model = build(size)
-    del hf
     tag, tl_loop = (
         (" (bridge)", "plain Bridge run_with_hooks loop")
         if lens.is_bridge(model)
@@ -86,10 +85,29 @@ def bench_depth(size: str, batch: int, pos: int, head_sample: int) -> list[str]:
     scale = L * H / len(pairs)
     t_tl, tl_out = timed(lambda: plain_tl_loop(model, tokens, donor, correct, wrong, pairs))
     diff = max(float((fast_out[l, h] - tl_out[l, h]).abs().max()) for l, h in pairs)
+    # The HF backend (raw HF hooks, the HF layer engine) against the plain raw-HF-hook loop, same heads.
+    hf_forward = Forward(model, hf)
+    _, hf_donor = hf_forward.run(donor_tokens, cache=[act_name("z", l) for l in range(L)])
+    run_hf_fast = lambda: fast.final_position_head_sweep(  # noqa: E731
+        hf_forward, tokens, hf_donor, LogitDiff(correct, wrong), progress=False
+    )
+    timed(run_hf_fast)  # warm-up
+    t_hf_fast, hf_fast_out = timed(run_hf_fast, repeats=2)
+    t_hf, hf_out = timed(lambda: plain_hf_loop(hf_forward, tokens, hf_donor, correct, wrong, pairs))
+    diff_hf = max(float((hf_fast_out[l, h] - hf_out[l, h]).abs().max()) for l, h in pairs)
     lines = [
-        f"note: {size}: plain loop timed on {len(pairs)} of {L * H} heads, scaled x{scale:.1f}: {t_tl * scale:.1f} s; "
-        f"fast final-position sweep {t_fast:.2f} s",
+        f"note: {size}: plain loops timed on {len(pairs)} of {L * H} heads, scaled x{scale:.1f}: TL "
+        f"{t_tl * scale:.1f} s, HF {t_hf * scale:.1f} s; fast final-position sweep {t_fast:.2f} s, on the HF "
+        f"backend {t_hf_fast:.2f} s",
         str(Line(f"{size} ({L} layers) final-position head sweep{tag}", t_tl * scale / t_fast, tl_loop, diff)),
+        str(
+            Line(
+                f"{size} ({L} layers) final-position head sweep (HF backend)",
+                t_hf * scale / t_hf_fast,
+                "plain raw-HF-hook loop (Forward(tl, hf), one forward.run per head)",
+                diff_hf,
+            )
+        ),
     ]
     for line in lines:
         print(line, flush=True)

@@ -203,6 +203,15 @@ def test_chunking_and_cached_runs_change_nothing(family):
     _, donor = forward.run(donor_tokens, cache=[act_name("z", l) for l in range(3)])
     split = path_patching.path_patch(forward, tokens, donor, LogitDiff(correct, wrong), recipient_run=clean, max_rows=2)
     assert torch.allclose(whole, split, atol=1e-5)
+    # q/k/v receivers in passes of one sender: the passes whose senders all sit at or above the receivers' layer
+    # still record the receivers (their path is the clean run: effect 0); they once raised KeyError
+    receivers = [(1, 0, "q"), (1, 1, "v")]
+    whole = path_patching.path_patch(forward, tokens, donor, LogitDiff(correct, wrong), receivers=receivers)
+    split = path_patching.path_patch(forward, tokens, donor, LogitDiff(correct, wrong), receivers=receivers, max_rows=1)
+    assert torch.allclose(whole, split, atol=1e-5)
+    clean_ld = logit_diff(model(tokens), correct, wrong)
+    assert torch.allclose(split[4:], clean_ld.expand(8, -1), atol=1e-5)  # senders at layers 1 and 2
+    assert (split[:4] - clean_ld).abs().max() > 1e-3  # layer 0's senders do move the receivers
 
 
 @pytest.mark.parametrize("hf_family", list(FAMILIES))

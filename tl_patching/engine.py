@@ -45,6 +45,11 @@ class EngineMismatchError(ArithmeticError):
     """The engine's layers did not reproduce the clean forward: a fast path would compute something else."""
 
 
+class PatternSeen(Exception):
+    """Raised inside a layer by an engine's ``attention_pattern`` once the attention has given its pattern: the rest
+    of the layer is not computed."""
+
+
 @dataclass
 class Run:
     """A recipient's clean run, as an engine starts from it.

@@ -13,8 +13,10 @@ under a TransformerBridge), so no block is re-implemented here.
 - `final_position_head_sweep`: the case p = last (one head at the final token).
 
 One pass carries every variant at one position p, of all swept layers: at layer j the rows are the variants
-patched at layers ≤ j (variants × prompts, at most ``max_rows``; more are split into passes, which costs no extra
-work: each pass starts at its own lowest layer). Tested equal to the sweep driver in ``tests/test_fast.py``.
+patched at layers ≤ j. ``max_rows`` bounds a pass's hidden-state rows, one per position computed (variants ×
+prompts × positions p … last), so a pass's memory does not grow with the layer count or with how early p is; more
+rows are split into passes, which costs no extra work (each pass starts at its own lowest layer), and one layer's
+variants always share a pass. Tested equal to the sweep driver in ``tests/test_fast.py``.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def _sweep(
     if clean is None:
         clean = engine.clean_run(tokens, verify_from=min(p % P for p in positions))
     V = len(heads) if kind == "z" else 1
-    per_pass = max(1, max_rows // (V * B))
+    S = {pos: P - pos for pos in (p % P for p in positions)}  # positions each row computes, per patched position
     ordered = sorted(set(layers))  # rows are appended layer by layer, ascending
     out: dict[tuple[int, int], Tensor] = {}
     with (
@@ -146,6 +148,7 @@ def _sweep(
         ) as bar,
     ):
         for pos in sorted(set(p % P for p in positions)):
+            per_pass = max(1, max_rows // (V * B * S[pos]))
             for i in range(0, len(ordered), per_pass):
                 swept = ordered[i : i + per_pass]
                 x = None  # [rows, P − pos, d_model]: positions pos … of every variant patched so far
@@ -170,7 +173,7 @@ def position_head_sweep(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
-    max_rows: int = 256,
+    max_rows: int = 2048,
     progress: bool = False,
     recipient_run: Run | None = None,
 ) -> Float[Tensor, "layer pos head batch"]:
@@ -208,7 +211,7 @@ def position_sweep(
     kind: str,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
-    max_rows: int = 256,
+    max_rows: int = 2048,
     progress: bool = False,
     recipient_run: Run | None = None,
 ) -> Float[Tensor, "layer pos batch"]:

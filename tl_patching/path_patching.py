@@ -172,13 +172,16 @@ def path_patch(
     check_donor(z_names[0], donor[z_names[0]], tuple(recipient_run[z_names[0]].shape))
     # Variants sorted by their lowest sender layer: rows join the computation at that layer.
     order = sorted(range(len(groups)), key=lambda i: min(l for l, _ in groups[i]))
-    # Through hook points every layer's frozen z of every row is held at once: fewer rows per pass (SmolLM2 at 4096
-    # rows took 20 GB).
-    per_pass = max(1, (max_rows if engine is not None else min(max_rows, HOOK_ROWS)) // B)
     out = torch.empty(len(groups), B)
     with torch.no_grad():
         first = _first_difference(clean=recipient_run, donor=donor, n_layers=L)
         run = None if engine is None else engine.clean_run(tokens, verify_from=-1 if recv is None else first)
+        # On the engine a row computes positions first … last: ``max_rows`` counts one row per position, so a pass's
+        # memory does not depend on the prompt length (SmolLM2, 20 prompts: 4096 rows × 5 positions peaked at 4× one
+        # run_with_cache). Through hook points every layer's frozen z of every row is held at once: fewer rows per
+        # pass (SmolLM2 at 4096 rows took 20 GB).
+        S = 1 if recv is None else tokens.shape[1] - first  # logits receivers: the final position only
+        per_pass = max(1, max_rows // (B * S) if engine is not None else min(max_rows, HOOK_ROWS) // B)
         for start in range(0, len(order), per_pass):
             idx = order[start : start + per_pass]
             chunk = [groups[i] for i in idx]
@@ -243,11 +246,13 @@ def _frozen_run(
         rest = clean_x.repeat(len(groups) - n_active, 1, 1)
         return rest if x is None else torch.cat([x, rest.to(x)])
 
-    for j in range(min(first), stop):
+    for j in range(min([*first, *record]), stop):
         if j in record:
             _, recorded_j = engine.layer(run, j, all_rows(j), start, record=record[j])
             recorded |= recorded_j
         n_active = sum(f <= j for f in first)
+        if n_active == 0:
+            continue  # no variant has a sender at or below layer j: every row's stream is still the clean one
         x = all_rows(j)[: n_active * B]
         z_clean, z_donor = clean[act_name("z", j)][:, start:], donor[act_name("z", j)][:, start:].to(x)
         mask = senders[:n_active, j].repeat_interleave(B, dim=0)[:, None, :, None].to(x.device)  # [V·B, 1, H, 1]

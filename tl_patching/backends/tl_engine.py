@@ -24,7 +24,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from tl_patching import lens
 from tl_patching.backends import tl as tl_backend
 from tl_patching.edits import Edit
-from tl_patching.engine import Run, verify
+from tl_patching.engine import PatternSeen, Run, verify
 from tl_patching.lens import HookedTransformer
 
 
@@ -124,8 +124,16 @@ class Engine:
         """Layer ``j``'s attention pattern (``hook_pattern``) for rows ``x`` at positions ``start`` …, over keys
         0 … end−1, in the graph of ``x`` (gradients flow)."""
         seen: list[Tensor] = []
-        with self.model.hooks(fwd_hooks=[(f"blocks.{j}.attn.hook_pattern", lambda act, hook: seen.append(act))]):
-            self.layer(run, j, x, start)
+
+        def stop(act: Tensor, hook) -> None:  # the rest of the block (output projection, MLP) is not needed
+            seen.append(act)
+            raise PatternSeen
+
+        try:
+            with self.model.hooks(fwd_hooks=[(f"blocks.{j}.attn.hook_pattern", stop)]):
+                self.layer(run, j, x, start)
+        except PatternSeen:
+            pass
         return seen[0]
 
     def head_writes_are_linear(self) -> bool:
