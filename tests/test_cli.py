@@ -49,6 +49,27 @@ def test_help_is_fast_and_imports_no_torch():
     assert probe.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("model", ["/nonexistent-model-dir/x", "./no-such-dir", "no-such-file.gguf"])
+def test_a_model_path_that_does_not_exist_fails_before_torch(model, tmp_path):
+    """Like the other argument errors: one line, before torch is imported (it took ~7 s)."""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom tl_patching.cli import main\ntry:\n    main(['e1', '--model', sys.argv[1], '--out', "
+            "sys.argv[2]])\nexcept BaseException as e:\n    print(type(e).__name__, e)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))",
+            model,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert probe.stdout.strip().splitlines()[-1] == "[]", probe.stdout + probe.stderr
+    assert f"no model directory or file at {model}" in probe.stdout + probe.stderr
+
+
 @pytest.mark.parametrize("command", ["reproduce", "e1", "e2", "e3", "e4", "e5"])
 def test_every_option_has_help_text(command):
     from tl_patching.cli import parser

@@ -84,7 +84,6 @@ def test_missing_model_fails_fast_and_clearly(tmp_path, monkeypatch):
     [
         ("shiped", "'shipped'"),
         ("gpt-2", "'gpt2'"),
-        ("GPT2-Medium", "'gpt2-medium'"),
         ("smollm2", "'smollm2-135m'"),
         ("Qwen/Qwen2.5-0.5B-Instruckt", "'Qwen/Qwen2.5-0.5B-Instruct'"),  # a model in the local HF cache
     ],
@@ -101,6 +100,20 @@ def test_a_misspelt_model_name_gets_a_suggestion(tmp_path, monkeypatch, typed, m
     with pytest.raises(ModelNotFoundError, match=re.escape("is set). Pass a local")) as caught:
         load_hf("xyzzy")  # nothing close: no suggestion
     assert "Did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "GPT2-XL"])
+def test_a_known_hub_name_not_cached_says_so_and_suggests_nothing(tmp_path, monkeypatch, name):
+    """It once answered "Did you mean 'gpt2' or 'gpt2-xl'?" to gpt2 itself."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_hf(name)
+    message = str(caught.value)
+    assert "Did you mean" not in message
+    assert f"{name.lower()!r} is a hub name: download it once where the hub is reachable" in message
+    assert f"huggingface-cli download {name.lower()}" in message and "pass its files as a directory" in message
 
 
 # ---- the probe check after loading ------------------------------------------------------------------------

@@ -215,11 +215,20 @@ def load_hf(
             return hf_model.to(device), tokenizer
         except OSError as e:
             errors.append(str(e).splitlines()[0])
-    close = difflib.get_close_matches(str(source).lower(), list(known_names()), n=3, cutoff=0.6)
+    given, known = str(source).lower(), known_names()
+    # The name itself is never suggested: a known hub name (gpt2) that is simply not cached is said so, with how
+    close = [c for c in difflib.get_close_matches(given, list(known), n=4, cutoff=0.6) if c != given][:3]
+    if given in known:
+        hint = (
+            f". {known[given]!r} is a hub name: download it once where the hub is reachable (huggingface-cli "
+            f"download {known[given]}; it lands in the local HF cache), or pass its files as a directory."
+        )
+    else:
+        hint = f". Did you mean {' or '.join(repr(known[c]) for c in close)}?" if close else "."
     raise ModelNotFoundError(
         f"could not load {str(source)!r}: not in the local HF cache"
         + ("" if len(attempts) > 1 else " and the model hub is unreachable (or HF_HUB_OFFLINE is set)")
-        + (f". Did you mean {' or '.join(repr(known_names()[c]) for c in close)}?" if close else ".")
+        + hint
         + " Pass a local HF-format directory (config.json, model.safetensors, tokenizer files), a .gguf file, "
         f"{SHIPPED_MODEL_NAME!r} for the shipped model or {SMOLLM2_NAME!r}. Details: " + " | ".join(errors)
     )

@@ -270,6 +270,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_model(name: str) -> None:
+    """A model given as a path (absolute, ``./``, ``../``, ``~``, or a ``.gguf`` file) that does not exist: said
+    before torch is imported. Other names are hub names or the toolkit's own, looked up when loading."""
+    if (name.startswith(("/", ".", "~")) or name.endswith(".gguf")) and not Path(name).exists():
+        raise ArgumentError(f"--model {name}: no model directory or file at {name}")
+
+
 def run(args: dict, argv: list[str] | None = None) -> None:
     command = args.pop("command")
     model_name, backend, out_root = args.pop("model"), args.pop("backend"), args.pop("out")
@@ -280,6 +287,7 @@ def run(args: dict, argv: list[str] | None = None) -> None:
     default_out = out_root is None
     out_dir = (DEFAULT_OUT if default_out else out_root) / model_folder(model_name)
     check_out(out_dir)
+    check_model(model_name)
     if donor_cache is not None:
         check_donor_cache(donor_cache)
     if args.get("text") is not None and not args["text"].strip():
