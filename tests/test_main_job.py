@@ -155,8 +155,22 @@ def test_default_numbers_match_the_reference_to_1e5():
 def test_an_interrupted_run_says_so(tmp_path):
     """Ctrl-C after E2: exit status 130, one line, INCOMPLETE.txt and an index of what was written."""
     out = tmp_path / "out"
+    # E3 waits before it starts, so the signal lands inside it whatever the machine's speed (the whole job on the
+    # shipped model takes a few seconds: a plain run could finish before the signal arrived).
+    wait_in_e3 = (
+        "import sys, time\n"
+        "import tl_patching.experiments as ex\n"
+        "real = ex.run_experiment\n"
+        "def run_experiment(key, *args, **kwargs):\n"
+        "    if key == 'e3':\n"
+        "        time.sleep(60)\n"
+        "    return real(key, *args, **kwargs)\n"
+        "ex.run_experiment = run_experiment\n"
+        "from tl_patching.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
     job = subprocess.Popen(
-        [sys.executable, "-m", "tl_patching.cli", "reproduce", "--n-prompts", "8", "--no-png", "--out", str(out)],
+        [sys.executable, "-c", wait_in_e3, "reproduce", "--n-prompts", "8", "--no-png", "--out", str(out)],
         cwd=tmp_path,
         env=ENV,
         stdout=subprocess.PIPE,
