@@ -217,6 +217,7 @@ def load_hf(
             errors.append(str(e).splitlines()[0])
     given, known = str(source).lower(), known_names()
     # The name itself is never suggested: a known hub name (gpt2) that is simply not cached is said so, with how
+    # to get it into the cache; other names get their close matches.
     close = [c for c in difflib.get_close_matches(given, list(known), n=4, cutoff=0.6) if c != given][:3]
     if given in known:
         hint = (
