@@ -156,13 +156,17 @@ def test_an_interrupted_run_says_so(tmp_path):
     """Ctrl-C after E2: exit status 130, one line, INCOMPLETE.txt and an index of what was written."""
     out = tmp_path / "out"
     # E3 waits before it starts, so the signal lands inside it whatever the machine's speed (the whole job on the
-    # shipped model takes a few seconds: a plain run could finish before the signal arrived).
+    # shipped model takes a few seconds: a plain run could finish before the signal arrived). Ctrl-C's handler is
+    # set explicitly: a job started in the background (CI under `&` or nohup) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler (this test failed that way once, exit 0 after E3's wait).
     wait_in_e3 = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import tl_patching.experiments as ex\n"
         "real = ex.run_experiment\n"
         "def run_experiment(key, *args, **kwargs):\n"
         "    if key == 'e3':\n"
+        "        print('waiting in e3', flush=True)\n"
         "        time.sleep(60)\n"
         "    return real(key, *args, **kwargs)\n"
         "ex.run_experiment = run_experiment\n"
@@ -180,11 +184,12 @@ def test_an_interrupted_run_says_so(tmp_path):
     seen = []
     for line in job.stdout:
         seen.append(line)
-        if line.startswith("e2 ("):
+        if line == "waiting in e3\n":
             job.send_signal(2)  # SIGINT, as Ctrl-C sends
             break
     rest, err = job.communicate(timeout=120)
     assert job.returncode == 130, err
+    assert [line.split(" (")[0] for line in seen] == ["e1", "e2", "waiting in e3\n"]
     assert "Traceback" not in err and "\r" not in err
     folder = out / "shipped"
     assert err.splitlines()[-1] == f"interrupted: {folder} is incomplete (INCOMPLETE.txt says what was written)"
