@@ -32,6 +32,7 @@ MODULES = (
     "tl_patching.fast",
     "tl_patching.attribution",
     "tl_patching.path_patching",
+    "tl_patching.edges",
     "tl_patching.circuit",
     "tl_patching.cache_store",
     "tl_patching.distributed",

@@ -113,6 +113,12 @@ class Engine(Protocol):
         """Layer ``j`` with its heads' outputs given (``hook_z`` := ``z``) and, if given, its MLP output too (path
         patching's frozen run): the attention pattern is not needed, only the norms (and the MLP) are."""
 
+    def W_O(self, j: int) -> Float[Tensor, "head d_head d_model"]:
+        """Layer ``j``'s output projection per head (``hook_z`` → ``hook_attn_out``), detached."""
+
+    def b_O(self, j: int) -> Float[Tensor, " d_model"] | None:
+        """Layer ``j``'s output projection bias, detached (None if it has none)."""
+
     def logits(
         self, resid: Float[Tensor, "rows d_model"], columns: Int[Tensor, "rows k"] | None = None
     ) -> Float[Tensor, "rows vocab"]:

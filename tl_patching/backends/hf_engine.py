@@ -26,6 +26,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -288,6 +289,25 @@ class Engine:
         if mlp_out is not None:
             edits.append(replace(act_name("mlp_out", j), mlp_out))
         return self.layer(run, j, x, start, edits, alone=True)[0]
+
+    def _out_projection(self, j: int) -> nn.Module:
+        return self.hf.get_submodule(self.map.sites["attn.hook_z"].module.format(l=j))
+
+    def W_O(self, j: int) -> Float[Tensor, "head d_head d_model"]:
+        """Layer ``j``'s output projection per head: the weight of the module whose input is ``hook_z`` (an
+        ``nn.Linear`` holds it as [d_model, head·d_head], GPT-2's ``Conv1D`` as [head·d_head, d_model])."""
+        module = self._out_projection(j)
+        weight = module.weight.detach()
+        if isinstance(module, nn.Linear):
+            weight = weight.T
+        elif type(module).__name__ != "Conv1D":
+            raise NotImplementedError(f"{type(self.hf).__name__}'s output projection is a {type(module).__name__}")
+        return einops.rearrange(weight, "(head d_head) d_model -> head d_head d_model", head=self.n_heads)
+
+    def b_O(self, j: int) -> Float[Tensor, " d_model"] | None:
+        """Layer ``j``'s output projection bias (None if it has none)."""
+        bias = self._out_projection(j).bias
+        return None if bias is None else bias.detach()
 
     def logits(
         self, resid: Float[Tensor, "rows d_model"], columns: Int[Tensor, "rows k"] | None = None

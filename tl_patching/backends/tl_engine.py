@@ -166,6 +166,14 @@ class Engine:
         mlp = block.apply_mlp(block.ln2(mid)) if mlp_out is None else mlp_out.to(x)
         return mid + mlp
 
+    def W_O(self, j: int) -> Float[Tensor, "head d_head d_model"]:
+        """Layer ``j``'s output projection per head."""
+        return self.model.blocks[j].attn.W_O.detach()
+
+    def b_O(self, j: int) -> Float[Tensor, " d_model"] | None:
+        """Layer ``j``'s output projection bias (None if it has none)."""
+        return self.model.blocks[j].attn.b_O.detach()
+
     def logits(
         self, resid: Float[Tensor, "rows d_model"], columns: Int[Tensor, "rows k"] | None = None
     ) -> Float[Tensor, "rows vocab"]:
