@@ -324,6 +324,14 @@ def test_an_empty_circuit_that_is_not_the_donor_run_raises(monkeypatch):
         edges.faithfulness(forward, tokens, donor, metric, graph.edges[None])
 
 
+def test_faithfulness_of_prompts_the_ablation_does_not_change_is_refused():
+    tokens, _, metric = prompts()
+    forward = both_backends("gpt2")[0]
+    graph = edges.graph_of(forward)
+    with pytest.raises(edges.FaithfulnessCheckError, match="is undefined for these prompts"):
+        edges.faithfulness(forward, tokens, tokens, metric, graph.edges[None])
+
+
 def test_bad_arguments_are_refused():
     tokens, donor, metric = prompts()
     forward = both_backends("gpt2")[0]

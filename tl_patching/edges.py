@@ -457,7 +457,7 @@ def attribute(
 
 
 def _dot(diff: Tensor, G: Tensor) -> Tensor:
-    return torch.einsum("bpsd,bprd->sr", diff.float(), G.float()).cpu()
+    return torch.einsum("bpsd,bprd->sr", diff.float().cpu(), G.float().cpu())
 
 
 def _gradients(
@@ -551,8 +551,8 @@ def faithfulness(
     """The metric of each circuit: every edge outside it carries the ablated sender output — the ``donor`` run's
     (counterfactual ablation) or, with ``donor=None``, the mean over the clean prompts at each position (mean
     ablation) — and every edge inside it the sender's output in this very run. Checked on every call: the full
-    circuit must give the clean run's metric and (counterfactual ablation) the empty circuit the donor run's, else
-    `FaithfulnessCheckError`."""
+    circuit must give the clean run's metric and (counterfactual ablation) the empty circuit the donor run's, and the
+    two must differ (f is undefined otherwise), else `FaithfulnessCheckError`."""
     s = _setup(forward, tokens, donor, metric)
     graph = s.graph
     if circuits.ndim != 3 or tuple(circuits.shape[1:]) != tuple(graph.edges.shape):
@@ -570,6 +570,11 @@ def faithfulness(
     if donor is not None:
         logits, _ = forward.run(donor)
         checks["the empty circuit"] = (empty, _metric_of(metric, logits[:, -1]), "the donor run")
+    if not abs(full - empty) > CHECK_TOLERANCE * scale:
+        raise FaithfulnessCheckError(
+            f"{WHAT}: the clean run and the ablated one give the same metric ({full:.6g}, {empty:.6g}): "
+            "faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) is undefined for these prompts"
+        )
     for what, (got, want, of) in checks.items():
         if not abs(got - want) <= CHECK_TOLERANCE * scale:
             raise FaithfulnessCheckError(
