@@ -125,6 +125,13 @@ def test_a_planted_circuit_is_found_by_every_method(backend):
     result = edges.faithfulness(forward, tokens, donor, metric, circuit[None])
     assert result.full > 0.5 and result.empty < -0.5
     assert result.f.item() == pytest.approx(1.0, abs=1e-5)
+    # mean ablation (the mean over "A X X" and "B X X", each scored for its own answer): the same circuit is the whole
+    # behaviour, and with every edge ablated a1.h0 reads the mean first token, which favours neither answer
+    both = torch.tensor([[A, X, X], [B, X, X]])
+    own = LogitDiff(torch.tensor([A, B]), torch.tensor([B, A]))
+    mean = edges.faithfulness(forward, both, None, own, circuit[None])
+    assert mean.full > 0.5 and mean.empty == pytest.approx(0.0, abs=1e-5)
+    assert mean.f.item() == pytest.approx(1.0, abs=1e-5)
     # one edge of the two is no circuit: dangling, pruned, nothing is left, f = 0
     alone = edges.top_edges(graph, exact, 1, absolute=True)
     assert not alone.any()
