@@ -214,6 +214,21 @@ def test_hooked_from_hf_verifies_by_default(pair, monkeypatch):
             verify_against_hf(hf, unchecked)
 
 
+def test_a_directory_under_home_given_with_a_tilde_loads(tmp_path, monkeypatch):
+    """``--model=~/models/tiny`` reaches the toolkit unexpanded (the shell expands ``~`` only at a word's start): it
+    was refused as "no model directory"; the command line's early check said the same."""
+    from tl_patching.cli import check_model
+    from tl_patching.testing import save_tiny_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_tiny_checkpoint("gpt2", tmp_path / "models" / "tiny")
+    check_model("~/models/tiny")  # exists: no ArgumentError
+    hf_model, _ = load_hf("~/models/tiny")
+    assert type(hf_model).__name__ == "GPT2LMHeadModel"
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"no model directory at {tmp_path / 'models' / 'none'}")):
+        load_hf("~/models/none")
+
+
 def test_a_hub_name_with_its_organisation_loads_from_the_local_cache(tmp_path, monkeypatch):
     """ "org/name" was taken for a path (it has a "/" and, in "Qwen2.5-0.5B", a "suffix"): a model in the HF cache
     could not be loaded by its hub name. Misspelt, that name is suggested."""

@@ -166,6 +166,8 @@ def _resolve(name_or_path: str | os.PathLike) -> str | os.PathLike:
         return SHIPPED_MODEL_DIR
     if str(name_or_path).lower() == SMOLLM2_NAME:
         return smollm2_dir()
+    if str(name_or_path).startswith("~"):  # "--model=~/dir" or a quoted "~/dir" reaches us unexpanded by the shell
+        return Path(name_or_path).expanduser()
     return name_or_path
 
 

@@ -273,7 +273,7 @@ def resolve_device(device: str) -> str:
 def check_model(name: str) -> None:
     """A model given as a path (absolute, ``./``, ``../``, ``~``, or a ``.gguf`` file) that does not exist: said
     before torch is imported. Other names are hub names or the toolkit's own, looked up when loading."""
-    if (name.startswith(("/", ".", "~")) or name.endswith(".gguf")) and not Path(name).exists():
+    if (name.startswith(("/", ".", "~")) or name.endswith(".gguf")) and not Path(name).expanduser().exists():
         raise ArgumentError(f"--model {name}: no model directory or file at {name}")
 
 
