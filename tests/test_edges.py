@@ -339,6 +339,19 @@ def test_faithfulness_of_prompts_the_ablation_does_not_change_is_refused():
         edges.faithfulness(forward, tokens, tokens, metric, graph.edges[None])
 
 
+def test_one_donor_for_every_prompt_is_the_same_as_it_repeated():
+    tokens, donor, metric = prompts()
+    forward = both_backends("gpt2")[0]
+    graph = edges.graph_of(forward)
+    one, repeated = donor[:1], donor[:1].repeat(len(tokens), 1)
+    torch.testing.assert_close(
+        edges.exact_edges(forward, tokens, one, metric), edges.exact_edges(forward, tokens, repeated, metric)
+    )
+    a = edges.faithfulness(forward, tokens, one, metric, graph.edges[None])  # crashed: V rows for V·batch
+    b = edges.faithfulness(forward, tokens, repeated, metric, graph.edges[None])
+    assert (a.full, a.empty) == pytest.approx((b.full, b.empty))
+
+
 def test_bad_arguments_are_refused():
     tokens, donor, metric = prompts()
     forward = both_backends("gpt2")[0]

@@ -278,6 +278,7 @@ def _setup(
         clean_out = _sender_outputs(graph, clean, W_O)
         if donor is not None:
             check_donor("donor tokens", donor, tuple(tokens.shape))
+            donor = donor.expand(tokens.shape)  # one donor for every prompt: a row each, as the ablations index rows
             _, donor_cache = forward.run(donor, cache=names)
             donor_out = _sender_outputs(graph, donor_cache, W_O)
             donor_z = [donor_cache[act_name("z", l)] for l in range(graph.n_layers)]
@@ -568,7 +569,7 @@ def faithfulness(
     scale = max(abs(clean.item()), 1.0)
     checks = {"the full circuit": (full, clean.item(), "the clean run")}
     if donor is not None:
-        logits, _ = forward.run(donor)
+        logits, _ = forward.run(donor.expand(tokens.shape))
         checks["the empty circuit"] = (empty, _metric_of(metric, logits[:, -1]), "the donor run")
     if not abs(full - empty) > CHECK_TOLERANCE * scale:
         raise FaithfulnessCheckError(
