@@ -1,4 +1,4 @@
-"""E1–E5 results with made-up, seeded numbers (no model run), for the figure and report tests."""
+"""E1–E5 and edge-attribution results with made-up, seeded numbers (no model run), for the figure and report tests."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tl_patching.experiments.e2_activation_editing import E2Result, Intervention
 from tl_patching.experiments.e3_cosine_similarity import E3Result
 from tl_patching.experiments.e4_ioi_patching import E4Result
 from tl_patching.experiments.e5_head_token_patching import E5Result
+from tl_patching.experiments.ioi_edges import EdgesResult
 from tl_patching.results import RunInfo
 
 L, H, N = 4, 4, 24  # layers, heads, prompts
@@ -121,4 +122,34 @@ def e5(model_name: str = "shipped", n_layers: int = L, n_heads: int = H) -> E5Re
     )
 
 
-ALL = {"e1": e1, "e2": e2, "e3": e3, "e4": e4, "e5": e5}
+def edges(model_name: str = "shipped", largest: float = -2.0) -> EdgesResult:
+    """4 senders × 5 receivers, all 20 edges; exact effects −0.1 … −2.0 nats (the last, m0->logits, the largest,
+    set by ``largest``). EAP ranks them backwards (recall@1 0, Spearman −1), EAP-IG (inputs) exactly (1, 1), EAP-IG
+    (activations) with the top two swapped (0, 1 − 6·2/(20·399))."""
+    exact = -torch.arange(1, 21, dtype=torch.float32) / 10
+    exact[-1] = largest
+    swapped = exact.clone()
+    swapped[[18, 19]] = exact[[19, 18]]
+    scores = {"exact": exact, "eap": exact.flip(0), "eap-ig-inputs": 2 * exact, "eap-ig-activations": swapped}
+    senders, receivers = ["input", "a0.h0", "a0.h1", "m0"], ["a1.h0<q>", "a1.h0<k>", "a1.h0<v>", "m1", "logits"]
+    order = exact.abs().argsort(descending=True).tolist()
+    f = {m: [0.5, 0.8, 1.0] for m in scores}
+    f["eap"] = [0.0, 0.2, 1.0]
+    return EdgesResult(
+        info=info(model_name, n_prompts=N, texts=["Sam and Sally went to the park. Sam gave a gift to"]),
+        senders=senders,
+        receivers=receivers,
+        scores={m: s.reshape(4, 5) for m, s in scores.items()},
+        sizes=[0.1, 0.5, 1.0],
+        f=f,
+        kept={m: [2, 10, 20] for m in scores},
+        full=9.0,
+        empty=-1.0,
+        top=[
+            {"edge": f"{senders[i // 5]}->{receivers[i % 5]}", **{m: float(s[i]) for m, s in scores.items()}}
+            for i in order
+        ],
+    )
+
+
+ALL = {"e1": e1, "e2": e2, "e3": e3, "e4": e4, "e5": e5, "edges": edges}

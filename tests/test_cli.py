@@ -250,7 +250,7 @@ def test_a_partial_run_keeps_the_index_of_every_result_and_removes_stale_pngs(tm
     for key in ("e1", "e3", "e4"):
         assert f'href="{key}_result.json"' in page, key
     assert '<img src="e1_mean_raw_score.png"' in page and "e3_cosine_similarity.png" not in page
-    assert "Not in this folder: e2, e5, circuit" in page and "Incomplete." not in page
+    assert "Not in this folder: e2, e5, circuit, edges" in page and "Incomplete." not in page
     assert err.splitlines()[-1] == f"wrote {folder}/index.html and the results of e3 beside it"
 
 

@@ -331,6 +331,52 @@ def test_an_empty_circuit_that_is_not_the_donor_run_raises(monkeypatch):
         edges.faithfulness(forward, tokens, donor, metric, graph.edges[None])
 
 
+def test_a_mean_ablated_empty_circuit_must_read_the_batch_mean_residual(monkeypatch):
+    """Under mean ablation every edge into the logits carries its batch mean, so the empty circuit's logits read the
+    batch-mean final residual stream; an ablation that misses it by 0.01 nats is caught."""
+    tokens, _, metric = prompts()
+    forward = both_backends("gpt2")[0]
+    graph = edges.graph_of(forward)
+    result = edges.faithfulness(forward, tokens, None, metric, graph.edges[None])  # passes as it is
+    real = edges._circuit_runs
+    monkeypatch.setattr(
+        edges, "_circuit_runs", lambda s, keep: real(s, keep) + 0.01 * (~keep.flatten(1).any(1))[:, None]
+    )
+    with pytest.raises(edges.FaithfulnessCheckError, match="the empty circuit gives .* batch-mean final residual"):
+        edges.faithfulness(forward, tokens, None, metric, graph.edges[None])
+    assert result.f.item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_runs_and_its_checks_still_catch_a_wrong_mechanism(dtype, monkeypatch):
+    """The checks follow the dtype's resolution (float32's 1e-4 refused every half-precision model, by rounding):
+    scores and f stay near float32's, and swapped heads (an O(1) error) are still refused."""
+    from tl_patching.backends import hf_engine
+    from tl_patching.forward import load_forward
+    from tl_patching.prompts import ioi_dataset
+
+    ref = load_forward("shipped")
+    b = ioi_dataset(ref.model, 20)[0]
+    metric = LogitDiff(b.correct, b.wrong)
+    graph = edges.graph_of(ref)
+    scores = edges.attribute(ref, b.tokens, b.donor_tokens, metric, "eap")
+    circuit = edges.top_edges(graph, scores, 20)[None]
+    want = edges.faithfulness(ref, b.tokens, b.donor_tokens, metric, circuit).f
+    for backend in ("tl", "hf"):
+        f = load_forward("shipped", backend, "cpu", dtype)
+        got = edges.attribute(f, b.tokens, b.donor_tokens, metric, "eap")
+        assert (got - scores).abs().max() <= 0.05 * scores.abs().max(), backend
+        for donor in (b.donor_tokens, None):
+            edges.faithfulness(f, b.tokens, donor, metric, circuit)  # the checks pass
+        assert edges.faithfulness(f, b.tokens, b.donor_tokens, metric, circuit).f.item() == pytest.approx(
+            want.item(), abs=0.01
+        )
+    real = hf_engine.Engine.W_O
+    monkeypatch.setattr(hf_engine.Engine, "W_O", lambda self, j: real(self, j).flip(0))  # heads swapped
+    with pytest.raises(NotImplementedError, match="do not add up to hook_attn_out"):
+        edges.attribute(f, b.tokens, b.donor_tokens, metric, "eap")
+
+
 def test_faithfulness_of_prompts_the_ablation_does_not_change_is_refused():
     tokens, _, metric = prompts()
     forward = both_backends("gpt2")[0]
@@ -364,6 +410,13 @@ def test_bad_arguments_are_refused():
         edges.faithfulness(forward, tokens, donor, metric, graph.edges)
     with pytest.raises(ValueError, match="n must be within"):
         edges.top_edges(graph, torch.zeros(graph.edges.shape), graph.n_edges + 1)
+    broken = torch.zeros(graph.edges.shape)
+    broken[graph.head(1, 0), graph.logits] = float("nan")  # topk would rank it first
+    with pytest.raises(ValueError, match=r"scores must be finite: 1 edges are not, e.g. a1.h0->logits"):
+        edges.top_edges(graph, broken, 1)
+    broken[graph.head(1, 0), graph.receiver(0, "q", 0)] = float("inf")  # not an edge (a later head): ignored
+    with pytest.raises(ValueError, match="1 edges are not"):
+        edges.top_edges(graph, broken, 1)
     with pytest.raises(ValueError, match="sizes must be fractions"):
         edges.curve(forward, tokens, donor, metric, torch.zeros(graph.edges.shape), sizes=[0.0, 1.0])
     with pytest.raises(ValueError, match="donor tokens"):

@@ -25,6 +25,9 @@ from tl_patching.experiments import (
 from tl_patching.experiments import (
     e5_head_token_patching as e5,
 )
+from tl_patching.experiments import (
+    ioi_edges,
+)
 from tl_patching.forward import Forward
 from tl_patching.metrics import logit_diff
 from tl_patching.models import hooked_from_hf
@@ -464,3 +467,48 @@ def test_e5_layer_summary_and_reading_locate_heads_row_major():
     assert "largest rise +0.800 (layer 2, head 0)" in reading and "largest fall -0.900 (layer 1, head 3)" in reading
     assert "8 of 15 heads raise the score" in reading
     assert "mean |effect| 0.130 in the first half of the layers, 0.310 in the second" in reading  # layer 0 | layers 1–2
+
+
+# --- edges (the main job's edge-attribution step; the methods themselves: tests/test_edges.py) ---
+
+
+@pytest.fixture(scope="module")
+def edges_runs(both):
+    batches = ioi_batches(both[0].model, ioi_prompts(12, seed=5))
+    assert len(batches) > 1  # several token lengths: the weighting over batches is exercised
+    return batches, [ioi_edges.run(f, batches, progress=False) for f in both]
+
+
+def test_edges_same_on_both_backends(edges_runs):
+    _, (r, rh) = edges_runs
+    for method in r.scores:
+        assert close(r.scores[method], rh.scores[method]), method
+        assert close(r.f[method], rh.f[method]), method
+    assert r.kept == rh.kept and close(r.full, rh.full) and close(r.empty, rh.empty)
+
+
+def test_edges_by_hand(both, edges_runs):
+    """m(M) is the clean run's mean logit difference and m(∅) the donor run's (every edge carries the donor's sender
+    output), over all prompts; each score is the prompt-weighted mean of the batches' own; the full circuit has
+    f = 1; the listed edges are the largest |exact| effects."""
+    from tl_patching import edges
+
+    batches, (r, _) = edges_runs
+    model = both[0].model
+    with torch.no_grad():
+        clean = torch.cat([logit_diff(model(b.tokens), b.correct, b.wrong) for b in batches])
+        donor = torch.cat([logit_diff(model(b.donor_tokens), b.correct, b.wrong) for b in batches])
+    assert close(r.full, clean.mean()) and close(r.empty, donor.mean()) and r.n_prompts == 12
+    from tl_patching.metrics import LogitDiff
+
+    per_batch = [edges.attribute(both[0], b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong)) for b in batches]
+    weighted = sum(len(b) * s for b, s in zip(batches, per_batch)) / 12
+    assert close(r.scores["eap"], weighted, atol=1e-5)
+    graph = edges.graph_of(both[0])
+    assert r.n_edges == graph.n_edges and all(f[-1] == pytest.approx(1.0, abs=1e-4) for f in r.f.values())
+    assert [e["edge"] for e in r.top[:3]] == [
+        graph.name(*divmod(i, len(graph.receivers))) for i in r.scores["exact"].abs().flatten().topk(3).indices.tolist()
+    ]
+    back = ioi_edges.EdgesResult.from_json(r.to_json())
+    assert torch.allclose(back.scores["exact"], r.scores["exact"], rtol=1e-5, atol=0)
+    assert all(back.f[m] == pytest.approx(r.f[m], rel=1e-5, abs=1e-9) for m in r.f)  # JSON keeps 6 digits

@@ -166,10 +166,11 @@ def test_every_title_states_the_unit():
         ("e3", synth.e3()),
         ("e4", synth.e4()),
         ("e5", synth.e5()),
+        ("edges", synth.edges()),
     ):
         figs.update(load(key).figures(result))
-    assert len(figs) == 12
-    for name in ("e4_logit_diff_by_layer", "e5_head_heatmap", "e5_layer_summary"):
+    assert len(figs) == 13
+    for name in ("e4_logit_diff_by_layer", "e5_head_heatmap", "e5_layer_summary", "edges_faithfulness"):
         assert "nats" in figs[name].layout.title.text, name
     for name, fig in figs.items():
         assert "<br><sup>" in fig.layout.title.text, name  # headline + subtitle

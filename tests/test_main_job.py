@@ -83,7 +83,7 @@ def test_the_readme_shows_committed_figures():
 def test_same_machine_same_bytes(two_runs):
     repo, *_ = two_runs
     first, second = files(repo / "figures" / "shipped"), files(repo.parent / "second" / "shipped")
-    assert len(first) == 21 and "index.html" in first  # 6 results, 14 figures, plotly.min.js, the index
+    assert len(first) == 23 and "index.html" in first  # 7 results, 15 figures, plotly.min.js, the index
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
 
@@ -109,7 +109,7 @@ def test_the_log_is_one_plain_line_per_step(two_runs):
     assert "\r" not in log and "\x1b" not in log  # no progress bars, no cursor movements in a redirected log
     assert "Moving model" not in log and "Loading weights" not in log  # no third-party chatter
     lines = log.splitlines()
-    keys = ["e1", "e2", "e3", "e4", "e5", "circuit"]
+    keys = ["e1", "e2", "e3", "e4", "e5", "circuit", "edges"]
     assert lines[0].startswith("loaded shipped in ") and lines[0].endswith(
         "(tl backend, cpu, float32, 4 layers × 4 heads)"
     )
@@ -118,7 +118,9 @@ def test_the_log_is_one_plain_line_per_step(two_runs):
         f"donor cache {cache}: the donor run of 3 of 3 batches computed and saved",
         f"donor cache {cache}: the donor run of 3 batches loaded",
     ]
-    assert lines[-1] == "wrote figures/shipped/index.html and the results of e1, e2, e3, e4, e5, circuit beside it"
+    assert (
+        lines[-1] == "wrote figures/shipped/index.html and the results of e1, e2, e3, e4, e5, circuit, edges beside it"
+    )
     assert len(lines) == 1 + len(keys) + 2 + 1
 
 
@@ -142,7 +144,7 @@ def test_default_main_job_twice_with_a_donor_cache(tmp_path):
         f"donor cache {cache}: the donor run of 4 batches loaded"
     ] * 2
     a, b = files(tmp_path / "first" / "shipped"), files(tmp_path / "second" / "shipped")
-    assert len(a) == 21 and a == b
+    assert len(a) == 23 and a == b
 
 
 @pytest.mark.slow
@@ -194,7 +196,10 @@ def test_an_interrupted_run_says_so(tmp_path):
     folder = out / "shipped"
     assert err.splitlines()[-1] == f"interrupted: {folder} is incomplete (INCOMPLETE.txt says what was written)"
     note = (folder / "INCOMPLETE.txt").read_text()
-    assert "stopped before it finished (interrupted). Written by it: e1, e2; not written: e3, e4, e5, circuit" in note
+    assert (
+        "stopped before it finished (interrupted). Written by it: e1, e2; not written: e3, e4, e5, circuit, edges"
+        in note
+    )
     page = (folder / "index.html").read_text()
-    assert "<b>Incomplete.</b>" in page and "Not in this folder: e3, e4, e5, circuit" in page
+    assert "<b>Incomplete.</b>" in page and "Not in this folder: e3, e4, e5, circuit, edges" in page
     assert sorted(p.name for p in folder.glob("*_result.json")) == ["e1_result.json", "e2_result.json"]

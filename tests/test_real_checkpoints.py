@@ -150,6 +150,28 @@ def test_every_command_runs(name, directories, tmp_path, capsys):
     assert {f"e{i}_result.json" for i in range(1, 6)} <= written
 
 
+# A norm between the heads and the residual stream (Gemma 2 and 3's post-attention norm): a head's write is not
+# z · W_O, so there are no head senders to give edges to (tl_patching.edges refuses it by name).
+EDGES_REFUSED = {"gemma-2-2b": "norm after attention", "gemma-3-270m": "norm after attention"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_edges_command_runs_or_refuses_by_name(name, directories, tmp_path, capsys):
+    command = ["edges", "--n-prompts", "2", "--model", str(directories[name]), "--out", str(tmp_path), "--no-png"]
+    if name in EDGES_REFUSED:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(command)
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert exit_.value.code == 1 and last.startswith("error: ") and EDGES_REFUSED[name] in last, last
+        return
+    cli.main(command)
+    out = capsys.readouterr()
+    assert "error" not in out.err, out.err
+    assert out.out.startswith("edges (") and " edges; largest exact effect " in out.out
+    result = json.loads((tmp_path / cli.model_folder(directories[name]) / "edges_result.json").read_text())
+    assert result["type"] == "EdgesResult" and len(result["f"]["exact"]) == len(result["sizes"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reproduce_runs_and_says_which_start_token(name, directories, tmp_path, capsys):
     cli.main(["reproduce", "--model", str(directories[name]), "--out", str(tmp_path), "--no-png", "--n-prompts", "8"])

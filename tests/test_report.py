@@ -48,7 +48,7 @@ def test_report_covers_every_experiment_with_findings_and_seed_claims(page):
         assert load(key).title in text
         seed = load(key).seed
         assert f"Against the seed ({seed}" in text
-    assert text.count("Finding.") == 5 and text.count("Data.") == 5
+    assert text.count("Finding.") == 6 and text.count("Data.") == 6
     for verdict in ("agrees", "differs"):
         assert verdict in text
     assert "Conclusion" in text and "claims from the seed reports" in text
@@ -468,6 +468,37 @@ def test_circuit_finding_numbers_by_hand():
     _, [claim] = load("circuit").finding(circuit_result([[2, 1]]))
     assert claim.verdict == "partly" and claim.because.startswith(
         "1 heads write the answer directly, 1.50 nats together"
+    )
+
+
+def test_edges_finding_numbers_by_hand():
+    """synth.edges: exact effects −0.1 … −2.0 nats over 20 edges (recall@1, since 5% of 20 is 1), f by hand."""
+    text, [claim] = load("edges").finding(synth.edges())
+    assert (
+        "Exact edge effects over all 20 edges (mean over 24 prompts; clean logit difference 9.00 nats, every edge "
+        "ablated -1.00). Largest, in nats: m0->logits (-2.00), m0->m1 (-1.90), m0->a1.h0<v> (-1.80), "
+        "m0->a1.h0<k> (-1.70), m0->a1.h0<q> (-1.60)."
+    ) in text
+    # Spearman with the top two swapped: 1 − 6·(1² + 1²) / (20·(20² − 1)) = 0.9985.
+    assert (
+        "EAP recall@1 0.00, Spearman -1.00; EAP-IG (inputs) recall@1 1.00, Spearman 1.00; EAP-IG (activations) "
+        "recall@1 0.00, Spearman 1.00."
+    ) in text
+    # f = 0.5, 0.8, 1.0 at 10%, 50%, 100%: CPR = 0.4·1.3/2 + 0.5·1.8/2 = 0.71, CMD = 0.4·0.7/2 + 0.5·0.2/2 = 0.19;
+    # EAP's 0, 0.2, 1: CPR 0.04 + 0.30 = 0.34, CMD 0.36 + 0.20 = 0.56.
+    assert "exact CPR 0.71, CMD 0.19; EAP CPR 0.34, CMD 0.56; EAP-IG (inputs) CPR 0.71, CMD 0.19" in text
+    r = synth.edges()
+    assert r.curve("exact").cpr == pytest.approx(0.71) and r.curve("exact").cmd == pytest.approx(0.19)
+    assert r.spearman("eap-ig-activations") == pytest.approx(1 - 12 / 7980)
+    assert r.recall("eap-ig-activations", 2) == 1.0  # the swapped pair, both in the top 2
+    # One edge moves 2 of the 10 nats between clean and ablated; 10 edges already give f = 0.8.
+    assert claim.verdict == "agrees" and claim.because == (
+        "the largest single edge moves the logit difference by 20% of the clean − ablated gap; the smallest "
+        "exact-ranked circuit with f ≥ 0.8 has 10 of 20 edges."
+    )
+    _, [claim] = load("edges").finding(synth.edges(largest=-9.0))
+    assert claim.verdict == "partly" and claim.because.startswith(
+        "the largest single edge moves the logit difference by 90%"
     )
 
 

@@ -65,11 +65,11 @@ def test_main_job_end_to_end(tmp_path):
     main(["reproduce", "--out", str(tmp_path), "--n-prompts", "20", "--no-png"])
     out = tmp_path / "shipped"
     index = (out / "index.html").read_text()
-    for key in ("e1", "e2", "e3", "e4", "e5", "circuit"):
+    for key in ("e1", "e2", "e3", "e4", "e5", "circuit", "edges"):
         assert (out / f"{key}_result.json").exists()
         assert f"{key}_result.json" in index
     figures = sorted(p.name for p in out.glob("*.html") if p.name != "index.html")
-    assert len(figures) == 3 + 4 + 1 + 2 + 2 + 1
-    assert "Heads writing the answer directly" in index
+    assert len(figures) == 3 + 4 + 1 + 2 + 2 + 1 + 1
+    assert "Heads writing the answer directly" in index and "Exact edge effects over all 479 edges" in index
     assert all(f in index for f in figures)
     assert (out / "plotly.min.js").exists()  # HTML opens offline
