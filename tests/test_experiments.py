@@ -512,3 +512,19 @@ def test_edges_by_hand(both, edges_runs):
     back = ioi_edges.EdgesResult.from_json(r.to_json())
     assert torch.allclose(back.scores["exact"], r.scores["exact"], rtol=1e-5, atol=0)
     assert all(back.f[m] == pytest.approx(r.f[m], rel=1e-5, abs=1e-9) for m in r.f)  # JSON keeps 6 digits
+
+
+def test_edges_refuses_a_graph_larger_than_max_edges(both):
+    """Refused, not sampled: every number of the step is over all edges. The main job notes it and goes on."""
+    from tl_patching import edges
+
+    forward = both[0]
+    n = edges.graph_of(forward).n_edges
+    batches = ioi_batches(forward.model, ioi_prompts(4, seed=5))
+    with pytest.raises(
+        NotImplementedError,
+        match=rf"has {n:,} edges, more than --max-edges {n - 1:,}: .* "
+        rf"`tl-patching edges --max-edges {n}`",
+    ):
+        ioi_edges.run(forward, batches, progress=False, max_edges=n - 1)
+    assert ioi_edges.run(forward, batches, progress=False, max_edges=n).n_edges == n

@@ -190,6 +190,8 @@ def test_main_job_on_smollm2(tmp_path):
     out = tmp_path / "smollm2-135m"
     for key in ("e1", "e2", "e3", "e4", "e5"):
         assert (out / f"{key}_result.json").exists()
-    assert "smollm2-135m" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "smollm2-135m" in page and not (out / "edges_result.json").exists()
+    assert "70,651 edges, more than --max-edges 5,000" in page  # the edges step: said, not silently skipped
     e1 = json.loads((out / "e1_result.json").read_text())
     assert e1["max_diff_split_vs_hook"] < 1e-4
