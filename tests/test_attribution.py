@@ -49,7 +49,10 @@ def test_atp_star_shapes_and_agreement(setup):
     assert set(out.scores) == {"atp", "atp_qk", "atp_gd", "atp_star"}
     assert all(s.shape == (4, 10, 4, 3) and not s.requires_grad for s in out.scores.values())
     assert torch.allclose(out.scores["atp"], plain, atol=1e-6)  # AtP* starts from the same AtP
-    assert out.scores["atp_star"][:, :4].abs().max() == 0 and out.scores["atp_star"].min() >= 0
+    # Before the differing position no difference: zero up to the QK fix's recomputed softmax (exactly 0 run alone,
+    # 1.1e-7 in one full-suite run), against scores above 1e-4 where the donor differs.
+    assert out.scores["atp_star"][:, :4].abs().max() < 1e-6 and out.scores["atp_star"].min() >= 0
+    assert out.scores["atp_star"][:, 4:].abs().max() > 1e-4
     assert (out.scores["atp_qk"] - out.scores["atp"]).abs().max() > 1e-4  # the QK fix does something here
     assert all(p.grad is None and p.requires_grad for p in forward.model.parameters())
     without = attribution.atp_star(forward, tokens, donor, LogitDiff(correct, wrong), qk_fix=False)
