@@ -96,14 +96,14 @@ def run(
     edges is refused (`NotImplementedError`: the main job notes it and goes on) rather than sampled: every number
     here is over all edges."""
     graph = edges.graph_of(forward)
+    n = sum(len(b) for b in data)
     if graph.n_edges > max_edges:
         raise NotImplementedError(
             f"this model's graph has {graph.n_edges:,} edges, more than --max-edges {max_edges:,}: exact effects of "
-            f"every edge would take about {graph.n_edges * sum(len(b) for b in data) / 20_000:.0f} minutes at "
+            f"every edge would take about {graph.n_edges * n / 20_000:.0f} minutes at "
             "SmolLM2-135M's rate on a 2-core CPU (20,000 edge-prompts a minute); ask for them with "
             f"`tl-patching edges --max-edges {graph.n_edges}`"
         )
-    n = sum(len(b) for b in data)
     weights = [len(b) / n for b in data]
     pairs = [(b.tokens, b.donor_tokens, LogitDiff(b.correct, b.wrong)) for b in data]
     scores = {"exact": sum(w * edges.exact_edges(forward, *p) for w, p in zip(weights, pairs))}
