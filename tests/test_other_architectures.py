@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from tl_patching import cli, lens
-from tl_patching.backends import tl as tl_backend
+from tl_patching import cli, invariants, lens
 from tl_patching.edits import scale
 from tl_patching.experiments import e1_attention_scores as e1
 from tl_patching.experiments import e5_head_token_patching as e5
@@ -171,7 +170,7 @@ def test_resid_mid_write_is_the_residual_stream_or_refused(opt, opt_dir):
     not resid_pre + attn_out on the bridge, the write is refused by name."""
     hf, model = opt
     tokens = torch.tensor([[5, 9, 11, 13, 17]])
-    assert tl_backend.resid_mid_is_sum(model)
+    assert invariants.read_failures(model)[0] == []
     with torch.no_grad():
         ours = Forward(model).run(tokens, [scale("blocks.0.hook_resid_mid", 0.5)])[0]
     layer = hf.model.decoder.layers[0]
@@ -195,8 +194,7 @@ def test_resid_mid_write_is_the_residual_stream_or_refused(opt, opt_dir):
     # The check trips where the sum does not hold (here: a permanent hook moves layer 1's resid_mid)
     _, moved = load_pair(opt_dir)
     moved.hook_dict["blocks.1.hook_resid_mid"].add_hook(lambda act, hook: act + 1.0)
-    assert not tl_backend.resid_mid_is_sum(moved)
-    with pytest.raises(NotImplementedError, match="hook_resid_mid is not hook_resid_pre \\+ hook_attn_out"):
+    with pytest.raises(NotImplementedError, match="invariant 'resid_mid = resid_pre \\+ attn_out' at layer 1"):
         Forward(moved).run(tokens, [scale("blocks.0.hook_resid_mid", 0.5)])
 
 

@@ -186,7 +186,12 @@ def test_experiments_on_smollm2(smol_raw):
 def test_main_job_on_smollm2(tmp_path):
     from tl_patching.cli import main
 
-    main(["reproduce", "--model", "smollm2-135m", "--n-prompts", "8", "--no-png", "--out", str(tmp_path)])
+    # the circuit step on SmolLM2 has its own test (test_path_patching.py::test_circuit_on_smollm2)
+    experiments = "e1,e2,e3,e4,e5,edges"
+    main(
+        ["reproduce", "--model", "smollm2-135m", "--n-prompts", "8", "--no-png", "--out", str(tmp_path)]
+        + ["--experiments", experiments]
+    )
     out = tmp_path / "smollm2-135m"
     for key in ("e1", "e2", "e3", "e4", "e5"):
         assert (out / f"{key}_result.json").exists()

@@ -34,6 +34,10 @@ class RunInfo:
     # whether tl_patching's cross-check against raw HF hooks covers this architecture (a table in backends.hf_maps);
     # False for an architecture a TransformerBridge boots without one (None: not recorded)
     hf_cross_checked: bool | None = None
+    # how each kind of hook point is checked (`tl_patching.invariants.status`): "hf_table" (against HF's own
+    # modules), "invariants" (facts of the transformer only), "unchecked"; on the HF backend every hook is HF's
+    # (None: not recorded)
+    hook_checks: dict[str, str] | None = None
 
     def start_token_words(self) -> str:
         """In words: which start token led the prompts, and whether that is the model's own convention."""
@@ -56,7 +60,7 @@ class RunInfo:
     def of(cls, forward, tokens: Tensor | list[list[int]], prepend_bos: bool, seed: int = 0, **settings) -> RunInfo:
         """``forward``: the `tl_patching.forward.Forward` that ran; ``tokens``: ``[batch, pos]`` ids, or a list of
         rows of any lengths (a dataset of several batches)."""
-        from tl_patching import lens
+        from tl_patching import invariants, lens
         from tl_patching.backends import hf_maps
 
         tokenizer = forward.model.tokenizer
@@ -73,6 +77,11 @@ class RunInfo:
             start_token=tokenizer.bos_token if prepend_bos and tokenizer is not None else None,
             start_token_convention=bool(forward.cfg.default_prepend_bos) if tokenizer is not None else None,
             hf_cross_checked=lens.architecture(forward.model) in hf_maps.FAMILIES,
+            hook_checks=(
+                invariants.status(forward.model)
+                if forward.backend == "tl"
+                else {invariants.suffix(n): "hf_table" for n in forward.hook_names()}
+            ),
         )
 
 

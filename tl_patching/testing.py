@@ -580,3 +580,58 @@ def random_gpt2(
         tokenizer=tokenizer,
         weights=weights,
     )
+
+
+# Config fields shrunk wherever a config class has them (names differ per family); every other field keeps the
+# class's default, which is the family's reference checkpoint in transformers.
+TINY_DEFAULTS = {
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "dim": 64,
+    "intermediate_size": 128,
+    "ffn_dim": 128,
+    "n_inner": 128,
+    "ffn_hidden_size": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "num_layers": 2,
+    "n_layers": 2,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "n_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 128,
+    "max_position_embeddings": 128,
+    "n_positions": 128,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 4,
+    "rotary_dim": 8,
+    "pad_token_id": 0,  # the defaults' special-token ids lie past the tiny vocabulary
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def tiny_from_config_class(architecture: str):
+    """A tiny random HF model of ``architecture`` (an HF class name) from its config class's defaults — the
+    family's reference checkpoint in transformers — with the `TINY_DEFAULTS` fields shrunk: 2 layers, width 64.
+    For architectures without a hand-kept fixture (`tiny_config`); seeded."""
+    import transformers
+
+    cls = getattr(transformers, architecture)
+    default = cls.config_class()
+    derived = {k for k, v in vars(type(default)).items() if isinstance(v, property) and v.fset is None}
+    fields = {k: v for k, v in TINY_DEFAULTS.items() if hasattr(default, k) and k not in derived}
+    config = cls.config_class(**fields)
+    if getattr(config, "layer_types", None):  # keep the class's pattern of sliding and full layers, cut to depth
+        config.layer_types = list(config.layer_types)[: config.num_hidden_layers]
+    with torch.random.fork_rng():  # HF initialises from the global generator: seed it without touching the caller's
+        torch.manual_seed(0)
+        return cls(config).eval()

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_patching import lens
+from tl_patching import invariants, lens
 from tl_patching.edits import Edit, check_name, run_collecting
 from tl_patching.lens import HookedTransformer
 
@@ -76,31 +76,6 @@ def silent_hooks(model) -> set[str]:
         fired_points = {id(model.hook_dict[n]) for n in fired}  # a point fires under one name, aliases share it
         _SILENT[model] = {n for n in names if id(model.hook_dict[n]) not in fired_points}
     return _SILENT[model]
-
-
-_SUM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge -> resid_mid = resid_pre + attn_out?
-
-
-def resid_mid_is_sum(model) -> bool:
-    """Whether a bridge's blocks give ``hook_resid_mid = hook_resid_pre + hook_attn_out`` (every layer, on a probe
-    input): what writing resid_mid through attn_out assumes. Measured once per bridge; true on every family of
-    `tl_patching.families`, unknown for other architectures until measured."""
-    if model not in _SUM:
-        parts = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid")
-        names = [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers) for h in parts]
-        if not set(names) <= set(model.hook_dict):
-            _SUM[model] = False
-        else:
-            tokens = torch.arange(6, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
-            with torch.no_grad():
-                _, cache = model.run_with_cache(tokens, names_filter=names)
-
-            def gap(l: int) -> float:  # relative to the residual's size, as the probe check measures
-                pre, attn_out, mid = (cache[f"blocks.{l}.{h}"] for h in parts)
-                return (pre + attn_out - mid).abs().max().item() / max(1.0, mid.abs().max().item())
-
-            _SUM[model] = max(map(gap, range(model.cfg.n_layers))) <= 1e-5
-    return _SUM[model]
 
 
 def readable_hooks(model: HookedTransformer) -> list[str]:
@@ -175,6 +150,7 @@ def hooks(
     """
     readers = list(names) if cache is not None else []
     _check(model, [e.name for e in edits] + readers)
+    invariants.require(model, readers, [e.name for e in edits])
     bridge = lens.is_bridge(model)
     ran: set[int] = set()
     captured: dict[int, Tensor] = {}  # layer -> resid_pre, for resid_mid written as a change of attn_out (bridge)
@@ -184,12 +160,7 @@ def hooks(
         layer = re.match(r"blocks\.(\d+)\.hook_resid_mid$", edit.name)
         if bridge and layer:  # the bridge's hook_resid_mid is the next norm's input: write through attn_out
             l = int(layer[1])
-            if not resid_mid_is_sum(model):
-                raise NotImplementedError(
-                    f"{edit.name}: on this TransformerBridge ({lens.architecture(model)}) hook_resid_mid is not "
-                    "hook_resid_pre + hook_attn_out, so it cannot be written as HookedTransformer's (the bridge's "
-                    "own hook_resid_mid is only the MLP's input)"
-                )
+            # invariants.require (above) has measured resid_mid = resid_pre + attn_out, which this assumes
 
             def capture(act: Tensor, hook, l=l) -> None:
                 captured[l] = act

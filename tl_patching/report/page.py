@@ -145,6 +145,22 @@ def _runs(results: dict) -> str:
     )
 
 
+def _hook_checks(results: dict) -> str:
+    """One line: how the TransformerLens hook points of this run are checked (`RunInfo.hook_checks`)."""
+    checks = next((r.info.hook_checks for r in results.values() if r.info.hook_checks), None)
+    if not checks:
+        return ""
+    by = {how: sorted(k for k, v in checks.items() if v == how) for how in ("hf_table", "invariants", "unchecked")}
+    return (
+        f"<p>Hook checks: {len(by['hf_table'])} kinds of hook point against HF's own modules, "
+        f"{len(by['invariants'])} by the hook invariants alone (the residual stream adds up, the readout gives the "
+        "logits, attention and MLP outputs are their heads' and neurons' writes, patterns are causal softmaxes; "
+        "docs/invariants.md)"
+        + (f"; unchecked: {html.escape(', '.join(by['unchecked']))}" if by["unchecked"] else "")
+        + ".</p>\n"
+    )
+
+
 def write_report(out_dir: Path, model_name: str, model=None, incomplete: str | None = None) -> Path:
     """Write ``out_dir/index.html`` covering every ``<key>_result.json`` in ``out_dir`` (whichever commands wrote them),
     each with its figures found beside it. ``model``: the loaded model, for the card of a model other than the shipped
@@ -197,6 +213,7 @@ def write_report(out_dir: Path, model_name: str, model=None, incomplete: str | N
             if any(r.info.hf_cross_checked is False for r in results.values())
             else ""
         )
+        + _hook_checks(results)
         + (
             f"<p>Not in this folder: {html.escape(', '.join(absent))} (<code>tl-patching reproduce</code> runs them "
             "all).</p>\n"
