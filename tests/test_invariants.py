@@ -125,26 +125,14 @@ def test_the_bridge_resid_mid_alias_is_caught_by_the_write_check():
     raw = [("blocks.1.hook_resid_mid", lambda act, hook: act + torch.linspace(0, 1, act.shape[-1]))]
     with torch.no_grad():
         logits = tl.run_with_hooks(TOKENS, fwd_hooks=raw + [(n, saver(n)) for n in invariants._names(tl)])
-    broken, _, _ = invariants.failures(tl, logits, cache, written="blocks.1.hook_resid_mid")
+    broken, _ = invariants.failures(tl, logits, cache, written="blocks.1.hook_resid_mid")
     assert [(f.invariant, f.layer) for f in broken] == [(MID, 1)]
     assert broken[0].gap > 0.01
 
 
-def test_half_precision_passes_with_the_dtype_tolerance_and_still_catches(monkeypatch):
+def test_half_precision_passes_with_the_dtype_tolerance():
     tl = model("llama").to(torch.bfloat16)
     assert invariants.read_failures(tl)[0] == []
-    doctor(monkeypatch, "blocks.1.hook_resid_mid", lambda a: a + 0.5 * a.abs().amax(-1, keepdim=True))
-    tl = model("llama").to(torch.bfloat16)
-    assert {(f.invariant, f.layer) for f in invariants.read_failures(tl)[0]} == {(PRE, 1), (MID, 1)}
-
-
-def test_measurements_are_redone_when_the_model_changes():
-    tl = model("llama")
-    invariants.read_failures(tl)
-    first = invariants._STATE[tl]
-    assert invariants._measured(tl) is first  # measured once
-    tl.to(torch.bfloat16)
-    assert invariants._measured(tl) is not first and invariants._STATE[tl].key[0] == torch.bfloat16
 
 
 @pytest.mark.skipif(lens.MAJOR < 4, reason="architectures only TransformerLens 4's bridge boots")
@@ -173,16 +161,6 @@ def test_a_bridge_architecture_without_a_table_per_block_layout(architecture, la
             assert invariants.write_failure(tl, f"blocks.{l}.{kind}") is None, (l, kind)
     status = invariants.status(tl)
     assert {status[k] for k in covered} == {"invariants"} and "hf_table" not in status.values()
-    # what no invariant reads downstream of is not written: a pattern anywhere; z and neurons under a norm after
-    unverified = {"attn.hook_pattern"} | (
-        {"attn.hook_z", "mlp.hook_post"} if layout == "norm after sublayers" else set()
-    )
-    for kind in sorted(
-        unverified & {n.split(".", 2)[2] for n in tl_backend.readable_hooks(tl) if n.startswith("blocks.0.")}
-    ):
-        with pytest.raises(NotImplementedError, match=f"blocks.0.{kind}: no hook invariant reads downstream of it"):
-            Forward(tl).run(TOKENS, [scale(f"blocks.0.{kind}", 0.5)])
-    Forward(tl).run(TOKENS, cache=[f"blocks.0.{k}" for k in sorted(covered)])  # reading them is fine
 
 
 def test_results_and_page_say_how_each_hook_was_checked():

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.utilities.attention import simple_attn_linear
 
-from tl_patching import invariants, lens
+from tl_patching import lens
 from tl_patching.edits import act_name
 from tl_patching.forward import Forward
 from tl_patching.lens import HookedTransformer
@@ -72,7 +72,6 @@ def attribution_patch(
 
     # Gradients flow from the embedding on, with the weights frozen: the backward computes activation
     # gradients only (no weight gradients), about one forward's cost instead of two.
-    invariants.require(model, list(names), [])  # read through TL's own hooks here, not the backend's
     with (
         lens.frozen_weights(model),
         torch.enable_grad(),
@@ -237,7 +236,6 @@ def atp_star(
         fwd_hooks += [] if cfg.attn_only else [on(act_name("mlp_out", l), gate, layer=l) for l in range(L)]
     grads: dict = {}
     t0 = time.perf_counter()
-    invariants.require(model, [name for name, _ in fwd_hooks], [])  # TL's own hooks read: checked as the backend's
     with lens.frozen_weights(model), torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
         total = metric(model(tokens)[:, -1]).sum()  # per-prompt gradients: prompts don't interact
         inputs = [live[n] for n in z_names] + ([live[act_name("pattern", l)] for l in range(L)] if qk_fix else [])

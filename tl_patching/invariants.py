@@ -60,19 +60,9 @@ class Failure:
         )
 
 
-@dataclass
-class _Measured:
-    """What was measured on one model, valid while its ``key`` (dtype, device, storage of its first weight) holds."""
-
-    key: tuple
-    broken: list[Failure]  # plain forward
-    covered: set[str]  # hook kinds some invariant involves
-    inputs: set[str]  # hook kinds some invariant reads downstream of: a write there is checked
-    clean: dict[str, Tensor]  # the probe's cache
-    writes: dict[str, Failure | None]  # hook name -> what a write there breaks
-
-
-_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Measured
+_READS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ([Failure], {hook covered}), plain run
+_WRITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {hook name: Failure | None}
+_CLEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the probe's cache, plain run
 _MEASURING = contextvars.ContextVar("measuring", default=False)  # the checks' own runs are not checked again
 
 
@@ -89,15 +79,8 @@ def _names(model) -> list[str]:
 
 
 def _gap(a: Tensor, b: Tensor) -> float:
-    """The largest difference relative to the size of its own row (last axis: one position's vector), so that one
-    position's massive activation (the start token's) does not hide another's error."""
     a, b = a.float(), b.float().to(a.device)
-    return ((a - b).abs().amax(-1) / b.abs().amax(-1).clamp(min=1.0)).max().item()
-
-
-def _key(model) -> tuple:
-    weight = next(model.parameters())
-    return weight.dtype, weight.device, weight.data_ptr()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
 def parallel(model) -> bool:
@@ -160,29 +143,29 @@ def windows(model) -> list[int | None]:
     return [window if types[l % len(types)] == "local" else None for l in range(model.cfg.n_layers)]
 
 
-def _defined_by(invariant: str, hooks: tuple[str, ...], layer: int) -> str:
-    """The hook point an invariant defines (its left side: ``hooks[0]``, one layer on for ``resid_pre[l+1]``), which a
-    write there legitimately breaks."""
-    return f"blocks.{layer + 1 if invariant.startswith('resid_pre[l+1]') else layer}.{hooks[0]}"
+def _defined_by(invariant: str, hooks: tuple[str, ...], layer: int) -> tuple[str, ...]:
+    """The hook point(s) an invariant defines (its left side: ``hooks[0]``, one layer on for ``resid_pre[l+1]``), which
+    a write there legitimately breaks. resid_mid is written as a change of attn_out on a bridge (`backends.tl`), so
+    a resid_mid write also frees attn_out's definition."""
+    lhs = f"blocks.{layer + 1 if invariant.startswith('resid_pre[l+1]') else layer}.{hooks[0]}"
+    if hooks[0] == "hook_attn_out":
+        return lhs, f"blocks.{layer}.hook_resid_mid"
+    return (lhs,)
 
 
 def failures(
     model, logits: Tensor, cache: dict[str, Tensor], written: str | None = None
-) -> tuple[list[Failure], set[str], set[str]]:
+) -> tuple[list[Failure], set[str]]:
     """Every invariant that does not hold in one run (its ``logits`` and ``cache``: the `CHECKED` hook points of
-    every layer, TL layout), the hook kinds some invariant covered, and those some invariant reads from (its right
-    side: a write there is checked downstream)."""
+    every layer, TL layout), and the hook kinds some invariant covered."""
     from tl_patching.engine import tolerance  # here: engine imports the backends, which import this module
 
-    L, out, covered, inputs = model.cfg.n_layers, [], set(), set()
-    # the least precise of the activations and the logits (a half-precision model may return float32 logits)
-    dtype = max((logits.dtype, *(t.dtype for t in cache.values())), key=lambda d: torch.finfo(d).eps)
-    limit = tolerance(TOLERANCE, dtype)
+    L, out, covered = model.cfg.n_layers, [], set()
+    limit = tolerance(TOLERANCE, logits.dtype)
 
     def check(invariant: str, hooks: tuple[str, ...], layer: int, got: Tensor, want: Tensor) -> None:
         covered.update(h for h in hooks if h in CHECKED)
-        inputs.update(h for h in hooks[1:] if h in CHECKED)
-        if written == _defined_by(invariant, hooks, layer):
+        if written in _defined_by(invariant, hooks, layer):
             return  # a written hook point no longer equals what computes it; everything downstream must still hold
         gap = _gap(got, want)
         if not gap <= limit:  # also NaN
@@ -265,17 +248,17 @@ def failures(
                 _readout(model, last),
                 logits,
             )
-    return out, covered, inputs
+    return out, covered
 
 
 def _probe(model) -> Tensor:
     return torch.arange(1, PROBE + 1, device=model.cfg.device)[None].remainder(model.cfg.d_vocab)
 
 
-def _measured(model) -> _Measured:
-    """The plain forward's measurements (once per model, again after its dtype, device or weights' storage change)."""
-    state = _STATE.get(model)
-    if state is None or state.key != _key(model):
+def read_failures(model) -> tuple[list[Failure], set[str]]:
+    """The invariants a plain forward of ``model`` breaks, and the hook kinds they cover (measured once per
+    model)."""
+    if model not in _READS:
         from tl_patching.backends import tl
 
         token = _MEASURING.set(True)
@@ -284,22 +267,17 @@ def _measured(model) -> _Measured:
                 logits, cache = tl.run(model, _probe(model), cache=_names(model))
         finally:
             _MEASURING.reset(token)
-        state = _STATE[model] = _Measured(_key(model), *failures(model, logits, cache), clean=cache, writes={})
-    return state
-
-
-def read_failures(model) -> tuple[list[Failure], set[str]]:
-    """The invariants a plain forward of ``model`` breaks, and the hook kinds they cover."""
-    state = _measured(model)
-    return state.broken, state.covered
+        _READS[model] = failures(model, logits, cache)
+        _CLEAN[model] = cache
+    return _READS[model]
 
 
 def write_failure(model, name: str) -> Failure | None:
     """What goes wrong when a change is written at hook point ``name`` (a `CHECKED` residual, z or neuron hook):
     an invariant broken in that run, or the change never taking (the hook point holds what it held). Measured once
     per model and name."""
-    state = _measured(model)
-    if name not in state.writes:
+    done = _WRITES.setdefault(model, {})
+    if name not in done:
         from tl_patching.backends import tl
         from tl_patching.edits import Edit
 
@@ -312,25 +290,19 @@ def write_failure(model, name: str) -> Failure | None:
         token = _MEASURING.set(True)
         try:
             with torch.no_grad():
+                read_failures(model)
+                clean = _CLEAN[model].get(name)
                 logits, cache = tl.run(model, _probe(model), [Edit(name, shift)], cache=_names(model))
         finally:
             _MEASURING.reset(token)
-        broken, _, _ = failures(model, logits, cache, written=name)
-        clean = state.clean.get(name)
+        broken, _ = failures(model, logits, cache, written=name)
         # A write that never took: the hook point holds what it held (downstream, the invariants above see the
         # rest). Not "the logits moved": a model may rightly ignore an activation (a head whose W_O is 0).
         if not broken and clean is not None and name in cache and _gap(cache[name], clean) == 0:
             layer = int(re.match(r"blocks\.(\d+)\.", name)[1])
             broken = [Failure("a write takes at its hook point", (suffix(name),), layer, 0.0, name)]
-        state.writes[name] = broken[0] if broken else None
-    return state.writes[name]
-
-
-def _has_table(model, kind: str) -> bool:
-    from tl_patching.backends import hf_maps
-
-    table = hf_maps.FAMILIES.get(lens.architecture(model))
-    return table is not None and kind in table.sites
+        done[name] = broken[0] if broken else None
+    return done[name]
 
 
 def require(model, reads: list[str], writes: list[str]) -> None:
@@ -348,12 +320,6 @@ def require(model, reads: list[str], writes: list[str]) -> None:
                 raise NotImplementedError(failure.message(name, model))
     for name in writes:
         if suffix(name) in CHECKED and re.match(r"blocks\.\d+\.", name):
-            if suffix(name) not in _measured(model).inputs and not _has_table(model, suffix(name)):
-                raise NotImplementedError(
-                    f"{name}: no hook invariant reads downstream of it on this {lens.architecture(model)} "
-                    f"({block_layout(model)}) and tl_patching has no HF table for it: a write there would go "
-                    "unverified"
-                )
             failure = write_failure(model, name)
             if failure is not None:
                 raise NotImplementedError(failure.message(name, model))
@@ -363,8 +329,9 @@ def status(model) -> dict[str, str]:
     """How each kind of hook point of ``model`` is checked: ``hf_table`` (against HF's own modules: tl_patching has
     a table for the architecture, and the invariants hold too), ``invariants`` (the invariants above hold; no
     table), ``unchecked`` (no invariant covers it, no table); a hook kind failing an invariant is ``refused``."""
-    from tl_patching.backends import tl
+    from tl_patching.backends import hf_maps, tl
 
+    table = hf_maps.FAMILIES.get(lens.architecture(model))
     broken, covered = read_failures(model)
     refused = {h for f in broken for h in f.hooks}
     out = {}
@@ -374,7 +341,7 @@ def status(model) -> dict[str, str]:
             continue
         if kind in refused:
             out[kind] = "refused"
-        elif _has_table(model, kind):
+        elif table is not None and kind in table.sites:
             out[kind] = "hf_table"
         elif kind in covered:
             out[kind] = "invariants"
